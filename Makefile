@@ -1,0 +1,29 @@
+# `make demo` and `make test` each set up .venv (once) and run. See README.md.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MIN_FREE_MB := 3000
+
+.PHONY: demo test clean check-python
+
+check-python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 13) else 1)' 2>/dev/null || \
+		{ echo "error: dualenc needs Python 3.10-3.13 as '$(PYTHON)' (found: $$($(PYTHON) --version 2>&1)); run: make PYTHON=/path/to/python3.12 ..."; exit 2; }
+	@free=$$(df -Pm . | awk 'NR==2 {print $$4}'); [ "$$free" -ge $(MIN_FREE_MB) ] || \
+		{ echo "error: only $${free} MB free in $$(pwd); dualenc's set-up needs about $(MIN_FREE_MB) MB (TensorFlow); free some disk space"; exit 2; }
+
+$(STAMP): setup.cfg pyproject.toml | check-python
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: check-python $(STAMP)
+	$(BIN)/python -m tfrecords_tools make-demo --out $${DUALENC_CACHE:-$$HOME/.cache/dualenc}/demo-raw
+
+test: check-python $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,195 @@
+"""Run configuration as frozen dataclasses, with JSON in and out in one place.
+
+`VisionConfig` and `TextConfig` describe one tower each, `ModelConfig` the whole dual encoder
+(towers, projection heads, loss, temperature), `TrainConfig` one training run. Change a config
+with `dataclasses.replace`; each checks its own values in `__post_init__` and raises
+`DualEncError` naming the field and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from dualenc.errors import DualEncError
+
+VISION_BACKBONES = ("small_cnn", "xception", "mobilenet", "mobilenet_v2", "resnet50", "efficientnet_v2_b0")
+TEXT_TOWERS = ("bilstm", "bert")
+LOSSES = ("soft_target", "clip", "cmpm", "cmpc", "cmpm+cmpc")
+PLACEMENTS = ("single", "split", "mirrored")
+
+# Seed 003's BERT: the uncased preprocessor and small BERT L-4 H-512 from TensorFlow Hub.
+DEFAULT_BERT_PREPROCESSOR = "https://tfhub.dev/tensorflow/bert_en_uncased_preprocess/3"
+DEFAULT_BERT_ENCODER = "https://tfhub.dev/tensorflow/small_bert/bert_en_uncased_L-4_H-512_A-8/2"
+
+# (height, width) each backbone was designed for; the small CNN uses person-crop proportions.
+DEFAULT_IMAGE_SIZES = {
+    "small_cnn": (128, 64),
+    "xception": (299, 299),
+    "mobilenet": (224, 224),
+    "mobilenet_v2": (224, 224),
+    "resnet50": (224, 224),
+    "efficientnet_v2_b0": (224, 224),
+}
+
+
+def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise DualEncError(f"unknown {field} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _positive(field: str, value: float) -> None:
+    if not value > 0:
+        raise DualEncError(f"{field} must be > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The image tower: a keras.applications backbone (or a small CNN), pooled.
+
+    `weights` is "imagenet", None (random init) or a local weights file; `trainable=False`
+    freezes the backbone (its BatchNorm then stays in inference mode). `image_size` is
+    (height, width) and defaults to the backbone's own size.
+    """
+
+    backbone: str = "small_cnn"
+    weights: str | None = None
+    trainable: bool = True
+    image_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        _choice("vision backbone", self.backbone, VISION_BACKBONES)
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZES[self.backbone])
+        else:
+            object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        if len(self.image_size) != 2 or min(self.image_size) < 32:
+            raise DualEncError(f"image_size must be (height, width), each >= 32, got {self.image_size!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The text tower: a TF-Hub BERT (preprocessor + encoder handles) or a WordPiece BiLSTM.
+
+    Handles are TF-Hub URLs or local SavedModel directories. For the BiLSTM, `vocabulary` is
+    the path of a WordPiece vocabulary file learned from the training captions (train.py writes
+    it into the run directory) and `vocab_size` bounds its size when it is learned.
+    """
+
+    tower: str = "bilstm"
+    preprocessor: str = DEFAULT_BERT_PREPROCESSOR
+    encoder: str = DEFAULT_BERT_ENCODER
+    trainable: bool = True
+    vocabulary: str | None = None
+    vocab_size: int = 2000
+    max_tokens: int = 48
+    embedding_dim: int = 128
+    lstm_units: int = 128
+
+    def __post_init__(self) -> None:
+        _choice("text tower", self.tower, TEXT_TOWERS)
+        for field in ("vocab_size", "max_tokens", "embedding_dim", "lstm_units"):
+            _positive(field, getattr(self, field))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The dual encoder: two towers, projection heads into one space, and the training objective.
+
+    Heads follow seed 003: Dense(projection_dim), then `projection_layers` times
+    GELU -> Dense -> Dropout -> residual add -> LayerNorm. `temperature` divides the
+    similarity logits; with `learn_temperature` it is a trainable scalar initialised there.
+    `num_classes` (identities in the training split) sizes the CMPC classifier.
+    """
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    projection_dim: int = 256
+    projection_layers: int = 1
+    dropout: float = 0.1
+    loss: str = "soft_target"
+    temperature: float = 0.05
+    learn_temperature: bool = False
+    num_classes: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("loss", self.loss, LOSSES)
+        _positive("projection_dim", self.projection_dim)
+        _positive("temperature", self.temperature)
+        if self.projection_layers < 0:
+            raise DualEncError(f"projection_layers must be >= 0, got {self.projection_layers!r}")
+        if not 0 <= self.dropout < 1:
+            raise DualEncError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if "cmpc" in self.loss and self.num_classes < 1:
+            raise DualEncError(f"loss {self.loss!r} needs num_classes >= 1 (identities in the training split)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run: data, model, optimisation and devices."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: str | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-3
+    placement: str = "single"
+    mixed_precision: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("placement", self.placement, PLACEMENTS)
+        for field in ("epochs", "batch_size", "learning_rate"):
+            _positive(field, getattr(self, field))
+
+
+def to_dict(config: Any) -> dict:
+    """A config (any of the dataclasses above) as plain JSON-ready values."""
+    return dataclasses.asdict(config)
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise DualEncError(f"{where}: expected a JSON object, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise DualEncError(f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(fields)}")
+    nested = {"vision": VisionConfig, "text": TextConfig, "model": ModelConfig}
+    kwargs = {}
+    for name, value in values.items():
+        if name in nested:
+            value = _build(nested[name], value, f"{where}.{name}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise DualEncError(f"{where}: {exc}") from None
+
+
+def from_dict(cls: type, values: dict, where: str = "config") -> Any:
+    """Build `cls` (e.g. `TrainConfig`) from `to_dict` output; `where` names the source in errors."""
+    return _build(cls, values, where)
+
+
+def save(config: Any, path: str | Path) -> None:
+    """Write a config as indented JSON, atomically (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def load(cls: type, path: str | Path) -> Any:
+    """Read a config of type `cls` written by `save` (or by hand)."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DualEncError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise DualEncError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return from_dict(cls, values, str(path))

@@ -1,0 +1,1 @@
+"""Pack image-caption datasets (MS-COCO, CUHK-PEDES, folders, the synthetic demo) into sharded TFRecords."""
