@@ -1,0 +1,180 @@
+"""Packing CUHK-PEDES: every image kind, skipped files, labels, manifest, bad annotations, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_pack_images import write_image
+
+from dualenc.data import sha256_of_file
+from dualenc.records import parse_example
+from tfrecords_tools.__main__ import main
+
+# (file_path, kind, identity id, split): the id numbers have gaps on purpose.
+ENTRIES = [
+    ("VIPeR/a.bmp", "bmp", 7, "train"),
+    ("CUHK01/b.png", "png", 7, "train"),
+    ("CUHK01/c.jpg", "jpeg", 3, "train"),
+    ("CUHK03/d.jpg", "png_named_jpg", 12, "train"),
+    ("CUHK03/e.jpg", "grey_jpeg", 12, "train"),
+    ("Market/f.jpg", "cmyk_jpeg", 40, "test"),
+    ("Market/g.jpg", "truncated", 40, "test"),
+    ("Market/h.jpg", None, 41, "test"),  # listed but missing
+    ("train_query/i.png", "rgba_png", 41, "test"),
+]
+
+
+def make_cuhk_pedes(root: Path, with_split: bool = True) -> dict[str, np.ndarray]:
+    """Write images and `reid_raw.json` under `root`; returns the expected pixels per file_path."""
+    pixels, entries = {}, []
+    for index, (file_path, kind, identity, split) in enumerate(ENTRIES):
+        if kind is not None:
+            pixels[file_path] = write_image(root / "imgs" / file_path, kind, seed=index)
+        entry = {"id": identity, "file_path": file_path,
+                 "captions": [f"  A person\twith {index}  bags. ", f"Walking {index}\n"],
+                 "processed_tokens": [["a"], ["b"]]}
+        if with_split:
+            entry["split"] = split
+        entries.append(entry)
+    (root / "reid_raw.json").write_text(json.dumps(entries))
+    return pixels
+
+
+def read_records(out_dir: Path, split: str) -> list[dict]:
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    files = [str(out_dir / name) for name in manifest["splits"][split]["shards"]]
+    return [{key: value.numpy() for key, value in parse_example(record).items()}
+            for record in tf.data.TFRecordDataset(files)]
+
+
+def pack(root: Path, out: Path, *extra: str) -> int:
+    return main(["cuhk-pedes", "--annotations", str(root / "reid_raw.json"), "--images", str(root / "imgs"),
+                 "--out", str(out), "--workers", "2", "--shard-size", "4", *extra])
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuhk")
+    pixels = make_cuhk_pedes(root)
+    assert pack(root, root / "out") == 0
+    return root, pixels, json.loads((root / "out" / "manifest.json").read_text())
+
+
+def test_manifest_counts_equal_the_records_in_the_shards(packed):
+    root, _, manifest = packed
+    assert set(manifest["splits"]) == {"train", "test"}
+    for split, summary in manifest["splits"].items():
+        records = read_records(root / "out", split)
+        assert summary["pairs"] == len(records)
+        assert summary["images"] == len({record["image_id"] for record in records})
+        assert summary["ids"] == len({record["label"] for record in records})
+        for name in summary["shards"]:
+            assert summary["sha256"][name] == sha256_of_file(root / "out" / name)
+    assert manifest["splits"]["train"]["pairs"] == 10 and manifest["splits"]["test"]["pairs"] == 4
+    assert manifest["splits"]["train"]["shards"] == [f"train-0000{index}-of-00003.tfrecord" for index in range(3)]
+    assert sorted(path.name for path in (root / "out").iterdir()) == sorted(
+        ["manifest.json"] + [name for summary in manifest["splits"].values() for name in summary["shards"]])
+
+
+def test_manifest_schema(packed):
+    root, _, manifest = packed
+    assert manifest["format_version"] == 1
+    assert manifest["source"]["format"] == "cuhk-pedes"
+    assert manifest["source"]["annotations"] == str(root / "reid_raw.json")
+    assert manifest["source"]["images"] == str(root / "imgs")
+    assert manifest["image_size"] is None
+    assert isinstance(manifest["created"], str)
+
+
+def test_missing_and_truncated_images_are_skipped_and_listed(packed, capsys):
+    root, _, manifest = packed
+    skipped = {Path(entry["path"]).name: entry for entry in manifest["skipped"]}
+    assert set(skipped) == {"g.jpg", "h.jpg"}
+    assert skipped["h.jpg"]["reason"] == "file not found"
+    assert "truncated" in skipped["g.jpg"]["reason"]
+    assert all(entry["pairs"] == 2 for entry in skipped.values())
+    assert skipped["h.jpg"]["path"] == str(root / "imgs" / "Market" / "h.jpg")
+
+
+def test_labels_are_sorted_ids_numbered_from_zero(packed):
+    root, _, _ = packed
+    label_of = {3: 0, 7: 1, 12: 2, 40: 3, 41: 4}
+    for split in ("train", "test"):
+        for record in read_records(root / "out", split):
+            identity = next(entry[2] for entry in ENTRIES if entry[0] == record["image_id"].decode())
+            assert record["label"] == label_of[identity]
+
+
+def test_captions_are_whitespace_normalised_in_annotation_order(packed):
+    root, _, _ = packed
+    records = read_records(root / "out", "train")
+    assert [record["caption"].decode() for record in records[:2]] == ["A person with 0 bags.", "Walking 0"]
+
+
+def test_every_stored_image_decodes_in_tensorflow_to_the_source_pixels(packed):
+    root, pixels, _ = packed
+    for split in ("train", "test"):
+        for record in read_records(root / "out", split):
+            decoded = tf.io.decode_image(record["image"], channels=3, expand_animations=False).numpy()
+            expected = pixels[record["image_id"].decode()]
+            assert decoded.shape == expected.shape
+            assert np.abs(decoded.astype(int) - expected).mean() < 3
+
+
+def test_re_run_reuses_the_finished_directory(packed, capsys):
+    root, _, manifest = packed
+    assert pack(root, root / "out") == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert json.loads((root / "out" / "manifest.json").read_text()) == manifest
+
+
+def test_caption_all_without_split_goes_to_the_default_split(tmp_path):
+    make_cuhk_pedes(tmp_path, with_split=False)
+    assert pack(tmp_path, tmp_path / "out", "--default-split", "all") == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert list(manifest["splits"]) == ["all"] and manifest["splits"]["all"]["pairs"] == 14
+
+
+def test_a_different_dataset_in_out_is_refused_unless_overwrite(tmp_path, capsys):
+    make_cuhk_pedes(tmp_path)
+    assert pack(tmp_path, tmp_path / "out", "--workers", "1") == 0
+    assert pack(tmp_path, tmp_path / "out", "--resize", "8") == 2
+    assert "different packed dataset" in capsys.readouterr().err
+    assert pack(tmp_path, tmp_path / "out", "--resize", "8", "--overwrite") == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["image_size"] == 8
+    image = read_records(tmp_path / "out", "train")[0]["image"]
+    assert tf.io.decode_image(image).shape[:2] == (8, 4)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", ["reid_raw.json", "not valid JSON", "line 1"]),
+    ('{"id": 1}', ["reid_raw.json", "JSON list"]),
+    ('[{"id": 1, "file_path": "a.jpg", "captions": ["x"], "split": "train"}, '
+     '{"id": "2", "file_path": "b.jpg", "captions": ["y"], "split": "train"}]', ["entry 1", "'id'", "'2'"]),
+    ('[{"id": 1, "file_path": "a.jpg", "captions": "x", "split": "train"}]', ["entry 0", "'captions'"]),
+    ('[{"id": 1, "captions": ["x"], "split": "train"}]', ["entry 0", "'file_path'"]),
+    ('[{"id": 1, "file_path": "a.jpg", "captions": ["x"], "split": "train"}, '
+     '{"id": 2, "file_path": "b.jpg", "captions": ["y"]}]', ["entry 1", "'split'"]),
+    ('[{"id": 1, "file_path": "a.jpg", "captions": ["x"], "split": "tr/ain"}]', ["entry 0", "'split'"]),
+])
+def test_bad_annotations_give_one_line_naming_file_entry_and_field(tmp_path, capsys, content, expected):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "reid_raw.json").write_text(content)
+    assert pack(tmp_path, tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1
+    for fragment in expected:
+        assert fragment in error
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_missing_images_directory_is_a_one_line_error(tmp_path, capsys):
+    make_cuhk_pedes(tmp_path)
+    assert main(["cuhk-pedes", "--annotations", str(tmp_path / "reid_raw.json"),
+                 "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert "--images" in capsys.readouterr().err

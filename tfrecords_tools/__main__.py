@@ -1,0 +1,172 @@
+"""Command line: ``python -m tfrecords_tools {coco,cuhk-pedes,folder,stats,make-demo} ...``.
+
+Each packer writes ``{split}-{index}-of-{count}.tfrecord`` shards and ``manifest.json`` into
+``--out``. Re-running the same command resumes an interrupted run (or does nothing when it
+finished); an ``--out`` holding another dataset is refused unless ``--overwrite`` is given.
+Heavy modules are imported inside the subcommands, so worker processes and ``--help`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dualenc.errors import DualEncError
+
+DEFAULT_COCO_DOWNLOAD = Path("data") / "coco"
+
+
+def _absolute(path: str) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _existing(flag: str, path: Path, kind: str) -> Path:
+    checks = {"file": path.is_file, "directory": path.is_dir}
+    if not checks[kind]():
+        raise DualEncError(f"{flag} {path}: no such {kind}")
+    return path
+
+
+def _pack(splits_and_skipped: tuple, args: argparse.Namespace, source: dict) -> int:
+    from tfrecords_tools.writer import pack
+
+    splits, skipped = splits_and_skipped
+    pack(splits, _absolute(args.out), source, skipped=skipped, resize=args.resize,
+         shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite)
+    return 0
+
+
+def _run_coco(args: argparse.Namespace) -> int:
+    from tfrecords_tools import coco
+
+    annotations, images = args.annotations, args.images
+    if args.download is not None:
+        from tfrecords_tools.download import download_coco
+
+        downloaded_annotations, downloaded_images = download_coco(_absolute(args.download))
+        annotations = annotations or str(downloaded_annotations)
+        images = images or str(downloaded_images)
+    if annotations is None or images is None:
+        raise DualEncError("coco needs --annotations and --images, or --download to fetch them")
+    annotations = _existing("--annotations", _absolute(annotations), "file")
+    images = _existing("--images", _absolute(images), "directory")
+    karpathy = _existing("--karpathy", _absolute(args.karpathy), "file") if args.karpathy else None
+    source = {"format": "coco", "annotations": str(annotations), "images": str(images)}
+    if karpathy is not None:
+        source["karpathy"] = str(karpathy)
+    loaded = coco.load(annotations, images, split=args.split, holdout_images=args.holdout_images,
+                       captions_per_image=args.captions_per_image, karpathy=karpathy)
+    return _pack(loaded, args, source)
+
+
+def _run_cuhk_pedes(args: argparse.Namespace) -> int:
+    from tfrecords_tools import cuhk_pedes
+
+    annotations = _existing("--annotations", _absolute(args.annotations), "file")
+    images = _existing("--images", _absolute(args.images), "directory")
+    source = {"format": "cuhk-pedes", "annotations": str(annotations), "images": str(images)}
+    return _pack(cuhk_pedes.load(annotations, images, args.default_split), args, source)
+
+
+def _run_folder(args: argparse.Namespace) -> int:
+    from tfrecords_tools import folder
+
+    captions = _existing("--captions", _absolute(args.captions), "file")
+    images = _existing("--images", _absolute(args.images), "directory")
+    source = {"format": "folder", "annotations": str(captions), "images": str(images)}
+    return _pack(folder.load(captions, images), args, source)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from tfrecords_tools.stats import write_stats
+
+    write_stats(_absolute(args.data_dir))
+    return 0
+
+
+def _run_make_demo(args: argparse.Namespace) -> int:
+    import json
+
+    from tfrecords_tools.demo import IMAGES_DIR, MARKER_NAME, REID_RAW_NAME, make_demo
+
+    options = {"seed": args.seed}
+    if args.identities is not None:
+        options["identities"] = args.identities
+    made = make_demo(_absolute(args.out), **options)
+    counts = json.loads((made / MARKER_NAME).read_text(encoding="utf-8"))["counts"]
+    for split, split_counts in counts.items():
+        print(f"{split}: " + ", ".join(f"{value} {name}" for name, value in split_counts.items()))
+    print(f"demo dataset (CUHK-PEDES layout) in {made}; pack it with: python -m tfrecords_tools "
+          f"cuhk-pedes --annotations {made / REID_RAW_NAME} --images {made / IMAGES_DIR} --out DIR")
+    return 0
+
+
+def _packer_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+    parser.add_argument("--resize", type=int, metavar="S",
+                        help="re-encode images whose longer side exceeds S pixels as JPEG (quality 95)")
+    parser.add_argument("--shard-size", type=int, metavar="N",
+                        help="records per shard, whole images only (default: 2000, seed 003's shards)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+                        help="processes reading images (default: all %(default)s cores)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a different dataset already packed in --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for all subcommands."""
+    parser = argparse.ArgumentParser(prog="python -m tfrecords_tools", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    coco = commands.add_parser("coco", help="pack MS-COCO captions")
+    coco.add_argument("--annotations", help="captions_train2014.json")
+    coco.add_argument("--images", help="directory holding the images (train2014/)")
+    coco.add_argument("--split", default="train", help="name of the split (default: %(default)s)")
+    coco.add_argument("--holdout-images", type=int, metavar="N", help='put N random images in a "valid" split')
+    coco.add_argument("--captions-per-image", type=int, metavar="N", help="keep the first N captions of each image")
+    coco.add_argument("--karpathy", metavar="JSON", help="dataset_coco.json: use its train/restval, val, test splits")
+    coco.add_argument("--download", nargs="?", const=str(DEFAULT_COCO_DOWNLOAD), metavar="DIR",
+                      help=f"download COCO 2014 train first into DIR (default: {DEFAULT_COCO_DOWNLOAD})")
+    _packer_flags(coco)
+    coco.set_defaults(run=_run_coco)
+
+    pedes = commands.add_parser("cuhk-pedes", help="pack CUHK-PEDES (reid_raw.json or caption_all.json)")
+    pedes.add_argument("--annotations", required=True, help="reid_raw.json or caption_all.json")
+    pedes.add_argument("--images", required=True, help="the imgs/ directory file_path is relative to")
+    pedes.add_argument("--default-split", default="train",
+                       help="split for files without a 'split' field, like caption_all.json (default: %(default)s)")
+    _packer_flags(pedes)
+    pedes.set_defaults(run=_run_cuhk_pedes)
+
+    folder = commands.add_parser("folder", help="pack a folder of images with a CSV or JSONL caption table")
+    folder.add_argument("--captions", required=True, help="FILE.csv or FILE.jsonl with image, caption[, label, split]")
+    folder.add_argument("--images", required=True, help="the directory image paths are relative to")
+    _packer_flags(folder)
+    folder.set_defaults(run=_run_folder)
+
+    stats = commands.add_parser("stats", help="count a packed dataset and chart it")
+    stats.add_argument("data_dir", metavar="DIR")
+    stats.set_defaults(run=_run_stats)
+
+    demo = commands.add_parser("make-demo", help="generate the small synthetic CUHK-PEDES-layout demo")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--identities", type=int, metavar="N")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_run_make_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a user mistake prints ``error: ...`` and returns 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except DualEncError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

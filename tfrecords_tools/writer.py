@@ -1,0 +1,408 @@
+"""Serialise image-caption pairs into sharded TFRecords: the one place that writes shards.
+
+The source modules (`coco`, `cuhk_pedes`, `folder`) turn annotations into `ImageEntry` lists per
+split; `pack` reads and validates the images in worker processes, writes the records and the
+manifest.
+
+Shards hold whole images: a shard is closed before the image whose pairs would take it past
+`shard_size` records (an image with more pairs than that gets a shard of its own). Each pair
+stores its own copy of the image, so `shard_size` also bounds the images stored per shard.
+
+Crash safety and resume: a shard is written to ``.{split}-{index}.tfrecord.partial``, renamed to
+``.{split}-{index}.tfrecord.done`` when closed, and recorded (pair count, sha256, next image) in
+``.pack-journal.json``. The final names carry the shard count, known only when a split is done,
+so the renames to ``{split}-{index}-of-{count}.tfrecord`` happen then. A re-run with the same
+fingerprint keeps the journalled shards whose checksums still match and continues after them;
+because shard boundaries depend only on the input, the result equals a clean run's. Hidden
+temporary names never match ``*.tfrecord``, so they cannot be mistaken for shards.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import tensorflow as tf
+from tqdm import tqdm
+
+from dualenc.data import sha256_of_file
+from dualenc.errors import DualEncError
+from dualenc.records import FORMAT_VERSION, serialize_example, shard_name
+from tfrecords_tools.images import prepare_images
+from tfrecords_tools.manifest import (
+    JOURNAL_NAME,
+    build_manifest,
+    manifest_path,
+    read_bookkeeping,
+    write_json_atomic,
+)
+
+DEFAULT_SHARD_SIZE = 2000  # seed 003's shards held 2,000 images
+IMAGES_PER_TASK = 8
+TASKS_IN_FLIGHT_PER_WORKER = 4  # bounds the image bytes waiting in memory
+SKIPS_SHOWN = 5
+PATH_KEYS = ("annotations", "images", "karpathy")
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEntry:
+    """One image of a split and its pairs.
+
+    `image_id` is the path relative to the source's image root (stored in each record), `path`
+    the file to read, `pairs` the (caption, label) tuples in annotation order.
+    """
+
+    image_id: str
+    path: str
+    pairs: tuple[tuple[str, int], ...]
+
+
+def group_pairs(rows: Iterable[tuple[str, str, str, str, int]]) -> dict[str, list[ImageEntry]]:
+    """Group (split, image_id, path, caption, label) rows into `ImageEntry` lists per split.
+
+    Images keep the order of their first row, captions their row order, so output is
+    deterministic.
+    """
+    grouped: dict[str, dict[str, tuple[str, list]]] = {}
+    for split, image_id, path, caption, label in rows:
+        images = grouped.setdefault(split, {})
+        images.setdefault(image_id, (path, []))[1].append((caption, label))
+    return {
+        split: [ImageEntry(image_id, path, tuple(pairs)) for image_id, (path, pairs) in images.items()]
+        for split, images in grouped.items()
+    }
+
+
+def read_json_file(path: Path) -> object:
+    """The parsed JSON annotation file at `path`; `DualEncError` naming it when it is missing or
+    not JSON."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DualEncError(f"annotations file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DualEncError(f"cannot read annotations file {path}: {error}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DualEncError(f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+
+
+def empty_caption_skip(path: str, where: str) -> dict:
+    """The `skipped` entry for a caption that is empty after whitespace normalisation."""
+    return {"path": path, "reason": f"empty caption ({where})", "pairs": 1}
+
+
+def fingerprint(splits: dict[str, list[ImageEntry]], source: dict, skipped: list[dict],
+                resize: int | None, shard_size: int) -> str:
+    """sha256 over what determines the output: pairs, labels, options, annotation-level skips
+    and the `source` keys other than its paths (left out so a moved dataset still resumes).
+    Image bytes are not hashed (too slow for COCO): replacing an image file in place needs
+    `--overwrite`."""
+    content = {
+        "format_version": FORMAT_VERSION,
+        "resize": resize,
+        "shard_size": shard_size,
+        "source": {key: value for key, value in source.items() if key not in PATH_KEYS},
+        "skipped": skipped,
+        "splits": {
+            split: [[entry.image_id, [list(pair) for pair in entry.pairs]] for entry in entries]
+            for split, entries in sorted(splits.items())
+        },
+    }
+    serialised = json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(serialised).hexdigest()
+
+
+def _temporary_name(split: str, index: int, state: str) -> str:
+    return f".{split}-{index:05d}.tfrecord.{state}"
+
+
+def _is_packer_file(path: Path) -> bool:
+    name = path.name
+    return (
+        name.endswith(".tfrecord")
+        or (name.startswith(".") and (name.endswith(".tfrecord.partial") or name.endswith(".tfrecord.done")))
+        or name in (JOURNAL_NAME, manifest_path(path.parent).name, f".{manifest_path(path.parent).name}.tmp",
+                    f".{JOURNAL_NAME}.tmp")
+    )
+
+
+def _remove_packer_files(out_dir: Path, keep: set[str] = frozenset()) -> None:
+    for path in sorted(out_dir.iterdir()):
+        if path.is_file() and _is_packer_file(path) and path.name not in keep:
+            path.unlink()
+
+
+def _shards_match(out_dir: Path, checksums: dict[str, str]) -> bool:
+    return all((out_dir / name).is_file() and sha256_of_file(out_dir / name) == digest
+               for name, digest in checksums.items())
+
+
+def _bookkeeping_or_none(path: Path, overwrite: bool) -> dict | None:
+    try:
+        return read_bookkeeping(path)
+    except DualEncError:
+        if overwrite:
+            return None
+        raise
+
+
+def _claim_out_dir(out_dir: Path, run_fingerprint: str, overwrite: bool) -> dict:
+    """Decide what to do with `out_dir`: returns the finished manifest to reuse (key
+    "manifest") or the journal to continue (key "journal").
+
+    The same fingerprint always resumes or reuses; a different dataset is replaced only with
+    `overwrite` (which deletes only files named like the packer's own).
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DualEncError(f"--out {out_dir} is a file; give a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _bookkeeping_or_none(manifest_path(out_dir), overwrite)
+    journal = _bookkeeping_or_none(out_dir / JOURNAL_NAME, overwrite)
+    if manifest is not None and manifest.get("source", {}).get("fingerprint") == run_fingerprint:
+        checksums = {name: digest for split in manifest.get("splits", {}).values()
+                     for name, digest in split.get("sha256", {}).items()}
+        if _shards_match(out_dir, checksums):
+            return {"manifest": manifest}
+    elif journal is not None and journal.get("fingerprint") == run_fingerprint:
+        return {"journal": journal}
+    elif not overwrite:
+        if manifest is not None:
+            raise DualEncError(f"{out_dir} already holds a different packed dataset (see its manifest.json); "
+                               "choose another --out or pass --overwrite to replace it")
+        if journal is not None:
+            raise DualEncError(f"{out_dir} holds an unfinished run over different input ({JOURNAL_NAME}); "
+                               "re-run it with its own arguments, choose another --out, or pass --overwrite")
+        if any(path.name.endswith(".tfrecord") for path in out_dir.iterdir()):
+            raise DualEncError(f"{out_dir} holds .tfrecord files without a manifest.json; "
+                               "choose another --out or pass --overwrite to replace them")
+    _remove_packer_files(out_dir)
+    return {"journal": {"fingerprint": run_fingerprint, "splits": {}}}
+
+
+def _prepared(entries: list[ImageEntry], resize: int | None, pool: concurrent.futures.Executor | None,
+              workers: int) -> Iterator[tuple[bytes | None, str | None]]:
+    """(bytes, None) or (None, reason) per entry, in order; at most a few tasks per worker in
+    flight so finished images never pile up in memory."""
+    tasks = [([entry.path for entry in entries[start:start + IMAGES_PER_TASK]], resize)
+             for start in range(0, len(entries), IMAGES_PER_TASK)]
+    if pool is None:
+        for paths, max_side in tasks:
+            yield from prepare_images(paths, max_side)
+        return
+    max_pending = workers * TASKS_IN_FLIGHT_PER_WORKER
+    pending: collections.deque = collections.deque()
+    for task in tasks:
+        pending.append(pool.submit(prepare_images, *task))
+        if len(pending) >= max_pending:
+            yield from pending.popleft().result()
+    while pending:
+        yield from pending.popleft().result()
+
+
+class _SplitWriter:
+    """Writes one split's shards, journalling each closed shard."""
+
+    def __init__(self, out_dir: Path, split: str, journal: dict, split_state: dict):
+        self.out_dir = out_dir
+        self.split = split
+        self.journal = journal
+        self.state = split_state
+        self.records: tf.io.TFRecordWriter | None = None
+        self.shard_pairs = 0
+        self.shard_images = 0
+        self.pending_skips: list[dict] = []
+
+    def add(self, entry: ImageEntry, image: bytes) -> None:
+        if self.records is None:
+            partial = self.out_dir / _temporary_name(self.split, len(self.state["shards"]), "partial")
+            self.records = tf.io.TFRecordWriter(str(partial))
+        for caption, label in entry.pairs:
+            self.records.write(serialize_example(caption, image, entry.image_id, label))
+        self.shard_pairs += len(entry.pairs)
+        self.shard_images += 1
+
+    def skip(self, position: int, reason: str) -> None:
+        self.pending_skips.append({"image": position, "reason": reason})
+
+    def close_shard(self, next_image: int) -> None:
+        """Finish the open shard; images before `next_image` are accounted for."""
+        if self.records is None:
+            return
+        self.records.close()
+        index = len(self.state["shards"])
+        partial = self.out_dir / _temporary_name(self.split, index, "partial")
+        digest = sha256_of_file(partial)
+        os.replace(partial, self.out_dir / _temporary_name(self.split, index, "done"))
+        self.state["shards"].append({"pairs": self.shard_pairs, "images": self.shard_images,
+                                     "sha256": digest, "next_image": next_image,
+                                     "skipped": self.pending_skips})
+        write_json_atomic(self.out_dir / JOURNAL_NAME, self.journal)
+        self.records, self.shard_pairs, self.shard_images, self.pending_skips = None, 0, 0, []
+
+
+def _resume_point(out_dir: Path, split: str, split_state: dict) -> int:
+    """Keep the journalled shards that still match their checksums (a prefix); return the
+    position of the first image not yet written."""
+    kept = []
+    for index, shard in enumerate(split_state["shards"]):
+        done = out_dir / _temporary_name(split, index, "done")
+        if not (done.is_file() and sha256_of_file(done) == shard["sha256"]):
+            break
+        kept.append(shard)
+    split_state["shards"] = kept
+    keep = {_temporary_name(split, index, "done") for index in range(len(kept))}
+    for path in out_dir.iterdir():
+        if path.name.startswith(f".{split}-") and path.name not in keep:
+            path.unlink()
+    return kept[-1]["next_image"] if kept else 0
+
+
+def _finalise_split(out_dir: Path, split: str, journal: dict) -> None:
+    """Give the split's closed shards their final names; journalled first and idempotent, so a
+    run interrupted while renaming finishes the renames next time."""
+    split_state = journal["splits"][split]
+    count = len(split_state["shards"])
+    for index, shard in enumerate(split_state["shards"]):
+        shard["name"] = shard_name(split, index, count)
+    split_state["complete"] = True
+    write_json_atomic(out_dir / JOURNAL_NAME, journal)
+    for index, shard in enumerate(split_state["shards"]):
+        done = out_dir / _temporary_name(split, index, "done")
+        if done.exists():
+            os.replace(done, out_dir / shard["name"])
+
+
+def _split_summary(entries: list[ImageEntry], split_state: dict) -> tuple[dict, list[dict]]:
+    """The manifest entry of a finished split and its skipped images."""
+    reasons = {skip["image"]: skip["reason"]
+               for skips in [shard["skipped"] for shard in split_state["shards"]] + [split_state["tail_skipped"]]
+               for skip in skips}
+    kept = [entry for position, entry in enumerate(entries) if position not in reasons]
+    pairs = sum(len(entry.pairs) for entry in kept)
+    written = sum(shard["pairs"] for shard in split_state["shards"])
+    if pairs != written:
+        raise RuntimeError(f"packer bug: {written} records written for {pairs} pairs")
+    summary = {
+        "pairs": pairs,
+        "images": len(kept),
+        "ids": len({label for entry in kept for _, label in entry.pairs}),
+        "shards": [shard["name"] for shard in split_state["shards"]],
+        "sha256": {shard["name"]: shard["sha256"] for shard in split_state["shards"]},
+    }
+    skipped = [{"path": entries[position].path, "reason": reason, "pairs": len(entries[position].pairs)}
+               for position, reason in sorted(reasons.items())]
+    return summary, skipped
+
+
+def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: dict,
+                 resize: int | None, shard_size: int, pool: concurrent.futures.Executor | None,
+                 workers: int) -> tuple[dict, list[dict]]:
+    split_state = journal["splits"].setdefault(split, {"shards": [], "tail_skipped": [], "complete": False})
+    if split_state["complete"]:
+        _finalise_split(out_dir, split, journal)
+        if _shards_match(out_dir, {shard["name"]: shard["sha256"] for shard in split_state["shards"]}):
+            return _split_summary(entries, split_state)
+        for shard in split_state["shards"]:
+            (out_dir / shard["name"]).unlink(missing_ok=True)
+        split_state.update(shards=[], tail_skipped=[], complete=False)
+    start = _resume_point(out_dir, split, split_state)
+    writer = _SplitWriter(out_dir, split, journal, split_state)
+    total_pairs = sum(len(entry.pairs) for entry in entries)
+    done_pairs = sum(len(entry.pairs) for entry in entries[:start])
+    with tqdm(total=total_pairs, initial=done_pairs, unit="pair", desc=f"packing {split}",
+              file=sys.stderr, dynamic_ncols=True) as progress:
+        remaining = entries[start:]
+        for position, entry, (image, reason) in zip(range(start, len(entries)), remaining,
+                                                     _prepared(remaining, resize, pool, workers)):
+            if image is None:
+                writer.skip(position, reason)
+            else:
+                if writer.shard_pairs and writer.shard_pairs + len(entry.pairs) > shard_size:
+                    writer.close_shard(next_image=position)
+                writer.add(entry, image)
+            progress.update(len(entry.pairs))
+    writer.close_shard(next_image=len(entries))
+    split_state["tail_skipped"] = writer.pending_skips
+    _finalise_split(out_dir, split, journal)
+    return _split_summary(entries, split_state)
+
+
+def _check_options(splits: dict[str, list[ImageEntry]], resize: int | None, shard_size: int,
+                   workers: int | None) -> None:
+    for flag, value in (("--resize", resize), ("--shard-size", shard_size), ("--workers", workers)):
+        if value is not None and value < 1:
+            raise DualEncError(f"{flag} must be at least 1, got {value}")
+    for split in splits:
+        if not SPLIT_NAME.fullmatch(split):
+            raise DualEncError(f"split name {split!r} may use only letters, digits and '_'")
+    if not any(splits.values()):
+        raise DualEncError("the annotations list no image-caption pairs to pack")
+
+
+def _report(out_dir: Path, manifest: dict) -> None:
+    for split, summary in manifest["splits"].items():
+        print(f"{split}: {summary['pairs']} pairs, {summary['images']} images, {summary['ids']} ids "
+              f"in {len(summary['shards'])} shard(s)", file=sys.stderr)
+    skipped = manifest["skipped"]
+    if skipped:
+        pairs = sum(skip["pairs"] for skip in skipped)
+        shown = "; ".join(f"{skip['path']}: {skip['reason']}" for skip in skipped[:SKIPS_SHOWN])
+        more = f"; and {len(skipped) - SKIPS_SHOWN} more" if len(skipped) > SKIPS_SHOWN else ""
+        print(f"skipped {len(skipped)} image(s) ({pairs} pairs): {shown}{more} "
+              f"(all listed in {manifest_path(out_dir)})", file=sys.stderr)
+
+
+def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
+         skipped: Iterable[dict] = (), resize: int | None = None,
+         shard_size: int | None = None, workers: int | None = None,
+         overwrite: bool = False) -> dict:
+    """Pack `splits` into shards and `manifest.json` in `out_dir`; returns the manifest.
+
+    `source` describes the input (``format``, absolute ``annotations``/``images`` paths, and any
+    content identifiers, which join the fingerprint); `skipped` lists entries the source module
+    already dropped. `shard_size` defaults to `DEFAULT_SHARD_SIZE`. Images are validated in
+    `workers` processes (default: all cores). A directory holding the same fingerprint is
+    resumed or, when finished, reused as is; another dataset is refused unless `overwrite`.
+    """
+    shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
+    _check_options(splits, resize, shard_size, workers)
+    prior_skipped = list(skipped)
+    run_fingerprint = fingerprint(splits, source, prior_skipped, resize, shard_size)
+    claim = _claim_out_dir(out_dir, run_fingerprint, overwrite)
+    if "manifest" in claim:
+        print(f"{out_dir} already holds this dataset, packed and verified; nothing to do", file=sys.stderr)
+        return claim["manifest"]
+    journal = claim["journal"]
+    workers = workers or os.cpu_count() or 1
+    image_count = sum(len(entries) for entries in splits.values())
+    # Spawned (not forked) workers: the parent has TensorFlow's threads running.
+    pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            if workers > 1 and image_count > IMAGES_PER_TASK else None)
+    summaries, image_skips = {}, []
+    try:
+        for split in sorted(splits):
+            summaries[split], split_skips = _write_split(out_dir, split, splits[split], journal,
+                                                          resize, shard_size, pool, workers)
+            image_skips.extend(split_skips)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    manifest = build_manifest({**source, "fingerprint": run_fingerprint}, summaries,
+                              prior_skipped + image_skips, resize)
+    write_json_atomic(manifest_path(out_dir), manifest)
+    shards = {name for summary in summaries.values() for name in summary["shards"]}
+    _remove_packer_files(out_dir, keep=shards | {manifest_path(out_dir).name})
+    _report(out_dir, manifest)
+    return manifest
