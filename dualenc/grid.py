@@ -1,0 +1,54 @@
+"""A grid of result images (seed 003's 3×3 figure), written as a PNG."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dualenc.errors import DualEncError
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """(rows, columns) for `count` images: as square as possible, columns ≥ rows (9 → 3×3, 5 → 2×3)."""
+    columns = max(1, math.ceil(math.sqrt(count)))
+    return max(1, math.ceil(count / columns)), columns
+
+
+def decode_for_display(image_bytes: bytes) -> np.ndarray:
+    """Encoded image bytes → RGB uint8 ``[H, W, 3]`` (Pillow: no TensorFlow needed to draw)."""
+    with Image.open(io.BytesIO(image_bytes)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def save_result_grid(path: Path, images: list[np.ndarray], titles: list[str], suptitle: str) -> None:
+    """Draw `images` with their `titles` (e.g. scores) in a grid under `suptitle`; write a PNG.
+
+    Written to a temporary sibling and renamed, so a crash never leaves a truncated PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise DualEncError(f"cannot write grid {path}: directory {path.parent} does not exist")
+    rows, columns = grid_shape(len(images))
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows + 0.6), squeeze=False)
+    for position, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if position < len(images):
+            axis.imshow(images[position])
+            axis.set_title(titles[position], fontsize=9)
+    figure.suptitle(suptitle if len(suptitle) <= 120 else suptitle[:117] + "...")
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        figure.savefig(temporary, format="png", dpi=80)
+    finally:
+        plt.close(figure)
+    temporary.replace(path)

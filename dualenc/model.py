@@ -1,0 +1,318 @@
+"""The dual encoder: two towers, a projection head each, a temperature and Keras train/test steps.
+
+Captions and images are embedded into one L2-normalised space of width
+`ModelConfig.projection_dim`::
+
+    caption -> text tower   -> ProjectionHead -> L2Normalize -> caption embedding (B, D)
+    image   -> vision tower -> ProjectionHead -> L2Normalize -> image embedding   (B, D)
+
+and trained with the objective named by `ModelConfig.loss` (`dualenc.losses.dual_encoder_loss`).
+
+Inputs are dicts keyed like the TFRecords (`dualenc.records`): "image" uint8/float
+(B, H, W, 3), "caption" string (B,), "label" int64 (B,). The frozen-backbone feature cache
+passes "image_features" (B, F) and/or "caption_features" (B, F) *instead of* "image"/"caption":
+that tower is skipped and only its head runs, so a batch of cached features gives exactly the
+loss of the raw batch the features were computed from. A skipped tower gets no gradient; cache
+only frozen towers.
+
+"label" is required by the CMPM/CMPC losses; without it each caption's own image is its only
+match (the diagonal), which is what "soft_target" and "clip" assume anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from dualenc import losses
+from dualenc.config import ModelConfig
+from dualenc.errors import DualEncError
+from dualenc.heads import L2Normalize, ProjectionHead
+from dualenc.placement import Placement, gather_replicas, on_device, replica_loss_scale
+from dualenc.records import CAPTION, IMAGE, LABEL
+
+IMAGE_FEATURES = "image_features"
+CAPTION_FEATURES = "caption_features"
+
+
+def in_batch_recall_at_1(
+    query_embeddings: tf.Tensor, gallery_embeddings: tf.Tensor, query_labels: tf.Tensor, gallery_labels: tf.Tensor
+) -> tf.Tensor:
+    """Percent of queries whose top-scoring gallery item in the batch has the query's label.
+
+    scores = Q·Gᵀ (B, D)·(D, B) -> (B, B); hit_i = [gallery_labels[argmax_j scores_ij] == query_labels_i].
+    Matching by label rather than by position means two captions of one image (or two
+    images of one identity) both count as correct.
+    """
+    scores = tf.matmul(query_embeddings, gallery_embeddings, transpose_b=True)
+    best = tf.argmax(scores, axis=1)
+    hits = tf.equal(tf.gather(gallery_labels, best), query_labels)
+    return 100.0 * tf.reduce_mean(tf.cast(hits, tf.float32))
+
+
+def _check_inputs(inputs: Any) -> None:
+    if not isinstance(inputs, Mapping):
+        raise DualEncError(
+            "DualEncoder expects a dict with 'image' (or 'image_features') and 'caption' "
+            f"(or 'caption_features'), got {type(inputs).__name__}"
+        )
+    for raw, cached in ((IMAGE, IMAGE_FEATURES), (CAPTION, CAPTION_FEATURES)):
+        if raw not in inputs and cached not in inputs:
+            raise DualEncError(f"DualEncoder inputs have no {raw!r} or {cached!r}; got keys {sorted(inputs)}")
+
+
+class DualEncoder(keras.Model):
+    """Vision and text towers projected into one embedding space (see the module docstring).
+
+    Owns the towers, one `ProjectionHead` per modality, the temperature (a constant, or with
+    `config.learn_temperature` a trainable scalar kept as its log so it stays positive) and,
+    for the CMPC losses, the classifier `class_weights` (projection_dim, num_classes).
+
+    `placement` ("split") runs each tower and head under its own `tf.device` in `call`, which
+    the train and test steps use; create each tower on its device too (`build_dual_encoder`
+    does) so its weights live there. `encode_images`/`encode_texts` never place anything, so
+    exported encoders carry no device strings. For "mirrored", build and compile the model
+    inside `placement.scope()`; the steps gather embeddings from all replicas.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        vision_tower: keras.Model,
+        text_tower: keras.Model,
+        placement: Placement | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.config = config
+        self.placement = placement if placement is not None else Placement()
+        self.vision_tower = vision_tower
+        self.text_tower = text_tower
+        head_arguments = (config.projection_dim, config.projection_layers, config.dropout)
+        self.image_head = ProjectionHead(*head_arguments, name="image_head")
+        self.caption_head = ProjectionHead(*head_arguments, name="caption_head")
+        # L2Normalize computes in float32, so the loss sees float32 even under mixed precision.
+        self.l2_normalize = L2Normalize(name="l2_normalize")
+        self.log_temperature = None
+        if config.learn_temperature:
+            # Stored as a log so the temperature exp(log_temperature) stays positive.
+            self.log_temperature = self.add_weight(
+                name="log_temperature",
+                shape=(),
+                initializer=keras.initializers.Constant(math.log(config.temperature)),
+                dtype="float32",
+            )
+        self.class_weights = None
+        if losses.needs_class_weights(config.loss):
+            self.class_weights = self.add_weight(
+                name="class_weights",
+                shape=(config.projection_dim, config.num_classes),
+                initializer=keras.initializers.GlorotUniform(),
+                dtype="float32",
+            )
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.r1_t2i_tracker = keras.metrics.Mean(name="r1_t2i")
+        self.r1_i2t_tracker = keras.metrics.Mean(name="r1_i2t")
+
+    @property
+    def temperature(self) -> tf.Tensor:
+        """The current temperature T (float32 scalar) dividing the similarity logits."""
+        if self.log_temperature is None:
+            return tf.constant(self.config.temperature, tf.float32)
+        return tf.exp(tf.convert_to_tensor(self.log_temperature))
+
+    @property
+    def metrics(self) -> list[keras.metrics.Metric]:
+        """The per-epoch trackers Keras resets: loss, recall@1 text->image and image->text."""
+        return [self.loss_tracker, self.r1_t2i_tracker, self.r1_i2t_tracker]
+
+    def compile(self, optimizer: Any = "adamw", **kwargs: Any) -> None:
+        """Keras `compile`; additionally keeps weight decay off the learned log temperature.
+
+        Decaying log T would pull the temperature towards 1 regardless of the data. Call this
+        inside `placement.scope()` for "mirrored" so the optimizer is created there too.
+        """
+        super().compile(optimizer=optimizer, **kwargs)
+        if self.log_temperature is not None:
+            inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+            inner.exclude_from_weight_decay(var_list=[self.log_temperature])
+
+    def build(self, input_shape: Any) -> None:
+        """Nothing up front: the towers and heads build on the first call, inside `call`.
+
+        Keras' default build would trace `call` symbolically, creating the variables outside
+        `call`'s `tf.device` scopes; building in the real call puts each head's weights on
+        its tower's device under "split".
+        """
+
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        """Build the optimizer before fit/evaluate, skipping Keras' symbolic pass over a batch.
+
+        Under a distribution strategy Keras' TF trainer (3.x) averages the first distributed
+        batch across replicas to build the model symbolically, and averaging the string
+        captions fails. The model is built eagerly on a batch instead (`build_dual_encoder`
+        does so inside the strategy scope), which leaves only the optimizer to build.
+        """
+        if not self.built:
+            if self.distribute_strategy.num_replicas_in_sync > 1:
+                raise DualEncError(
+                    "build the DualEncoder inside placement.scope() before fit/evaluate: "
+                    "call it on one batch (build_dual_encoder does)"
+                )
+            return
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
+    def _embed(self, head: keras.layers.Layer, features: tf.Tensor, training: bool | None) -> tf.Tensor:
+        return self.l2_normalize(head(features, training=training))
+
+    def _image_embeddings(self, inputs: Mapping, training: bool | None) -> tf.Tensor:
+        if IMAGE_FEATURES in inputs:
+            features = inputs[IMAGE_FEATURES]
+        else:
+            features = self.vision_tower(inputs[IMAGE], training=training)
+        return self._embed(self.image_head, features, training)
+
+    def _caption_embeddings(self, inputs: Mapping, training: bool | None) -> tf.Tensor:
+        if CAPTION_FEATURES in inputs:
+            features = inputs[CAPTION_FEATURES]
+        else:
+            features = self.text_tower(inputs[CAPTION], training=training)
+        return self._embed(self.caption_head, features, training)
+
+    def encode_images(self, images_or_features: Any, training: bool = False) -> tf.Tensor:
+        """Unit image embeddings (B, D) from images (B, H, W, 3) or cached tower features (B, F)."""
+        images_or_features = tf.convert_to_tensor(images_or_features)
+        rank = images_or_features.shape.rank
+        if rank == 4:
+            return self._image_embeddings({IMAGE: images_or_features}, training)
+        if rank == 2:
+            return self._image_embeddings({IMAGE_FEATURES: images_or_features}, training)
+        raise DualEncError(
+            f"encode_images expects images (B, H, W, 3) or features (B, F), got shape {images_or_features.shape}"
+        )
+
+    def encode_texts(self, captions_or_features: Any, training: bool = False) -> tf.Tensor:
+        """Unit caption embeddings (B, D) from strings (B,) or cached tower features (B, F)."""
+        captions_or_features = tf.convert_to_tensor(captions_or_features)
+        if captions_or_features.dtype == tf.string and captions_or_features.shape.rank == 1:
+            return self._caption_embeddings({CAPTION: captions_or_features}, training)
+        if captions_or_features.dtype != tf.string and captions_or_features.shape.rank == 2:
+            return self._caption_embeddings({CAPTION_FEATURES: captions_or_features}, training)
+        raise DualEncError(
+            "encode_texts expects strings (B,) or features (B, F), "
+            f"got {captions_or_features.dtype.name} {captions_or_features.shape}"
+        )
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        # Checked before Keras' __call__, which rewrites errors raised inside `call` into a
+        # multi-line report and would lose the one-line DualEncError.
+        _check_inputs(inputs)
+        return super().__call__(inputs, *args, **kwargs)
+
+    def call(self, inputs: Mapping, training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """(caption_embeddings, image_embeddings), each (B, D) float32 with unit rows."""
+        with on_device(self.placement.text_device):
+            caption_embeddings = self._caption_embeddings(inputs, training)
+        with on_device(self.placement.vision_device):
+            image_embeddings = self._image_embeddings(inputs, training)
+        return caption_embeddings, image_embeddings
+
+    def _labels(self, inputs: Mapping) -> tf.Tensor | None:
+        if LABEL in inputs:
+            return tf.cast(tf.reshape(inputs[LABEL], [-1]), tf.int64)
+        if losses.needs_labels(self.config.loss):
+            raise DualEncError(f"loss {self.config.loss!r} needs a {LABEL!r} (identity) in every batch")
+        return None
+
+    def _global_loss(self, inputs: Mapping, caption_embeddings: tf.Tensor, image_embeddings: tf.Tensor) -> tf.Tensor:
+        """The loss over the global batch (all replicas' rows); also updates the metrics.
+
+        Every replica computes this same value from the gathered embeddings.
+        """
+        labels = self._labels(inputs)
+        caption_embeddings = gather_replicas(caption_embeddings)
+        image_embeddings = gather_replicas(image_embeddings)
+        if labels is None:
+            labels = tf.range(tf.shape(caption_embeddings, out_type=tf.int64)[0])
+        else:
+            labels = gather_replicas(labels)
+        loss = losses.dual_encoder_loss(
+            self.config.loss,
+            image_embeddings=image_embeddings,
+            caption_embeddings=caption_embeddings,
+            labels=labels,
+            temperature=self.temperature,
+            class_weights=self.class_weights,
+        )
+        self.loss_tracker.update_state(loss)
+        self.r1_t2i_tracker.update_state(in_batch_recall_at_1(caption_embeddings, image_embeddings, labels, labels))
+        self.r1_i2t_tracker.update_state(in_batch_recall_at_1(image_embeddings, caption_embeddings, labels, labels))
+        return loss
+
+    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
+        """One optimiser step on a batch (the inputs dict; Keras' (x, y) tuples use x)."""
+        inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            caption_embeddings, image_embeddings = self(inputs, training=True)
+            loss = self._global_loss(inputs, caption_embeddings, image_embeddings)
+            # Each replica holds the whole global loss; the optimiser sums replica gradients.
+            scaled_loss = self.optimizer.scale_loss(loss * replica_loss_scale())
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled_loss, variables)
+        # Built on every variable first so EMA slots line up with `trainable_weights` at the end
+        # of fit even when a cached-feature batch leaves a tower without gradients.
+        if not self.optimizer.built:
+            self.optimizer.build(variables)
+        reached = [(gradient, variable) for gradient, variable in zip(gradients, variables) if gradient is not None]
+        self.optimizer.apply_gradients(reached)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def test_step(self, data: Any) -> dict[str, tf.Tensor]:
+        """Loss and in-batch recall@1 on a batch, without updating weights."""
+        inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        caption_embeddings, image_embeddings = self(inputs, training=False)
+        self._global_loss(inputs, caption_embeddings, image_embeddings)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+
+def _dummy_batch(config: ModelConfig) -> dict[str, tf.Tensor]:
+    height, width = config.vision.image_size
+    return {
+        IMAGE: tf.zeros((2, height, width, 3), tf.uint8),
+        CAPTION: tf.constant(["a person in a red coat", "a dog on the grass"]),
+    }
+
+
+def build_dual_encoder(config: ModelConfig, placement: Placement | None = None) -> DualEncoder:
+    """Build both towers from `config`, wrap them in a `DualEncoder` and create every variable.
+
+    Runs inside `placement.scope()` (variables mirrored for "mirrored") on a two-example dummy
+    batch; for "split" each tower is created on its device so its weights live where it runs.
+    Raises `DualEncError` when a tower does not return pooled features (B, F), which the
+    projection heads need.
+    """
+    from dualenc.towers import build_text_tower, build_vision_tower
+
+    placement = placement if placement is not None else Placement()
+    batch = _dummy_batch(config)
+    with placement.scope():
+        with on_device(placement.vision_device):
+            vision_tower = build_vision_tower(config.vision)
+        with on_device(placement.text_device):
+            text_tower = build_text_tower(config.text)
+        for name, tower, raw in (("vision", vision_tower, batch[IMAGE]), ("text", text_tower, batch[CAPTION])):
+            features = tower(raw, training=False)
+            if features.shape.rank != 2:
+                raise DualEncError(
+                    f"{name} tower returns shape {features.shape.as_list()} for a batch of 2; "
+                    "the projection head needs pooled features (B, F)"
+                )
+        model = DualEncoder(config, vision_tower, text_tower, placement)
+        model(batch, training=False)
+    return model

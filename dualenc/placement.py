@@ -1,0 +1,134 @@
+"""Where the dual encoder runs: one device, the two towers split over two, or data-parallel.
+
+- "single": no placement at all; TensorFlow picks the device.
+- "split" (seed 003): the text tower and its head on the first device, the vision tower and its
+  head on the second, so two accelerators share one model without copying it. Devices default
+  to the first two GPUs, or without GPUs the first two logical CPUs (tests configure those).
+- "mirrored": `tf.distribute.MirroredStrategy` data parallelism. Each replica embeds its slice
+  of the batch; `gather_replicas` concatenates the slices so every replica's contrastive loss
+  sees the whole global batch as negatives (as open_clip's `gather_features` does).
+
+Without enough devices "split" and "mirrored" fall back to "single" with a warning, so a
+config written for a two-GPU machine still trains on a laptop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from typing import ContextManager
+
+import tensorflow as tf
+
+from dualenc.errors import DualEncError
+
+PLACEMENT_KINDS = ("single", "split", "mirrored")
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A resolved placement; build one with `make_placement`.
+
+    `text_device`/`vision_device` are full logical device names for "split" and None otherwise;
+    `strategy` is the `MirroredStrategy` for "mirrored" and None otherwise.
+    """
+
+    kind: str = "single"
+    devices: tuple[str, ...] = ()
+    text_device: str | None = None
+    vision_device: str | None = None
+    strategy: tf.distribute.Strategy | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def scope(self) -> ContextManager:
+        """Context to build and compile the model in: the strategy's scope, or a no-op."""
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    @property
+    def num_replicas(self) -> int:
+        """Model copies that each see a slice of every batch (1 unless mirrored)."""
+        return self.strategy.num_replicas_in_sync if self.strategy is not None else 1
+
+
+def on_device(device: str | None) -> ContextManager:
+    """`tf.device(device)`, or a no-op for None so unplaced code carries no device string."""
+    return tf.device(device) if device is not None else contextlib.nullcontext()
+
+
+def _same_device(requested: tf.DeviceSpec, name: str) -> bool:
+    visible = tf.DeviceSpec.from_string(name)
+    same_type = (requested.device_type or "").upper() == visible.device_type
+    return same_type and (requested.device_index or 0) == visible.device_index
+
+
+def _resolve(devices: list[str]) -> tuple[str, ...]:
+    """Full logical names of `devices` ("/gpu:1", "CPU:0", ...); DualEncError for unknown ones."""
+    visible = [device.name for device in tf.config.list_logical_devices()]
+    resolved = []
+    for device in devices:
+        try:
+            requested = tf.DeviceSpec.from_string(device if device.startswith("/") else f"/{device}")
+        except ValueError:
+            requested = None
+        matches = [name for name in visible if requested is not None and _same_device(requested, name)]
+        if not matches:
+            raise DualEncError(f"device {device!r} is not visible; visible devices: {', '.join(visible)}")
+        resolved.append(matches[0])
+    return tuple(resolved)
+
+
+def _default_devices() -> tuple[str, ...]:
+    """All GPUs if any, else all logical CPUs (one unless configured, as the tests do).
+
+    One GPU never pairs with a CPU: moving a tower off the GPU would only slow it down.
+    """
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    if gpus:
+        return tuple(gpus)
+    return tuple(device.name for device in tf.config.list_logical_devices("CPU"))
+
+
+def make_placement(kind: str, devices: list[str] | None = None) -> Placement:
+    """Resolve placement `kind` (one of `PLACEMENT_KINDS`) onto `devices` or the visible ones.
+
+    Explicit `devices` must exist and number at least two for "split" (the first two are used)
+    and at least one for "mirrored". Without explicit devices, fewer than two usable devices
+    fall back to "single" with a warning.
+    """
+    if kind not in PLACEMENT_KINDS:
+        raise DualEncError(f"unknown placement {kind!r}; choose one of: {', '.join(PLACEMENT_KINDS)}")
+    if kind == "single":
+        return Placement()
+    if devices is not None:
+        chosen = _resolve(list(devices))
+        if kind == "split" and len(chosen) < 2:
+            raise DualEncError(f"placement 'split' needs two devices, got {list(devices)!r}")
+    else:
+        chosen = _default_devices()
+        if len(chosen) < 2:
+            warnings.warn(
+                f"placement {kind!r} needs two devices but only {list(chosen)} is visible; using 'single'", stacklevel=2
+            )
+            return Placement()
+    if kind == "split":
+        return Placement("split", chosen[:2], text_device=chosen[0], vision_device=chosen[1])
+    return Placement("mirrored", chosen, strategy=tf.distribute.MirroredStrategy(list(chosen)))
+
+
+def gather_replicas(tensor: tf.Tensor) -> tf.Tensor:
+    """Concatenate `tensor` [b, ...] from every replica along axis 0 -> [num_replicas * b, ...].
+
+    Identity outside a multi-replica step. The gradient of `all_gather` sums the upstream
+    gradients of all replicas and hands each replica its own rows, so when every replica
+    computes the same global loss divided by the replica count (`replica_loss_scale`), the
+    summed gradients equal the single-device gradient of the global-batch loss.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return tensor
+    return context.all_gather(tensor, axis=0)
+
+
+def replica_loss_scale() -> float:
+    """1 / number of replicas in sync: the factor each replica's copy of a global loss needs."""
+    return 1.0 / tf.distribute.get_strategy().num_replicas_in_sync

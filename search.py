@@ -1,0 +1,251 @@
+"""Search a gallery of images with a trained dual encoder: text → image, or image → image.
+
+The gallery is embedded once with the run's exported vision encoder and kept next to the run
+(``RUN/index/``); later searches only embed the query. See `python search.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dualenc import config as run_config
+from dualenc.errors import DualEncError
+
+MAX_QUERY_CHARS = 10_000
+DEFAULT_RUN = "runs/latest"
+# Tried in order when --split is not given; "test" is the held-out split of the packers.
+DEFAULT_SPLITS = ("test", "val", "valid")
+
+EXAMPLES = """examples:
+  python search.py "a woman in a red coat"                 top 9 of the run's test split
+  python search.py "a dog on the beach" -k 16 --grid out.png
+  python search.py "two people" --gallery ~/photos --json  any folder of JPEG/PNG/BMP files
+  python search.py --image query.jpg --gallery ~/photos    image → image
+  python search.py --build-index --data data/coco --split val --ann hnsw
+  python search.py --evaluate                              R@1/5/10, mAP, top-100 accuracy
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="search.py",
+        description="Natural-language image search with a trained dual encoder.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("query", nargs="?", help="what to look for, in words")
+    parser.add_argument("-k", type=int, default=9, help="how many results (default 9)")
+    parser.add_argument("--model", default=DEFAULT_RUN, help=f"training run directory (default {DEFAULT_RUN})")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--gallery", type=Path, help="a folder of images to search (recursively)")
+    source.add_argument("--data", type=Path, help="a packed dataset (default: the one the run trained on)")
+    parser.add_argument("--split", help="split of --data to search (default: test, else val/valid, else the first)")
+    parser.add_argument("--image", type=Path, help="search with this image instead of words")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--grid", type=Path, help="also draw the results into this PNG")
+    parser.add_argument(
+        "--ann", default="auto", choices=("auto", "exact", "hnsw", "ivf"),
+        help="search method: exact, FAISS hnsw/ivf, or auto (FAISS HNSW above 50,000 images)",
+    )
+    parser.add_argument("--build-index", action="store_true", help="(re)build the gallery index; no query needed")
+    parser.add_argument("--float16", action="store_true", help="store the index in half precision")
+    parser.add_argument("--evaluate", action="store_true", help="measure retrieval on a packed split instead of searching")
+    return parser
+
+
+def check_query(query: str) -> str:
+    """The query with its ends stripped, or a `DualEncError` saying what is wrong with it."""
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError:
+        # Python passes undecodable argv bytes through as lone surrogates (surrogateescape).
+        raise DualEncError("the query is not valid UTF-8 text; check your terminal's encoding") from None
+    if not query.strip():
+        raise DualEncError("the query is empty; describe what to look for, e.g. \"a red car\"")
+    if len(query) > MAX_QUERY_CHARS:
+        raise DualEncError(f"the query has {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
+    return query.strip()
+
+
+def check_run(run_dir: Path) -> Path:
+    """`run_dir` if it holds both exported encoders, else a `DualEncError` saying what to do."""
+    from dualenc.export import TEXT_ENCODER_DIR, VISION_ENCODER_DIR
+
+    if not run_dir.is_dir():
+        raise DualEncError(f"run directory {run_dir} does not exist; run `python train.py` first or pass --model RUN_DIR")
+    for name in (VISION_ENCODER_DIR, TEXT_ENCODER_DIR):
+        if not (run_dir / name / "saved_model.pb").is_file():
+            raise DualEncError(f"{run_dir} has no exported {name}; run `python train.py` first or pass --model RUN_DIR")
+    return run_dir
+
+
+def choose_gallery(args: argparse.Namespace, run_dir: Path):
+    """The gallery the flags name; by default the run's own dataset, test split."""
+    from dualenc.index import FolderGallery, PackedGallery
+    from dualenc.data import read_manifest
+
+    if args.gallery is not None:
+        if args.split is not None:
+            raise DualEncError("--split applies to --data, not to --gallery folders")
+        return FolderGallery(args.gallery)
+    data_dir = args.data
+    if data_dir is None:
+        config_path = run_dir / "config.json"
+        data = run_config.load(run_config.TrainConfig, config_path).data
+        if data is None:
+            raise DualEncError(f"{config_path} names no dataset; pass --data DIR [--split NAME] or --gallery DIR")
+        data_dir = Path(data)
+        if not data_dir.is_dir():
+            raise DualEncError(f"the run's dataset {data_dir} (from {config_path}) is gone; pass --data DIR or --gallery DIR")
+    if args.split is not None:
+        return PackedGallery(data_dir, args.split)
+    splits = list(read_manifest(data_dir)["splits"])
+    if not splits:
+        raise DualEncError(f"packed dataset {data_dir} has no splits; re-pack it")
+    split = next((name for name in DEFAULT_SPLITS if name in splits), splits[0])
+    if split != "test":
+        print(f"{data_dir} has no 'test' split; searching {split!r} (choose with --split)", file=sys.stderr)
+    return PackedGallery(data_dir, split)
+
+
+def _query_embedding(args: argparse.Namespace, run_dir: Path):
+    from dualenc.export import TEXT_ENCODER_DIR, VISION_ENCODER_DIR, load_encoder
+
+    if args.image is None:
+        return load_encoder(run_dir / TEXT_ENCODER_DIR)([args.query])
+    import tensorflow as tf
+
+    try:
+        image_bytes = args.image.read_bytes()
+    except OSError as exc:
+        raise DualEncError(f"cannot read query image {args.image} ({exc.strerror}); pass a JPEG/PNG/BMP file") from None
+    try:
+        return load_encoder(run_dir / VISION_ENCODER_DIR).embed_batch([image_bytes])
+    except tf.errors.OpError:
+        raise DualEncError(f"query image {args.image} cannot be decoded; pass a JPEG, PNG, BMP or GIF file") from None
+
+
+def search(args: argparse.Namespace, run_dir: Path, index) -> list[dict]:
+    """The top-k results as dicts: rank, score, image_id, path, caption, label."""
+    scores, rows = index.search(_query_embedding(args, run_dir), args.k, ann=args.ann)
+    results = []
+    for rank, (score, row) in enumerate(zip(scores[0], rows[0]), start=1):
+        results.append({
+            "rank": rank,
+            "score": round(float(score), 6),
+            "image_id": index.image_ids[row],
+            "path": index.paths[row] if index.paths is not None else None,
+            "caption": index.captions[row] if index.captions is not None else None,
+            "label": index.labels[row] if index.labels is not None else None,
+        })
+    return results
+
+
+def print_results(results: list[dict], query_text: str) -> None:
+    print(f"results for {query_text}:")
+    for result in results:
+        where = result["path"] or result["image_id"]
+        caption = f"  \"{result['caption']}\"" if result["caption"] is not None else ""
+        print(f"{result['rank']:>4}  {result['score']:.4f}  {where}{caption}")
+
+
+def draw_grid(path: Path, results: list[dict], gallery, query_text: str) -> None:
+    from dualenc.grid import decode_for_display, save_result_grid
+    from dualenc.index import read_gallery_images
+
+    blobs = read_gallery_images(gallery, [result["image_id"] for result in results])
+    images = [decode_for_display(blobs[result["image_id"]]) for result in results]
+    titles = [f"{result['rank']}. {result['score']:.3f}" for result in results]
+    save_result_grid(path, images, titles, query_text)
+
+
+def evaluate(run_dir: Path, gallery, index) -> dict:
+    """Retrieval metrics of the run on a packed split (see `dualenc.retrieval.evaluate_retrieval`)."""
+    import numpy as np
+
+    from dualenc.export import TEXT_ENCODER_DIR, load_encoder
+    from dualenc.index import read_split_captions
+    from dualenc.retrieval import evaluate_retrieval
+
+    captions, _, labels = read_split_captions(gallery.data_dir, gallery.split)
+    text_encoder = load_encoder(run_dir / TEXT_ENCODER_DIR, batch_size=256)
+    scores = evaluate_retrieval(
+        image_embeddings=index.embeddings,
+        image_labels=np.asarray(index.labels),
+        caption_embeddings=text_encoder(captions),
+        caption_labels=labels,
+        first_caption_embeddings=text_encoder(index.captions),
+    )
+    return {"data": str(gallery.data_dir), "split": gallery.split, **scores}
+
+
+def print_evaluation(scores: dict) -> None:
+    print(f"{scores['data']} split {scores['split']}: {scores['images']} images, {scores['captions']} captions")
+    columns = list(scores["text_to_image"])
+    print(f"{'direction':<12}" + "".join(f"{name:>9}" for name in columns))
+    for label, key in (("text→image", "text_to_image"), ("image→text", "image_to_text")):
+        print(f"{label:<12}" + "".join(f"{scores[key][name]:>9.2f}" for name in columns))
+    accuracy = scores["top_k_accuracy"]
+    print(f"top-{accuracy['k']} accuracy (each image's first caption → its image): {accuracy['percent']:.2f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.query is not None and args.image is not None:
+        raise DualEncError("pass either a QUERY or --image, not both")
+    searching = args.query is not None or args.image is not None
+    if args.evaluate and searching:
+        raise DualEncError("--evaluate measures the whole split; drop the QUERY/--image")
+    if not (searching or args.build_index or args.evaluate):
+        raise DualEncError("nothing to do: give a QUERY, --image FILE, --build-index or --evaluate (see --help)")
+    if args.query is not None:
+        args.query = check_query(args.query)
+    if args.evaluate and args.gallery is not None:
+        raise DualEncError("--evaluate needs captions: pass a packed dataset with --data DIR [--split NAME], not --gallery")
+    if args.k < 1:
+        raise DualEncError(f"-k must be at least 1, got {args.k}")
+    if args.grid is not None and not args.grid.parent.is_dir():
+        raise DualEncError(f"cannot write --grid {args.grid}: directory {args.grid.parent} does not exist")
+
+    from dualenc.index import open_index
+    from dualenc.retrieval import resolve_ann
+
+    run_dir = check_run(Path(args.model))
+    gallery = choose_gallery(args, run_dir)
+    index = open_index(run_dir, gallery, rebuild=args.build_index, float16=args.float16)
+    if args.build_index:
+        kind = resolve_ann(args.ann, len(index))
+        if kind != "exact":
+            index.ann_index(kind)
+        print(f"indexed {len(index)} images ({index.embedded} embedded now) in {index.directory}; search: {kind}", file=sys.stderr)
+    if args.evaluate:
+        scores = evaluate(run_dir, gallery, index)
+        if args.json:
+            print(json.dumps(scores, indent=2))
+        else:
+            print_evaluation(scores)
+    if searching:
+        results = search(args, run_dir, index)
+        query_text = f'"{args.query}"' if args.image is None else f"image {args.image}"
+        if args.json:
+            print(json.dumps(results, indent=2, ensure_ascii=False))
+        else:
+            print_results(results, query_text)
+        if args.grid is not None:
+            draw_grid(args.grid, results, gallery, query_text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except DualEncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

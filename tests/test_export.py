@@ -1,0 +1,292 @@
+"""Export round trip: tiny Keras towers → SavedModels → a fresh process with no dualenc import.
+
+Also home of the tiny "colour" run the index, retrieval and CLI tests share: a vision tower
+that maps an image's mean colour to a direction in 3-d space and a text tower that maps colour
+words to the same directions, so the query "red" honestly ranks red images first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from dualenc import config as run_config
+from dualenc.export import export_encoders, export_text_encoder, export_vision_encoder, load_encoder
+from dualenc.errors import DualEncError
+from dualenc.records import MANIFEST_NAME, serialize_example, shard_name
+
+IMAGE_SIZE = (32, 32)
+
+# The corners of the colour cube seen from its centre: mean colour - 0.5, signs only.
+COLOURS = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+}
+
+
+def colour_direction(rgb: tuple[int, int, int]) -> np.ndarray:
+    return np.array([1.0 if channel > 127 else -1.0 for channel in rgb], np.float32)
+
+
+def mean_colour_encoder() -> keras.Model:
+    """uint8 ``[N, H, W, 3]`` → (mean colour − ½) · A with a trainable 3×3 A (identity at init)."""
+    pixels = keras.Input(shape=(*IMAGE_SIZE, 3), dtype="uint8")
+    centred = keras.layers.Rescaling(1.0 / 255.0, offset=-0.5)(pixels)
+    pooled = keras.layers.GlobalAveragePooling2D()(centred)
+    embeddings = keras.layers.Dense(3, use_bias=False, kernel_initializer="identity")(pooled)
+    return keras.Model(pixels, embeddings, name="mean_colour")
+
+
+class ColourWordEncoder(keras.layers.Layer):
+    """Captions → sum over words of the word's colour direction (0 for non-colour words).
+
+    Words are looked up with a `StringLookup` (a hash-table resource the export must carry)
+    and mapped through a trainable table whose row 0, for unknown words, is zero.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.lookup = keras.layers.StringLookup(vocabulary=list(COLOURS), num_oov_indices=1)
+        directions = np.stack([np.zeros(3, np.float32)] + [colour_direction(rgb) for rgb in COLOURS.values()])
+        self.table = self.add_weight(shape=directions.shape, initializer=keras.initializers.Constant(directions))
+
+    def call(self, captions):
+        words = tf.strings.split(tf.strings.lower(captions))
+        rows = tf.ragged.map_flat_values(lambda flat: tf.gather(self.table, self.lookup(flat)), words)
+        return tf.reduce_sum(rows, axis=1) + 1e-6  # never exactly zero: unknown words still normalise
+
+
+def encode_png(pixels: np.ndarray, image_format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def solid_image(rgb: tuple[int, int, int], seed: int, size: tuple[int, int] = (40, 24)) -> np.ndarray:
+    """A noisy image of one colour: the colour ± 40, so images differ but keep their colour."""
+    noise = np.random.default_rng(seed).integers(-40, 41, size=(*size, 3))
+    return np.clip(np.array(rgb)[None, None, :] + noise, 0, 255).astype(np.uint8)
+
+
+def write_packed_dataset(data_dir: Path, splits: dict[str, list[tuple[str, bytes, str, int]]]) -> None:
+    """A packed dataset: one shard per split of (caption, image bytes, image_id, label) records."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for split, records in splits.items():
+        name = shard_name(split, 0, 1)
+        with tf.io.TFRecordWriter(str(data_dir / name)) as writer:
+            for record in records:
+                writer.write(serialize_example(*record))
+        summaries[split] = {
+            "pairs": len(records),
+            "images": len({record[2] for record in records}),
+            "ids": len({record[3] for record in records}),
+            "shards": [name],
+            "sha256": {name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest()},
+        }
+    manifest = {"format_version": 1, "source": {"format": "test"}, "splits": summaries, "skipped": [], "image_size": None}
+    (data_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def colour_records(count_per_colour: int, seed: int) -> list[tuple[str, bytes, str, int]]:
+    """Two captions per image (duplicate image_ids, as in COCO); label = the colour's index."""
+    records = []
+    for label, (word, rgb) in enumerate(COLOURS.items()):
+        for copy in range(count_per_colour):
+            image = encode_png(solid_image(rgb, seed=seed + 100 * label + copy))
+            image_id = f"{word}/{copy:03d}.png"
+            records.append((f"a {word} square", image, image_id, label))
+            records.append((f"something {word} and noisy", image, image_id, label))
+    return records
+
+
+def make_colour_run(root: Path) -> Path:
+    """A run directory with exported colour towers, config.json and a packed dataset (train/test)."""
+    data_dir = root / "data"
+    write_packed_dataset(data_dir, {"train": colour_records(2, seed=0), "test": colour_records(3, seed=1000)})
+    run_dir = root / "runs" / "20250101-000000"
+    run_dir.mkdir(parents=True)
+    export_encoders(
+        run_dir, encode_images=mean_colour_encoder(), encode_texts=ColourWordEncoder(), image_size=IMAGE_SIZE
+    )
+    run_config.save(run_config.TrainConfig(data=str(data_dir)), run_dir / "config.json")
+    (root / "runs" / "latest").symlink_to(run_dir.name)
+    return run_dir
+
+
+def small_conv_encoder() -> keras.Model:
+    pixels = keras.Input(shape=(*IMAGE_SIZE, 3), dtype="uint8")
+    features = keras.layers.Rescaling(1.0 / 255.0)(pixels)
+    features = keras.layers.Conv2D(4, 3, activation="relu")(features)
+    features = keras.layers.BatchNormalization()(features)
+    features = keras.layers.GlobalAveragePooling2D()(features)
+    return keras.Model(pixels, keras.layers.Dense(6)(features))
+
+
+class HashedWordEncoder(keras.layers.Layer):
+    """Captions → sum of a random trainable embedding per hashed word (plus a bias row)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = keras.layers.Embedding(50, 6)
+        self.bias = self.add_weight(shape=(6,), initializer="random_normal")
+
+    def call(self, captions):
+        buckets = tf.strings.to_hash_bucket_fast(tf.strings.split(captions), 50)
+        return tf.reduce_sum(tf.ragged.map_flat_values(self.embedding, buckets), axis=1) + self.bias
+
+
+def hashed_text_encoder() -> keras.layers.Layer:
+    encoder = HashedWordEncoder()
+    encoder(tf.constant(["build"]))
+    return encoder
+
+
+FRESH_PROCESS = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+import tensorflow_text  # noqa: F401
+request = json.load(sys.stdin)
+assert not [name for name in sys.modules if name.startswith("dualenc")]
+with tf.device("/cpu:0"):
+    vision = tf.saved_model.load(request["vision"]).signatures["serving_default"]
+    text = tf.saved_model.load(request["text"]).signatures["serving_default"]
+    images = [bytes.fromhex(blob) for blob in request["images"]]
+    out = {
+        "vision": vision(images=tf.constant(images, dtype=tf.string, shape=[len(images)]))["embeddings"].numpy().tolist(),
+        "text": text(captions=tf.constant(request["captions"], dtype=tf.string))["embeddings"].numpy().tolist(),
+    }
+print(json.dumps(out))
+"""
+
+
+def run_fresh(vision_dir: Path, text_dir: Path, images: list[bytes], captions: list[str]) -> dict:
+    request = {"vision": str(vision_dir), "text": str(text_dir), "images": [blob.hex() for blob in images], "captions": captions}
+    completed = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        env={"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return {name: np.array(values, np.float32) for name, values in json.loads(completed.stdout).items()}
+
+
+def unit(rows) -> np.ndarray:
+    rows = np.asarray(rows, np.float64)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_round_trip_in_fresh_process_matches_in_memory(tmp_path):
+    from dualenc.data import decode_image
+
+    vision_model, text_model = small_conv_encoder(), hashed_text_encoder()
+    export_encoders(tmp_path, encode_images=vision_model, encode_texts=text_model, image_size=IMAGE_SIZE)
+
+    pixels = [solid_image(rgb, seed) for seed, rgb in enumerate(COLOURS.values())][:3]
+    images = [encode_png(pixels[0], "JPEG"), encode_png(pixels[1], "PNG"), encode_png(pixels[2], "BMP")]
+    captions = ["a red coat", "", "ünïcödé words"]
+    loaded = run_fresh(tmp_path / "vision_encoder", tmp_path / "text_encoder", images, captions)
+
+    decoded = np.stack([decode_image(tf.constant(blob), IMAGE_SIZE).numpy() for blob in images])
+    expected_vision = unit(vision_model(decoded).numpy())
+    expected_text = unit(text_model(tf.constant(captions)).numpy())
+    np.testing.assert_allclose(loaded["vision"], expected_vision, atol=1e-5)
+    np.testing.assert_allclose(loaded["text"], expected_text, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(loaded["vision"], axis=1), 1.0, atol=1e-5)
+
+
+def test_bound_method_and_tfsm_bert_text_tower(tmp_path):
+    """A TF-Hub-style BERT inside keras.layers.TFSMLayer, exported via a bound method."""
+    bert_fixture = pytest.importorskip("bert_fixture")
+    preprocessor_dir, encoder_dir = bert_fixture.make_tiny_bert(tmp_path / "hub")
+
+    from dualenc.config import TextConfig
+    from dualenc.towers.text import build_text_tower
+
+    class TextTower(keras.Model):
+        def __init__(self):
+            super().__init__()
+            config = TextConfig(tower="bert", preprocessor=str(preprocessor_dir), encoder=str(encoder_dir))
+            self.bert = build_text_tower(config)
+            self.project = keras.layers.Dense(4)
+
+        def encode_texts(self, captions):
+            return self.project(self.bert(captions))
+
+    tower = TextTower()
+    captions = ["a woman in a red coat", "two dogs running on grass"]
+    expected = unit(tower.encode_texts(tf.constant(captions)).numpy())
+    export_text_encoder(tower.encode_texts, tmp_path / "text_encoder")
+    export_vision_encoder(small_conv_encoder(), IMAGE_SIZE, tmp_path / "vision_encoder")
+    loaded = run_fresh(tmp_path / "vision_encoder", tmp_path / "text_encoder", [], captions)
+    np.testing.assert_allclose(loaded["text"], expected, atol=1e-5)
+    assert loaded["vision"].shape == (0,) or loaded["vision"].shape[0] == 0
+
+
+def test_load_encoder_batches_and_reexport_replaces(tmp_path):
+    text_model = hashed_text_encoder()
+    export_text_encoder(text_model, tmp_path / "text_encoder")
+    captions = [f"caption {index}" for index in range(7)]
+    encoder = load_encoder(tmp_path / "text_encoder", batch_size=3)
+    np.testing.assert_allclose(encoder(captions), unit(text_model(tf.constant(captions)).numpy()), atol=1e-5)
+    assert encoder([]).shape == (0, 6)
+
+    other = hashed_text_encoder()  # new random embedding table
+    export_text_encoder(other, tmp_path / "text_encoder")
+    reloaded = load_encoder(tmp_path / "text_encoder")(captions)
+    np.testing.assert_allclose(reloaded, unit(other(tf.constant(captions)).numpy()), atol=1e-5)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["text_encoder"]
+
+
+def test_load_encoder_missing_or_damaged(tmp_path):
+    with pytest.raises(DualEncError, match="train.py"):
+        load_encoder(tmp_path / "nowhere")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "saved_model.pb").write_bytes(b"not a protobuf")
+    with pytest.raises(DualEncError, match="cannot load"):
+        load_encoder(tmp_path / "broken")
+
+
+def test_track_saves_only_the_named_parts(tmp_path):
+    class Pair(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.vision = small_conv_encoder()
+            self.text = hashed_text_encoder()
+
+        def encode_images(self, images):
+            return self.vision(images)
+
+    pair = Pair()
+    export_vision_encoder(pair.encode_images, IMAGE_SIZE, tmp_path / "whole")
+    export_vision_encoder(pair.encode_images, IMAGE_SIZE, tmp_path / "vision", track=[pair.vision])
+
+    def weights(path):
+        return {name for name, _ in tf.train.list_variables(str(path / "variables" / "variables"))}
+
+    assert len(weights(tmp_path / "vision")) < len(weights(tmp_path / "whole"))
+    assert not any("embedding" in name for name in weights(tmp_path / "vision"))
+    blobs = [encode_png(solid_image(rgb, seed)) for seed, rgb in enumerate(COLOURS.values())]
+    np.testing.assert_allclose(
+        load_encoder(tmp_path / "vision")(blobs), load_encoder(tmp_path / "whole")(blobs), atol=1e-6
+    )

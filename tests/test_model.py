@@ -1,0 +1,297 @@
+"""DualEncoder: shapes, train/test steps, feature cache, temperature, CMPC weights, EMA, errors.
+
+Stand-in towers (a Dense vision tower on 8x8 float images, a hashed bag-of-words text tower)
+keep these tests independent of `dualenc.towers`; `tests/test_placement.py` reuses them.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dualenc.config import ModelConfig, TextConfig, VisionConfig
+from dualenc.errors import DualEncError
+from dualenc.model import DualEncoder, build_dual_encoder, in_batch_recall_at_1
+
+IMAGE_SIZE = 8
+NUM_CLASSES = 16
+TEXT_BUCKETS = 256
+
+
+class HashedTextTower(keras.Model):
+    """Captions [B] -> mean of hashed word embeddings [B, width]."""
+
+    def __init__(self, width: int = 16, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = keras.layers.Embedding(TEXT_BUCKETS, width)
+
+    def call(self, captions):
+        words = tf.strings.split(captions).to_tensor(default_value="")
+        present = tf.cast(tf.not_equal(words, ""), self.compute_dtype)[..., None]
+        word_embeddings = self.embedding(tf.strings.to_hash_bucket_fast(words, TEXT_BUCKETS))
+        return tf.reduce_sum(word_embeddings * present, axis=1) / tf.maximum(tf.reduce_sum(present, axis=1), 1)
+
+
+def stand_in_towers(seed: int = 0) -> tuple[keras.Model, keras.Model]:
+    """(vision tower: float images [B, 8, 8, 3] -> [B, 24], text tower: strings [B] -> [B, 16])."""
+    keras.utils.set_random_seed(seed)
+    images = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    features = keras.layers.Dense(24)(keras.layers.Flatten()(images))
+    return keras.Model(images, features, name="vision_stand_in"), HashedTextTower(name="text_stand_in")
+
+
+def matching_batch(labels: np.ndarray, seed: int = 0) -> dict[str, tf.Tensor]:
+    """Images of class c are a fixed random pattern plus noise; captions name c in varying words."""
+    prototypes = np.random.default_rng(1234).normal(size=(NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE, 3))
+    noise = np.random.default_rng(seed).normal(scale=0.3, size=(len(labels), IMAGE_SIZE, IMAGE_SIZE, 3))
+    templates = ["item {} here", "a photo of item {}", "look item {}"]
+    captions = [templates[(seed + i) % 3].format(f"c{label}") for i, label in enumerate(labels)]
+    return {
+        "image": tf.constant(prototypes[labels] + noise, tf.float32),
+        "caption": tf.constant(captions),
+        "label": tf.constant(labels, tf.int64),
+    }
+
+
+def make_model(seed: int = 0, **overrides) -> DualEncoder:
+    config = dataclasses.replace(ModelConfig(projection_dim=8, projection_layers=1, dropout=0.0), **overrides)
+    vision_tower, text_tower = stand_in_towers(seed)
+    model = DualEncoder(config, vision_tower, text_tower)
+    model(matching_batch(np.arange(4)))
+    return model
+
+
+def dataset(batches: int, seed: int = 0) -> tf.data.Dataset:
+    """`batches` batches, each holding every class once in a shuffled order."""
+    rng = np.random.default_rng(seed)
+    parts = [matching_batch(rng.permutation(NUM_CLASSES), seed=seed + b) for b in range(batches)]
+    merged = {key: tf.concat([part[key] for part in parts], axis=0) for key in parts[0]}
+    return tf.data.Dataset.from_tensor_slices(merged).batch(NUM_CLASSES)
+
+
+def test_forward_gives_unit_float32_embeddings_and_encoders_agree():
+    model = make_model()
+    batch = matching_batch(np.arange(5))
+    caption_embeddings, image_embeddings = model(batch, training=False)
+    for embeddings in (caption_embeddings, image_embeddings):
+        assert embeddings.shape == (5, 8) and embeddings.dtype == tf.float32
+        np.testing.assert_allclose(np.linalg.norm(embeddings.numpy(), axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(model.encode_images(batch["image"]).numpy(), image_embeddings.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(model.encode_texts(batch["caption"]).numpy(), caption_embeddings.numpy(), rtol=1e-6)
+
+
+def test_in_batch_recall_matches_numpy_with_repeated_labels():
+    rng = np.random.default_rng(0)
+    queries, gallery = rng.normal(size=(12, 5)), rng.normal(size=(12, 5))
+    labels = rng.integers(0, 4, size=12)
+    best = np.argmax(queries @ gallery.T, axis=1)
+    expected = 100.0 * np.mean(labels[best] == labels)
+    recall = in_batch_recall_at_1(tf.constant(queries), tf.constant(gallery), tf.constant(labels), tf.constant(labels))
+    assert recall.numpy() == pytest.approx(expected)
+    assert 0 < expected < 100  # a mix of hits and misses, so the check means something
+
+
+def test_training_lowers_loss_and_recall_beats_chance():
+    model = make_model(loss="clip", temperature=0.1)
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    train = dataset(8).repeat()
+    before = model.evaluate(dataset(2, seed=99), return_dict=True, verbose=0)
+    history = model.fit(train, epochs=4, steps_per_epoch=25, verbose=0, shuffle=False)
+    after = model.evaluate(dataset(2, seed=99), return_dict=True, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert after["loss"] < 0.5 * before["loss"]
+    # 16 classes once per batch: chance is 1/16 = 6.25 %.
+    assert after["r1_t2i"] >= 80 and after["r1_i2t"] >= 80
+    assert set(after) == {"loss", "r1_t2i", "r1_i2t"}
+
+
+def test_metrics_reset_between_evaluations():
+    model = make_model()
+    model.compile(optimizer="sgd")
+    first = model.evaluate(dataset(1), return_dict=True, verbose=0)
+    second = model.evaluate(dataset(1, seed=5), return_dict=True, verbose=0)
+    third = model.evaluate(dataset(1), return_dict=True, verbose=0)
+    assert first == pytest.approx(third) and first["loss"] != pytest.approx(second["loss"])
+
+
+def test_cached_features_give_the_same_loss_as_raw_inputs():
+    model = make_model(loss="soft_target")
+    model.compile(optimizer="sgd")
+    batch = matching_batch(np.arange(NUM_CLASSES))
+    cached = {
+        "image_features": model.vision_tower(batch["image"]),
+        "caption_features": model.text_tower(batch["caption"]),
+        "label": batch["label"],
+    }
+    raw_logs = model.evaluate(tf.data.Dataset.from_tensors(batch), return_dict=True, verbose=0)
+    cached_logs = model.evaluate(tf.data.Dataset.from_tensors(cached), return_dict=True, verbose=0)
+    assert cached_logs == pytest.approx(raw_logs, rel=1e-6)
+    np.testing.assert_allclose(model.encode_images(cached["image_features"]), model.encode_images(batch["image"]), rtol=1e-6)
+    np.testing.assert_allclose(model.encode_texts(cached["caption_features"]), model.encode_texts(batch["caption"]), rtol=1e-6)
+
+
+def test_training_on_cached_features_leaves_skipped_towers_alone():
+    model = make_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    batch = matching_batch(np.arange(NUM_CLASSES))
+    cached = {"image_features": model.vision_tower(batch["image"]), "caption": batch["caption"]}
+    vision_before = [weight.numpy() for weight in model.vision_tower.weights]
+    head_before = model.image_head.weights[0].numpy()
+    model.fit(tf.data.Dataset.from_tensors(cached), epochs=2, verbose=0, shuffle=False)
+    for before, after in zip(vision_before, model.vision_tower.weights):
+        np.testing.assert_array_equal(before, after.numpy())
+    assert not np.allclose(head_before, model.image_head.weights[0].numpy())
+
+
+def test_learned_temperature_moves_and_stays_positive():
+    fixed = make_model(temperature=0.07)
+    assert fixed.log_temperature is None and fixed.temperature.numpy() == pytest.approx(0.07)
+    model = make_model(loss="clip", temperature=0.07, learn_temperature=True)
+    assert any(weight is model.log_temperature for weight in model.trainable_weights)
+    assert model.temperature.numpy() == pytest.approx(0.07, rel=1e-6)
+    model.compile(optimizer=keras.optimizers.AdamW(0.5, weight_decay=0.1))
+    model.fit(dataset(2), epochs=5, verbose=0, shuffle=False)
+    temperature = model.temperature.numpy()
+    assert temperature > 0 and abs(temperature - 0.07) > 1e-3
+
+
+def test_class_weights_exist_only_for_cmpc_losses():
+    assert make_model(loss="clip").class_weights is None
+    assert make_model(loss="cmpm").class_weights is None
+    model = make_model(loss="cmpm+cmpc", num_classes=NUM_CLASSES)
+    weights = model.class_weights.numpy()
+    assert weights.shape == (8, NUM_CLASSES) and model.class_weights.trainable
+    glorot_limit = np.sqrt(6 / (8 + NUM_CLASSES))
+    assert np.abs(weights).max() <= glorot_limit and np.abs(weights).max() > 0.5 * glorot_limit
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    model.fit(dataset(1), epochs=1, verbose=0, shuffle=False)
+    assert not np.allclose(weights, model.class_weights.numpy())
+
+
+def test_ema_swaps_the_moving_average_in_at_the_end_of_fit():
+    momentum = 0.5
+    plain, averaged = make_model(seed=1), make_model(seed=2)
+    averaged.set_weights(plain.get_weights())
+    plain.compile(optimizer=keras.optimizers.SGD(0.5))
+    averaged.compile(optimizer=keras.optimizers.SGD(0.5, use_ema=True, ema_momentum=momentum))
+
+    trajectory = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            trajectory.append([weight.numpy() for weight in plain.trainable_weights])
+
+    plain.fit(dataset(3), epochs=1, verbose=0, shuffle=False, callbacks=[Record()])
+    averaged.fit(dataset(3), epochs=1, verbose=0, shuffle=False)
+    # Keras' EMA: the first step copies the weights, later ones mix with `momentum`.
+    expected = trajectory[0]
+    for step in trajectory[1:]:
+        expected = [momentum * average + (1 - momentum) * weight for average, weight in zip(expected, step)]
+    for want, got in zip(expected, averaged.trainable_weights):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    assert not all(np.allclose(a.numpy(), b.numpy()) for a, b in zip(plain.trainable_weights, averaged.trainable_weights))
+
+
+def test_mixed_precision_keeps_embeddings_and_loss_in_float32():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = make_model()
+        assert model.image_head.compute_dtype == "float16"
+        caption_embeddings, image_embeddings = model(matching_batch(np.arange(4)))
+        model.compile(optimizer="sgd")
+        logs = model.fit(dataset(1), epochs=1, verbose=0, shuffle=False).history
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert caption_embeddings.dtype == tf.float32 and image_embeddings.dtype == tf.float32
+    assert np.isfinite(logs["loss"][0])
+
+
+@pytest.mark.parametrize(
+    "inputs, words",
+    [
+        ({"image": tf.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3))}, ["'caption'", "'caption_features'"]),
+        ({"caption": tf.constant(["a", "b"])}, ["'image'", "'image_features'"]),
+        (tf.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3)), ["dict"]),
+    ],
+)
+def test_bad_inputs_raise_one_line_errors(inputs, words):
+    model = make_model()
+    with pytest.raises(DualEncError) as info:
+        model(inputs)
+    message = str(info.value)
+    assert "\n" not in message and all(word in message for word in words)
+
+
+def test_fit_on_a_batch_without_captions_raises_the_one_line_error():
+    batch = matching_batch(np.arange(4))
+    del batch["caption"]
+    model = make_model()
+    model.compile(optimizer="sgd")
+    with pytest.raises(DualEncError) as info:
+        model.fit(tf.data.Dataset.from_tensors(batch), verbose=0, shuffle=False)
+    assert "'caption'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_label_free_batches_fail_only_for_identity_losses():
+    batch = matching_batch(np.arange(4))
+    del batch["label"]
+    model = make_model(loss="cmpm")
+    model.compile(optimizer="sgd")
+    with pytest.raises(DualEncError, match="'label'"):
+        model.evaluate(tf.data.Dataset.from_tensors(batch), verbose=0)
+    model = make_model(loss="clip")
+    model.compile(optimizer="sgd")
+    assert np.isfinite(model.evaluate(tf.data.Dataset.from_tensors(batch), return_dict=True, verbose=0)["loss"])
+
+
+def test_encoders_reject_wrong_shapes():
+    model = make_model()
+    with pytest.raises(DualEncError, match="encode_images"):
+        model.encode_images(tf.zeros((2,)))
+    with pytest.raises(DualEncError, match="encode_texts"):
+        model.encode_texts(tf.constant([["a"]]))
+
+
+def factory_config(tmp_path) -> ModelConfig:
+    from dualenc.vocabulary import learn_wordpiece_vocabulary
+
+    captions = ["a man in a red coat", "a woman with a blue bag", "a dog on the grass"] * 4
+    vocabulary = learn_wordpiece_vocabulary(captions, 60, tmp_path / "vocab.txt")
+    return ModelConfig(
+        vision=VisionConfig("small_cnn", image_size=(32, 32)),
+        text=TextConfig(tower="bilstm", vocabulary=str(vocabulary), max_tokens=8, embedding_dim=8, lstm_units=4),
+        projection_dim=8,
+    )
+
+
+def test_factory_builds_both_towers_and_every_variable(tmp_path):
+    model = build_dual_encoder(factory_config(tmp_path))
+    assert model.built and model.vision_tower.built and model.text_tower.built
+    images = tf.random.uniform((3, 32, 32, 3), maxval=255, dtype=tf.int32)
+    caption_embeddings, image_embeddings = model({"image": tf.cast(images, tf.uint8), "caption": tf.constant(["a", "b c", ""])})
+    assert caption_embeddings.shape == (3, 8) and image_embeddings.shape == (3, 8)
+
+
+def test_factory_rejects_an_unpooled_tower(tmp_path, monkeypatch):
+    import dualenc.towers
+
+    def unpooled_tower(config):
+        images = keras.Input((*config.image_size, 3))
+        return keras.Model(images, keras.layers.Conv2D(4, 3)(images))
+
+    monkeypatch.setattr(dualenc.towers, "build_vision_tower", unpooled_tower)
+    with pytest.raises(DualEncError, match=r"vision tower returns shape \[2, 30, 30, 4\].*\(B, F\)"):
+        build_dual_encoder(factory_config(tmp_path))
+
+
+def test_weights_round_trip_through_a_weights_file(tmp_path):
+    model = make_model(seed=1, loss="cmpc", num_classes=4, learn_temperature=True)
+    model.save_weights(tmp_path / "dual_encoder.weights.h5")
+    restored = make_model(seed=2, loss="cmpc", num_classes=4, learn_temperature=True)
+    restored.load_weights(tmp_path / "dual_encoder.weights.h5")
+    batch = matching_batch(np.arange(4))
+    for saved, loaded in zip(model(batch), restored(batch)):
+        np.testing.assert_array_equal(saved.numpy(), loaded.numpy())
+    np.testing.assert_array_equal(model.class_weights.numpy(), restored.class_weights.numpy())
