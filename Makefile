@@ -20,7 +20,8 @@ $(STAMP): setup.cfg pyproject.toml | check-python
 	@touch $(STAMP)
 
 demo: check-python $(STAMP)
-	$(BIN)/python -m tfrecords_tools make-demo --out $${DUALENC_CACHE:-$$HOME/.cache/dualenc}/demo-raw
+	$(BIN)/python train.py --epochs 30
+	$(BIN)/python search.py "a woman in a red coat" --grid runs/latest/search.png
 
 test: check-python $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -19,6 +19,8 @@ VISION_BACKBONES = ("small_cnn", "xception", "mobilenet", "mobilenet_v2", "resne
 TEXT_TOWERS = ("bilstm", "bert")
 LOSSES = ("soft_target", "clip", "cmpm", "cmpc", "cmpm+cmpc")
 PLACEMENTS = ("single", "split", "mirrored")
+# Epoch-end values that learning-rate reduction, early stopping and checkpoints may follow.
+MONITORS = ("val_loss", "val_t2i_r1", "val_t2i_r10", "val_i2t_r1", "val_i2t_r10", "val_t2i_map", "val_i2t_map")
 
 # Seed 003's BERT: the uncased preprocessor and small BERT L-4 H-512 from TensorFlow Hub.
 DEFAULT_BERT_PREPROCESSOR = "https://tfhub.dev/tensorflow/bert_en_uncased_preprocess/3"
@@ -128,7 +130,12 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training run: data, model, optimisation and devices."""
+    """One training run: data, model, optimisation and devices.
+
+    `monitor` is what ReduceLROnPlateau, EarlyStopping and the best checkpoint follow: seed
+    003's ``val_loss``, or a validation retrieval score (higher is better), which tracks what
+    search needs more closely when the loss keeps drifting while recall still improves.
+    """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: str | None = None
@@ -139,9 +146,11 @@ class TrainConfig:
     placement: str = "single"
     mixed_precision: bool = False
     seed: int = 0
+    monitor: str = "val_loss"
 
     def __post_init__(self) -> None:
         _choice("placement", self.placement, PLACEMENTS)
+        _choice("monitor", self.monitor, MONITORS)
         for field in ("epochs", "batch_size", "learning_rate"):
             _positive(field, getattr(self, field))
 

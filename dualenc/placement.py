@@ -21,9 +21,8 @@ from typing import ContextManager
 
 import tensorflow as tf
 
+from dualenc.config import PLACEMENTS
 from dualenc.errors import DualEncError
-
-PLACEMENT_KINDS = ("single", "split", "mirrored")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,14 +88,14 @@ def _default_devices() -> tuple[str, ...]:
 
 
 def make_placement(kind: str, devices: list[str] | None = None) -> Placement:
-    """Resolve placement `kind` (one of `PLACEMENT_KINDS`) onto `devices` or the visible ones.
+    """Resolve placement `kind` (one of `PLACEMENTS`) onto `devices` or the visible ones.
 
     Explicit `devices` must exist and number at least two for "split" (the first two are used)
     and at least one for "mirrored". Without explicit devices, fewer than two usable devices
     fall back to "single" with a warning.
     """
-    if kind not in PLACEMENT_KINDS:
-        raise DualEncError(f"unknown placement {kind!r}; choose one of: {', '.join(PLACEMENT_KINDS)}")
+    if kind not in PLACEMENTS:
+        raise DualEncError(f"unknown placement {kind!r}; choose one of: {', '.join(PLACEMENTS)}")
     if kind == "single":
         return Placement()
     if devices is not None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from tfrecords_tools.__main__ import main
-from tfrecords_tools.demo_cache import cache_root, packed_demo
+from dualenc.runs import cache_root
+from tfrecords_tools.demo_cache import packed_demo
 
 
 IDENTITIES = 10  # the generator's minimum: about 45 small images

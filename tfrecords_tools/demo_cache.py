@@ -8,18 +8,11 @@ the sha256 of the demo's marker file, so the packed copy is rebuilt only when th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from dualenc.data import sha256_of_file
+from dualenc.runs import cache_root
 
-DEFAULT_CACHE = Path("~") / ".cache" / "dualenc"
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """`cache_dir`, else ``$DUALENC_CACHE``, else ``~/.cache/dualenc``, made absolute."""
-    chosen = cache_dir if cache_dir is not None else os.environ.get("DUALENC_CACHE") or DEFAULT_CACHE
-    return Path(chosen).expanduser().resolve()
 
 
 def packed_demo(cache_dir: str | Path | None = None, identities: int | None = None, seed: int = 0) -> Path:

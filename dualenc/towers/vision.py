@@ -30,7 +30,7 @@ _APPLICATIONS = {
     "efficientnet_v2_b0": (keras.applications.EfficientNetV2B0, keras.applications.efficientnet_v2),
 }
 
-SMALL_CNN_FILTERS = (32, 64, 128, 256)
+SMALL_CNN_FILTERS = (16, 32, 64, 128)
 
 
 @keras.saving.register_keras_serializable(package="dualenc")
@@ -63,17 +63,19 @@ def _first_line(exc: Exception) -> str:
 
 
 def _small_cnn(image_size: tuple[int, int]) -> keras.Model:
-    """Four conv blocks (Conv3×3 → BatchNorm → ReLU → MaxPool 2×2), 32-64-128-256 filters.
+    """Four conv blocks (Conv3×3 → BatchNorm → ReLU → MaxPool 2×2), 16-32-64-128 filters.
 
-    About 390k parameters; input ``[B, H, W, 3]`` scaled to [0, 1], output the last feature
-    map ``[B, H/16, W/16, 256]``.
+    About 100k parameters; input ``[B, H, W, 3]`` scaled to [0, 1], output the last feature
+    map ``[B, H/16, W/16, 128]``.
     """
     images = keras.Input(shape=(*image_size, 3), name="pixels")
     features = images
     for block, filters in enumerate(SMALL_CNN_FILTERS):
         # No bias: BatchNorm's offset replaces it.
         features = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{block}")(features)
-        features = keras.layers.BatchNormalization(name=f"bn{block}")(features)
+        # Momentum 0.9, not Keras' 0.99: a demo epoch is only tens of steps, and slow moving
+        # statistics would make every early validation pass run on stale normalisation.
+        features = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{block}")(features)
         features = keras.layers.ReLU(name=f"relu{block}")(features)
         features = keras.layers.MaxPooling2D(2, name=f"pool{block}")(features)
     return keras.Model(images, features, name=BACKBONE_LAYER_NAME)
@@ -120,8 +122,9 @@ def build_vision_tower(config: VisionConfig) -> keras.Model:
 
     ``(H, W) = config.image_size``. `config.weights` is "imagenet" (keras.applications
     download, or its cache in ~/.keras/models), None (random init) or a local weights file
-    loaded into the backbone (named ``"backbone"`` inside the tower). F is 256 for the small
-    CNN and the backbone's channel count otherwise (e.g. 1280 for MobileNetV2).
+    loaded into the backbone (named ``"backbone"`` inside the tower). F is 128 × H/16 for the
+    small CNN (one 128-channel vector per row of its final map) and the backbone's channel
+    count otherwise (e.g. 1280 for MobileNetV2).
     """
     if config.backbone not in VISION_BACKBONES:
         raise DualEncError(f"unknown vision backbone {config.backbone!r}; choose one of: {', '.join(VISION_BACKBONES)}")
@@ -141,6 +144,13 @@ def build_vision_tower(config: VisionConfig) -> keras.Model:
     # A frozen backbone always runs in inference mode (see the module docstring).
     feature_map = backbone(preprocessing(pixels), training=None if config.trainable else False)
     # float32 output even under a mixed-precision policy: the heads and loss expect it.
-    features = keras.layers.GlobalAveragePooling2D(name="pool", dtype="float32")(feature_map)
+    if config.backbone == "small_cnn":
+        # Person crops: average each row of the final map and keep the rows apart (as
+        # part-based re-identification models do), so "red coat, black trousers" and "black
+        # coat, red trousers" stay distinguishable; global pooling would erase where a colour is.
+        rows = keras.layers.AveragePooling2D(pool_size=(1, feature_map.shape[2]), name="row_pool")(feature_map)
+        features = keras.layers.Flatten(name="pool", dtype="float32")(rows)
+    else:
+        features = keras.layers.GlobalAveragePooling2D(name="pool", dtype="float32")(feature_map)
     return keras.Model(pixels, features, name=f"vision_{config.backbone}")
 

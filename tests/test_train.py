@@ -1,0 +1,425 @@
+"""train.py end to end on the tiny packed demo: artifacts, resume after a kill, cached versus
+uncached features, exported encoders in a fresh process, and one-line errors for bad input.
+
+Training is the expensive part, so two in-process runs (frozen vision tower, with and without
+the feature cache) are shared by most tests; only the kill/resume test trains in subprocesses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train
+from train_fixtures import (
+    FROZEN_VISION,
+    TINY_FLAGS,
+    copy_dataset,
+    csv_rows,
+    file_stamps,
+    packed_demo_dir,
+    subprocess_env,
+    train_command,
+    write_json,
+)
+
+EPOCHS = 2
+METRIC_NAMES = [f"{direction}_{name}" for direction in ("t2i", "i2t") for name in ("r1", "r5", "r10", "map")]
+# Longest wait for the killed run to log its second epoch (first epoch includes tracing).
+KILL_WAIT_SECONDS = 240
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    """One finished `train.main` call: its flags, where it ran, its run directory, the model it exported."""
+
+    flags: list[str]
+    workdir: Path
+    cache_dir: Path
+    run_dir: Path
+    model: object
+    exit_code: int
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    return packed_demo_dir(tmp_path_factory)
+
+
+def _train_in_process(workdir: Path, cache_dir: Path, flags: list[str]) -> TrainedRun:
+    """`train.main(flags)` run in `workdir`, keeping the DualEncoder it exports for comparison."""
+    import dualenc.training
+
+    workdir.mkdir(parents=True)
+    exported = {}
+    export_encoders = dualenc.training.export_encoders
+
+    def export_and_keep(run_dir, **kwargs):
+        exported["model"] = kwargs["encode_images"].__self__
+        export_encoders(run_dir, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        patch.setenv("DUALENC_CACHE", str(cache_dir))
+        patch.setattr(dualenc.training, "export_encoders", export_and_keep)
+        exit_code = train.main(flags)
+    return TrainedRun(flags, workdir, cache_dir, (workdir / "runs" / "latest").resolve(), exported.get("model"), exit_code)
+
+
+def _frozen_vision_flags(tmp_path_factory, demo_data: Path) -> list[str]:
+    config = write_json(tmp_path_factory.mktemp("config") / "frozen_vision.json", FROZEN_VISION)
+    return ["--data", str(demo_data), "--config", str(config), "--epochs", str(EPOCHS), *TINY_FLAGS]
+
+
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory, demo_data) -> TrainedRun:
+    """Frozen small CNN (features cached), trained BiLSTM: the run most tests inspect."""
+    base = tmp_path_factory.mktemp("cached")
+    return _train_in_process(base / "work", base / "cache", _frozen_vision_flags(tmp_path_factory, demo_data))
+
+
+@pytest.fixture(scope="module")
+def uncached_run(tmp_path_factory, demo_data) -> TrainedRun:
+    """The same configuration as `cached_run`, running the frozen tower on every batch."""
+    base = tmp_path_factory.mktemp("uncached")
+    flags = _frozen_vision_flags(tmp_path_factory, demo_data) + ["--no-feature-cache"]
+    return _train_in_process(base / "work", base / "cache", flags)
+
+
+def test_demo_run_writes_config_encoders_curves_metrics_and_log(cached_run):
+    assert cached_run.exit_code == 0
+    run_dir = cached_run.run_dir
+    latest = cached_run.workdir / "runs" / "latest"
+    assert latest.is_symlink() and not os.path.isabs(os.readlink(latest))
+    assert run_dir.parent == (cached_run.workdir / "runs").resolve()
+
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["epochs"] == EPOCHS and saved["batch_size"] == 8
+    assert saved["model"]["vision"]["trainable"] is False and saved["model"]["text"]["trainable"] is True
+    for encoder in ("vision_encoder", "text_encoder"):
+        assert (run_dir / encoder / "saved_model.pb").is_file()
+
+    curves = run_dir / "curves.png"
+    assert curves.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(curves) as image:
+        image.verify()
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["epochs_trained"] == EPOCHS
+    for name in METRIC_NAMES:
+        assert 0.0 <= metrics[name] <= 100.0, name
+
+    rows = csv_rows(run_dir / "training_log.csv")
+    assert [row["epoch"] for row in rows] == [str(epoch) for epoch in range(EPOCHS)]
+    for column in ["loss", "val_loss"] + [f"val_{name}" for name in METRIC_NAMES]:
+        assert all(np.isfinite(float(row[column])) for row in rows), column
+    # BackupAndRestore's state goes once the run has finished.
+    assert not (run_dir / "backup").exists()
+
+
+def test_finished_run_is_refused_and_left_untouched(cached_run, demo_data, capsys):
+    runs = cached_run.workdir / "runs"
+    before = file_stamps(runs)
+    flags = cached_run.flags + ["--out", str(cached_run.run_dir)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cached_run.workdir)
+        patch.setenv("DUALENC_CACHE", str(cached_run.cache_dir))
+        capsys.readouterr()
+        exit_code = train.main(flags)
+    captured = capsys.readouterr()
+    assert exit_code == 2
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ") and "finished run" in captured.err
+    assert file_stamps(runs) == before
+
+
+def test_cached_and_uncached_features_give_the_same_training_curves(cached_run, uncached_run):
+    assert cached_run.exit_code == 0 and uncached_run.exit_code == 0
+    # Only the cached run stored features (train and validation splits).
+    assert len(list((cached_run.cache_dir / "features").iterdir())) == 2
+    assert not (uncached_run.cache_dir / "features").exists()
+    cached_rows = csv_rows(cached_run.run_dir / "training_log.csv")
+    uncached_rows = csv_rows(uncached_run.run_dir / "training_log.csv")
+    assert [row["epoch"] for row in cached_rows] == [row["epoch"] for row in uncached_rows]
+    for column in ["loss", "val_loss", "r1_t2i", "r1_i2t"] + [f"val_{name}" for name in METRIC_NAMES]:
+        cached = np.array([float(row[column]) for row in cached_rows])
+        uncached = np.array([float(row[column]) for row in uncached_rows])
+        np.testing.assert_allclose(cached, uncached, rtol=1e-4, atol=1e-4, err_msg=column)
+
+
+FRESH_PROCESS_SCRIPT = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import tensorflow as tf
+import tensorflow_text  # noqa: F401  text ops the tower may use
+
+run_dir, io_dir = Path(sys.argv[1]), Path(sys.argv[2])
+images = [path.read_bytes() for path in sorted(io_dir.glob("image-*.bin"))]
+captions = json.loads((io_dir / "captions.json").read_text())
+vision = tf.saved_model.load(str(run_dir / "vision_encoder"))
+text = tf.saved_model.load(str(run_dir / "text_encoder"))
+image_out = vision.signatures["serving_default"](images=tf.constant(images))["embeddings"]
+caption_out = text.signatures["serving_default"](captions=tf.constant(captions))["embeddings"]
+np.save(io_dir / "image_embeddings.npy", image_out.numpy())
+np.save(io_dir / "caption_embeddings.npy", caption_out.numpy())
+print("project modules:", sorted(name for name in sys.modules if name.split(".")[0] in ("dualenc", "tfrecords_tools")))
+"""
+
+
+def _test_pairs(data_dir: Path) -> tuple[list[bytes], list[str]]:
+    from dualenc.data import record_dataset
+    from dualenc.records import CAPTION, IMAGE, parse_example
+
+    images, captions = [], []
+    for record in record_dataset(data_dir, "test"):
+        features = parse_example(record)
+        images.append(features[IMAGE].numpy())
+        captions.append(features[CAPTION].numpy().decode("utf-8"))
+    return images, captions
+
+
+def test_exported_encoders_match_the_trained_towers_in_a_fresh_process(cached_run, demo_data, tmp_path):
+    import tensorflow as tf
+
+    from dualenc.data import decode_image
+
+    model = cached_run.model
+    images, captions = _test_pairs(demo_data)
+    # A different decode (the raw images) from the cached features training used.
+    image_size = model.config.vision.image_size
+    pixels = tf.stack([decode_image(tf.constant(image), image_size) for image in images])
+    expected_images = np.asarray(model.encode_images(pixels))
+    expected_captions = np.asarray(model.encode_texts(tf.constant(captions)))
+
+    for index, image in enumerate(images):
+        (tmp_path / f"image-{index:03d}.bin").write_bytes(image)
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    completed = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(cached_run.run_dir), str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "project modules: []" in completed.stdout
+    served_images = np.load(tmp_path / "image_embeddings.npy")
+    served_captions = np.load(tmp_path / "caption_embeddings.npy")
+    assert served_images.shape == expected_images.shape == (len(images), model.config.projection_dim)
+    np.testing.assert_allclose(served_images, expected_images, atol=1e-5)
+    np.testing.assert_allclose(served_captions, expected_captions, atol=1e-5)
+    # Not trivially equal: the test images are not all embedded alike.
+    assert np.ptp(served_images, axis=0).max() > 1e-3
+
+
+# --- bad input: exit 2, one line, nothing written -------------------------------------------
+
+
+def _missing_dir(tmp_path, demo):
+    return ["--data", str(tmp_path / "nowhere")]
+
+
+def _no_manifest(tmp_path, demo):
+    (tmp_path / "empty").mkdir()
+    return ["--data", str(tmp_path / "empty")]
+
+
+def _corrupt_manifest(tmp_path, demo):
+    data = copy_dataset(demo, tmp_path / "data")
+    (data / "manifest.json").write_text('{"format_version": 1, "splits": {')
+    return ["--data", str(data)]
+
+
+def _flip_a_byte(tmp_path, demo, split: str):
+    data = copy_dataset(demo, tmp_path / "data")
+    shard = next(data.glob(f"{split}-*.tfrecord"))
+    content = bytearray(shard.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    shard.write_bytes(bytes(content))
+    return ["--data", str(data)]
+
+
+def _flipped_train_byte(tmp_path, demo):
+    return _flip_a_byte(tmp_path, demo, "train")
+
+
+def _flipped_test_byte(tmp_path, demo):
+    # Used only after the last epoch, so it must be checked before the first.
+    return _flip_a_byte(tmp_path, demo, "test")
+
+
+def _edit_manifest(tmp_path, demo, drop: tuple[str, ...]):
+    data = copy_dataset(demo, tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    for split in drop:
+        del manifest["splits"][split]
+    write_json(data / "manifest.json", manifest)
+    return ["--data", str(data)]
+
+
+def _no_train_split(tmp_path, demo):
+    return _edit_manifest(tmp_path, demo, ("train",))
+
+
+def _no_validation_split(tmp_path, demo):
+    return _edit_manifest(tmp_path, demo, ("val", "test"))
+
+
+def _empty_train_split(tmp_path, demo):
+    data = copy_dataset(demo, tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["train"].update(pairs=0, images=0, ids=0)
+    write_json(data / "manifest.json", manifest)
+    return ["--data", str(data)]
+
+
+def _unreachable_hub_handle(tmp_path, demo):
+    return ["--data", str(demo), "--text", "bert", "--text-encoder", "https://tfhub.dev/nonexistent/x/1"]
+
+
+def _batch_larger_than_split(tmp_path, demo):
+    return ["--data", str(demo), "--batch-size", "500"]
+
+
+def _missing_config(tmp_path, demo):
+    return ["--data", str(demo), "--config", str(tmp_path / "absent.json")]
+
+
+def _invalid_json_config(tmp_path, demo):
+    (tmp_path / "bad.json").write_text("{epochs: 3")
+    return ["--data", str(demo), "--config", str(tmp_path / "bad.json")]
+
+
+def _unknown_field_config(tmp_path, demo):
+    return ["--data", str(demo), "--config", str(write_json(tmp_path / "typo.json", {"epoch": 3}))]
+
+
+def _unknown_nested_field_config(tmp_path, demo):
+    return ["--data", str(demo), "--config", str(write_json(tmp_path / "typo.json", {"model": {"visoin": {}}}))]
+
+
+BAD_INPUTS = {
+    "missing data dir": (_missing_dir, "does not exist"),
+    "dir without manifest": (_no_manifest, "manifest.json not found"),
+    "corrupt manifest": (_corrupt_manifest, "not valid JSON"),
+    "train shard sha256 mismatch": (_flipped_train_byte, "sha256"),
+    "test shard sha256 mismatch": (_flipped_test_byte, "sha256"),
+    "no train split": (_no_train_split, "'train'"),
+    "empty train split": (_empty_train_split, "'train'"),
+    "no validation split": (_no_validation_split, "no non-empty split"),
+    "unreachable hub handle": (_unreachable_hub_handle, "tfhub.dev"),
+    "batch larger than split": (_batch_larger_than_split, "--batch-size 500"),
+    "missing config file": (_missing_config, "does not exist"),
+    "invalid config json": (_invalid_json_config, "not valid JSON"),
+    "unknown config field": (_unknown_field_config, "unknown field(s) epoch"),
+    "unknown nested config field": (_unknown_nested_field_config, "unknown field(s) visoin"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, cached_run, demo_data, tmp_path, capsys):
+    make_flags, expected = BAD_INPUTS[case]
+    flags = make_flags(tmp_path, demo_data) + ["--epochs", "1", "--quiet"]
+    runs = cached_run.workdir / "runs"
+    before, entries = file_stamps(runs), sorted(os.listdir(runs))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cached_run.workdir)
+        patch.setenv("DUALENC_CACHE", str(cached_run.cache_dir))
+        patch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "hub-cache"))
+        capsys.readouterr()
+        started = time.monotonic()
+        exit_code = train.main(flags)
+        elapsed = time.monotonic() - started
+    captured = capsys.readouterr()
+    assert exit_code == 2, captured
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err
+    assert expected in captured.err
+    assert captured.out == ""
+    assert elapsed < 60
+    # The finished run, runs/latest and the runs folder are exactly as before.
+    assert file_stamps(runs) == before
+    assert sorted(os.listdir(runs)) == entries
+
+
+# --- kill and resume --------------------------------------------------------------------------
+
+RESUME_EPOCHS = 4
+EPOCH_LINE = re.compile(rf"epoch (\d+)/{RESUME_EPOCHS} \|")
+
+
+def test_killed_run_resumes_without_redoing_finished_epochs(demo_data, tmp_path):
+    env = subprocess_env(tmp_path / "cache")
+    command = train_command("--data", str(demo_data), "--epochs", str(RESUME_EPOCHS), "--batch-size", "8")
+    log_csv = tmp_path / "runs" / "latest" / "training_log.csv"
+    with open(tmp_path / "first.log", "w") as first_output:
+        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=first_output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + KILL_WAIT_SECONDS
+        try:
+            while not (log_csv.is_file() and len(csv_rows(log_csv)) >= 2):
+                assert first.poll() is None, "the first run ended before it could be killed"
+                assert time.monotonic() < deadline, "the first run logged no second epoch in time"
+                time.sleep(0.05)
+            first.send_signal(signal.SIGKILL)
+        finally:
+            first.kill()
+            first.wait()
+    run_dir = (tmp_path / "runs" / "latest").resolve()
+    logged_before = len(csv_rows(log_csv))
+    backed_up = json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"]
+    assert 2 <= logged_before < RESUME_EPOCHS and backed_up in (logged_before - 1, logged_before)
+    assert not (run_dir / "metrics.json").exists()
+    config_stamp = (run_dir / "config.json").stat().st_mtime_ns
+
+    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resuming into {run_dir}" in resumed.stdout
+    # The resumed process trained only the epochs its backup lacked.
+    trained = [int(epoch) for epoch in EPOCH_LINE.findall(resumed.stdout)]
+    assert trained == list(range(backed_up + 1, RESUME_EPOCHS + 1))
+    assert [row["epoch"] for row in csv_rows(log_csv)] == [str(epoch) for epoch in range(RESUME_EPOCHS)]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs_trained"] == RESUME_EPOCHS
+    assert (run_dir / "config.json").stat().st_mtime_ns == config_stamp
+    assert sorted(os.listdir(tmp_path / "runs")) == sorted(["latest", run_dir.name])
+
+
+# --- the CSV log on resume ----------------------------------------------------------------------
+
+
+def _write_log(path: Path, epochs: int) -> None:
+    lines = ["epoch,loss,val_loss"] + [f"{epoch},{2.0 - epoch / 10},{1.5 + epoch}" for epoch in range(epochs)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_trim_log_keeps_only_the_epochs_the_backup_holds(tmp_path):
+    from dualenc.training import read_history, trim_log
+
+    log_csv = tmp_path / "training_log.csv"
+    _write_log(log_csv, 3)
+    trim_log(log_csv, 2)
+    assert [row["epoch"] for row in csv_rows(log_csv)] == ["0", "1"]
+    assert read_history(log_csv) == {"loss": [2.0, 1.9], "val_loss": [1.5, 2.5]}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["training_log.csv"]
+    trim_log(log_csv, 0)
+    assert log_csv.read_text() == ""
+    trim_log(tmp_path / "absent.csv", 1)
+    assert not (tmp_path / "absent.csv").exists()
+
+
+def test_backed_up_epochs_reads_the_keras_backup(tmp_path):
+    from dualenc.training import backed_up_epochs
+
+    assert backed_up_epochs(tmp_path / "backup") == 0
+    (tmp_path / "backup").mkdir()
+    write_json(tmp_path / "backup" / "training_metadata.json", {"epoch": 3, "batch": 0})
+    assert backed_up_epochs(tmp_path / "backup") == 3

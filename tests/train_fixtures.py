@@ -1,0 +1,68 @@
+"""Shared helpers for the training tests: the tiny packed demo, configs, CSV and file snapshots.
+
+The packed demo is built under pytest's session base directory; `packed_demo` reuses a
+complete copy, so every test module that asks for it after the first pays only a check.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO_ROOT / "train.py"
+DEMO_IDENTITIES = 12
+# Small enough for a 2-core CPU: batches of 8 from ~80 training pairs.
+TINY_FLAGS = ["--batch-size", "8", "--quiet"]
+# The vision tower frozen (its features cacheable), the BiLSTM text tower still trained.
+FROZEN_VISION = {"model": {"vision": {"trainable": False}}}
+
+
+def packed_demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packed demo with `DEMO_IDENTITIES` identities, built once per session."""
+    from tfrecords_tools.demo_cache import packed_demo
+
+    return packed_demo(cache_dir=tmp_path_factory.getbasetemp() / "demo-cache", identities=DEMO_IDENTITIES)
+
+
+def copy_dataset(source: Path, destination: Path) -> Path:
+    """A private copy of a packed dataset that a test may damage."""
+    shutil.copytree(source, destination)
+    return destination
+
+
+def write_json(path: Path, values: object) -> Path:
+    path.write_text(json.dumps(values))
+    return path
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def file_stamps(root: Path) -> dict[str, tuple[int, str]]:
+    """Every file and link under `root`: (mtime in ns, link target or "") by relative path."""
+    stamps = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink() or path.is_file():
+            target = os.readlink(path) if path.is_symlink() else ""
+            stamps[str(path.relative_to(root))] = (path.lstat().st_mtime_ns, target)
+    return stamps
+
+
+def subprocess_env(cache_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment for a child `python train.py`: quiet TensorFlow, a private cache."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", DUALENC_CACHE=str(cache_dir), **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def train_command(*flags: str) -> list[str]:
+    return [sys.executable, str(TRAIN_SCRIPT), *flags]
