@@ -163,22 +163,23 @@ def draw_grid(path: Path, results: list[dict], gallery, query_text: str) -> None
 
 
 def evaluate(run_dir: Path, gallery, index) -> dict:
-    """Retrieval metrics of the run on a packed split (see `dualenc.retrieval.evaluate_retrieval`)."""
+    """Retrieval metrics of the run on a packed split (see `dualenc.evaluation.retrieval_report`)."""
     import numpy as np
 
+    from dualenc.evaluation import SplitEmbeddings, retrieval_report
     from dualenc.export import TEXT_ENCODER_DIR, load_encoder
     from dualenc.index import read_split_captions
-    from dualenc.retrieval import evaluate_retrieval
 
     captions, _, labels = read_split_captions(gallery.data_dir, gallery.split)
     text_encoder = load_encoder(run_dir / TEXT_ENCODER_DIR, batch_size=256)
-    scores = evaluate_retrieval(
+    embeddings = SplitEmbeddings(
+        caption_embeddings=text_encoder(captions),
+        caption_labels=np.asarray(labels),
         image_embeddings=index.embeddings,
         image_labels=np.asarray(index.labels),
-        caption_embeddings=text_encoder(captions),
-        caption_labels=labels,
-        first_caption_embeddings=text_encoder(index.captions),
+        image_ids=index.image_ids,
     )
+    scores = retrieval_report(embeddings, first_caption_embeddings=text_encoder(index.captions))
     return {"data": str(gallery.data_dir), "split": gallery.split, **scores}
 
 

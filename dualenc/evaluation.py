@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-from dualenc.metrics import mean_average_precision, recall_at_k
+from dualenc.metrics import mean_average_precision, recall_at_k, top_k_accuracy
 
 KS = (1, 5, 10)
+# Seed 003 scores each image's first caption by whether its image is among the top 100.
+TOP_K_ACCURACY_K = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,3 +87,30 @@ def retrieval_metrics(embeddings: SplitEmbeddings, ks: tuple[int, ...] = KS) -> 
             results[f"{name}_r{k}"] = recalls[clamped[k]]
         results[f"{name}_map"] = mean_average_precision(queries, gallery, query_labels, gallery_labels)
     return results
+
+
+def retrieval_report(embeddings: SplitEmbeddings, first_caption_embeddings: np.ndarray) -> dict:
+    """Both seeds' protocols in one report (what ``search.py --evaluate`` prints).
+
+    Seed 000: `retrieval_metrics` as ``text_to_image`` / ``image_to_text`` {"R@k", "mAP"}.
+    Seed 003: top-k accuracy of each image's first caption (``first_caption_embeddings[i]``
+    belongs to image row i) against the whole image gallery, k = `TOP_K_ACCURACY_K` capped
+    at the gallery size.
+    """
+    scores = retrieval_metrics(embeddings)
+    images = len(embeddings.image_embeddings)
+    accuracy_k = min(TOP_K_ACCURACY_K, images)
+
+    def direction(prefix: str) -> dict[str, float]:
+        return {**{f"R@{k}": scores[f"{prefix}_r{k}"] for k in KS}, "mAP": scores[f"{prefix}_map"]}
+
+    return {
+        "images": images,
+        "captions": len(embeddings.caption_embeddings),
+        "text_to_image": direction("t2i"),
+        "image_to_text": direction("i2t"),
+        "top_k_accuracy": {
+            "k": accuracy_k,
+            "percent": top_k_accuracy(first_caption_embeddings, embeddings.image_embeddings, np.arange(images), k=accuracy_k),
+        },
+    }

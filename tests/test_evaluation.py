@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dualenc import metrics
-from dualenc.evaluation import SplitEmbeddings, embed_split, retrieval_metrics
+from dualenc.evaluation import SplitEmbeddings, embed_split, retrieval_metrics, retrieval_report
+from dualenc.metrics import mean_average_precision, recall_at_k, top_k_accuracy
 
 
 def _reference_scores(queries, gallery, query_labels, gallery_labels, ks):
@@ -151,3 +152,18 @@ def test_embed_split_reads_the_given_keys_for_cached_features():
 def test_embed_split_without_batches_raises():
     with pytest.raises(ValueError, match="no batches"):
         embed_split([], RecordingEncoder(), RecordingEncoder())
+
+
+def test_retrieval_report_matches_metrics():
+    rng = np.random.default_rng(6)
+    images = rng.normal(size=(12, 6))
+    image_labels = np.arange(12) // 2  # two images per identity
+    captions = rng.normal(size=(30, 6))
+    caption_labels = rng.integers(0, 6, 30)
+    embeddings = SplitEmbeddings(captions, caption_labels, images, image_labels, [str(i) for i in range(12)])
+    report = retrieval_report(embeddings, first_caption_embeddings=captions[:12])
+    assert report["text_to_image"]["R@5"] == recall_at_k(captions, images, caption_labels, image_labels, ks=(5,))[5]
+    assert report["image_to_text"]["mAP"] == mean_average_precision(images, captions, image_labels, caption_labels)
+    assert report["top_k_accuracy"] == {"k": 12, "percent": top_k_accuracy(captions[:12], images, np.arange(12), k=12)}
+    assert (report["images"], report["captions"]) == (12, 30)
+    assert 0 < report["text_to_image"]["R@1"] < 100  # random embeddings: neither trivially right nor wrong

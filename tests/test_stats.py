@@ -112,13 +112,13 @@ def test_missing_folder_names_it(tmp_path):
 
 
 def test_missing_manifest_says_to_pack_first(tmp_path):
-    with pytest.raises(DualEncError, match="no manifest.json"):
+    with pytest.raises(DualEncError, match="not a packed dataset"):
         write_stats(tmp_path)
 
 
 @pytest.mark.parametrize(
     "manifest_text, words",
-    [("{not json", "not valid JSON"), ('{"splits": {}}', "'splits'"), ('{"splits": {"train": {}}}', "'shards'")],
+    [("{not json", "not valid JSON"), ('{"format_version": 1}', "'splits'"), ('{"format_version": 7, "splits": {}}', "format_version")],
 )
 def test_bad_manifest_is_one_line(tmp_path, manifest_text, words):
     (tmp_path / MANIFEST_NAME).write_text(manifest_text)

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from dualenc.data import read_manifest  # noqa: E402
 from dualenc.errors import DualEncError  # noqa: E402
 from dualenc.records import CAPTION, FEATURE_SPEC, IMAGE_ID, LABEL, MANIFEST_NAME  # noqa: E402
 
@@ -52,7 +53,7 @@ def write_stats(data_dir: Path, out_dir: Path | None = None) -> dict:
     """
     data_dir = Path(data_dir)
     out_dir = data_dir / "stats" if out_dir is None else Path(out_dir)
-    manifest = _read_manifest(data_dir)
+    manifest = read_manifest(data_dir)
     splits = {split: _split_stats(data_dir, entry) for split, entry in manifest["splits"].items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     charts = [_plot_split_sizes(splits, out_dir / SPLIT_CHART).name]
@@ -62,29 +63,6 @@ def write_stats(data_dir: Path, out_dir: Path | None = None) -> dict:
     _write_json(stats, out_dir / STATS_NAME)
     print(format_table(stats))
     return stats
-
-
-def _read_manifest(data_dir: Path) -> dict:
-    """The parsed manifest, checked just enough to read the shards each split names."""
-    if not data_dir.is_dir():
-        raise DualEncError(f"dataset folder {data_dir} does not exist; pass the folder you packed into")
-    manifest_path = data_dir / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise DualEncError(
-            f"no {MANIFEST_NAME} in {data_dir}; pack a dataset there first with python -m tfrecords_tools"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise DualEncError(f"{manifest_path} is not valid JSON ({error}); re-pack the dataset") from None
-    splits = manifest.get("splits") if isinstance(manifest, dict) else None
-    if not isinstance(splits, dict) or not splits:
-        raise DualEncError(f"{manifest_path} has no 'splits' mapping; re-pack the dataset")
-    for split, entry in splits.items():
-        shards = entry.get("shards") if isinstance(entry, dict) else None
-        if not isinstance(shards, list) or not all(isinstance(name, str) for name in shards):
-            raise DualEncError(f"{manifest_path}: split '{split}' has no 'shards' list of file names; re-pack")
-    return manifest
 
 
 def _split_stats(data_dir: Path, entry: dict) -> dict:
