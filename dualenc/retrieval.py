@@ -65,7 +65,8 @@ def exact_search(
     for start in range(0, len(queries), QUERY_BATCH):
         scores = queries[start : start + QUERY_BATCH] @ gallery.T  # (q, D) · (D, N) -> (q, N)
         if k < len(gallery):
-            candidates = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            # The k largest, partitioned in place of negating (a full (q, N) copy per batch).
+            candidates = np.sort(np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:], axis=1)
         else:
             candidates = np.broadcast_to(np.arange(len(gallery)), scores.shape)
         candidate_scores = np.take_along_axis(scores, candidates, axis=1)

@@ -1,0 +1,203 @@
+"""``python -m bench [--quick] [--json OUT]``: dualenc against seed 003's approach, side by side.
+
+Five benchmarks (packing, input pipeline, frozen-backbone training, index build, query
+latency) each run the reference approach (``ref``, a faithful re-implementation of the keras.io
+example's code) and ours on the same data in the same run, interleaved, every measurement in
+its own process (see `bench.common`). Prints a table of medians, ratios (> 1: ours is faster)
+and peak memory, and writes everything, with the machine's description, as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import common
+
+QUICK = {
+    "repeats": 1, "demo_identities": 10, "coco_images": 24, "captions_per_image": 2, "pack_coco": False,
+    "pipeline_batch": 16, "pipeline_image_size": (299, 299),
+    "training_batch": 16, "training_image_size": (96, 96), "training_epochs": 3, "training_repeats": 1,
+    "index_batch": 16, "index_image_size": (96, 96), "index_repeats": 1,
+    "query_sizes": (10_000,), "query_count": 30, "bandwidth_megabytes": 64,
+}
+FULL = {
+    "repeats": 3, "demo_identities": 150, "coco_images": 800, "captions_per_image": 2, "pack_coco": True,
+    "pipeline_batch": 64, "pipeline_image_size": (299, 299),
+    "training_batch": 32, "training_image_size": (224, 224), "training_epochs": 3, "training_repeats": 1,
+    "index_batch": 32, "index_image_size": (224, 224), "index_repeats": 2,
+    "query_sizes": (10_000, 100_000, 1_000_000), "query_count": 200, "bandwidth_megabytes": 1024,
+}
+TABLE_COLUMNS = [
+    ("benchmark", "benchmark"), ("metric", "metric"), ("ref", "ref (seed 003)"), ("ours", "ours"),
+    ("ratio", "ours vs ref (>1 better)"), ("ref_peak_mb", "ref peak MiB"), ("ours_peak_mb", "ours peak MiB"),
+    ("note", "note"),
+]
+
+
+def _pair_summary(runs: dict[str, list[dict]], key: str, higher_is_better: bool) -> dict:
+    """Medians of `key` for ref and ours, their ratio oriented so > 1 means ours is better, peaks."""
+    ref, ours = common.median_of(runs["seed"], key), common.median_of(runs["ours"], key)
+    return {
+        "metric": key, "ref": ref, "ours": ours, "ratio": ours / ref if higher_is_better else ref / ours,
+        "ref_peak_mb": common.peak_of(runs["seed"]), "ours_peak_mb": common.peak_of(runs["ours"]),
+        "repeats": len(runs["seed"]), "runs": runs,
+    }
+
+
+def _row(name: str, summary: dict, note: str = "") -> dict:
+    return {"benchmark": name, **{key: summary[key] for key in ("metric", "ref", "ours", "ratio",
+                                                                 "ref_peak_mb", "ours_peak_mb")}, "note": note}
+
+
+def bench_packing(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[dict]]:
+    """Packing pairs/s per source (the demo, and COCO-like photos in the full run)."""
+    sources = {"demo": inputs["demo"]} | ({"coco-like": inputs["coco"]} if sizes["pack_coco"] else {})
+    results, rows = {}, []
+    for name, source in sources.items():
+        def params(variant: str, source=source, name=name) -> dict:
+            out = Path(tempfile.mkdtemp(prefix=f"pack-{name}-{variant}-", dir=scratch))
+            return {"format": source["format"], "annotations": source["annotations"], "images": source["images"],
+                    "out": str(out)}
+
+        runs = common.interleaved("packing", ["seed", "ours"], sizes["repeats"], params)
+        results[name] = _pair_summary(runs, "pairs_per_s", higher_is_better=True)
+        rows.append(_row(f"packing ({name}, {source['pairs']} pairs)", results[name],
+                         "ours: 1 process/core, validates every image"))
+    return results, rows
+
+
+def bench_pipeline(sizes: dict, inputs: dict) -> tuple[dict, list[dict]]:
+    """TFRecords → batched decoded images, pairs/s."""
+    params = {"data_dir": inputs["coco"]["packed"], "batch_size": sizes["pipeline_batch"],
+              "image_size": list(sizes["pipeline_image_size"])}
+    runs = common.interleaved("pipeline", ["seed", "ours"], sizes["repeats"], params)
+    summary = _pair_summary(runs, "pairs_per_s", higher_is_better=True)
+    height, width = sizes["pipeline_image_size"]
+    note = f"640x480 JPEG -> {height}x{width}, batch {sizes['pipeline_batch']}; ref float32, ours uint8"
+    return summary, [_row(f"input pipeline ({inputs['coco']['pairs']} pairs)", summary, note)]
+
+
+def bench_training(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[dict]]:
+    """Frozen MobileNetV2 + frozen tiny BERT: first epoch, later epochs, 30-epoch extrapolation."""
+    params = {"data_dir": inputs["demo"]["packed"], "batch_size": sizes["training_batch"],
+              "image_size": list(sizes["training_image_size"]), "epochs": sizes["training_epochs"],
+              "scratch": str(scratch), "preprocessor": inputs["bert"]["preprocessor"],
+              "encoder": inputs["bert"]["encoder"]}
+    runs = common.interleaved("training", ["seed", "ours"], sizes["training_repeats"], params)
+    summaries = {key: _pair_summary(runs, key, higher_is_better=False)
+                 for key in ("first_epoch_seconds", "later_epoch_seconds", "run_30_seconds")}
+    height, width = sizes["training_image_size"]
+    name = f"training ({inputs['demo']['train_pairs']} pairs, {height}x{width})"
+    notes = {"first_epoch_seconds": "ours includes computing the cache",
+             "later_epoch_seconds": "median of epochs 2..",
+             "run_30_seconds": "first + 29 x later"}
+    return summaries, [_row(name, summary, notes[key]) for key, summary in summaries.items()]
+
+
+def bench_index(sizes: dict, inputs: dict) -> tuple[dict, list[dict]]:
+    """Index build images/s from a saved encoder, with and without the encoder's loading time."""
+    params = {"images": inputs["coco"]["images"], "batch_size": sizes["index_batch"],
+              "image_size": list(sizes["index_image_size"]), "run_dir": inputs["encoder"]["run_dir"],
+              "keras_model": inputs["encoder"]["keras_model"]}
+    runs = common.interleaved("index", ["seed", "ours"], sizes["index_repeats"], params)
+    summaries = {key: _pair_summary(runs, key, higher_is_better=True)
+                 for key in ("images_per_s", "embed_images_per_s")}
+    name = f"index build ({len(list(Path(inputs['coco']['images']).glob('*.jpg')))} JPEGs)"
+    notes = {"images_per_s": "includes loading the encoder", "embed_images_per_s": "encoder load excluded"}
+    return summaries, [_row(name, summary, notes[key]) for key, summary in summaries.items()]
+
+
+def bench_query(sizes: dict) -> tuple[dict, list[dict]]:
+    """Latency of one query over N embeddings: ref, exact, FAISS HNSW, and the bandwidth bound."""
+    bandwidth_run = common.run_isolated("query", "bandwidth", {"megabytes": sizes["bandwidth_megabytes"]})
+    bandwidth = bandwidth_run["bytes_per_s"]
+    results: dict = {"read_bandwidth_gb_s": bandwidth / 1e9, "sizes": {}}
+    rows = []
+    for count in sizes["query_sizes"]:
+        params = {"n": count, "dim": 256, "k": 10, "queries": sizes["query_count"]}
+        runs = common.interleaved("query", ["seed", "ours", "faiss"], 1, params)
+        bound_ms = 1000 * count * 256 * 4 / bandwidth
+        exact = _pair_summary(runs, "p50_ms", higher_is_better=False)
+        exact_p95 = _pair_summary(runs, "p95_ms", higher_is_better=False)
+        faiss = runs["faiss"][0]
+        results["sizes"][str(count)] = {
+            "exact_p50": exact, "exact_p95": exact_p95, "bound_ms": bound_ms,
+            "exact_p50_over_bound": exact["ours"] / bound_ms,
+            "faiss": {key: faiss[key] for key in ("p50_ms", "p95_ms", "build_seconds", "recall_at_10")}
+            | {"peak_mb": common.peak_of(runs["faiss"]), "p50_ratio_vs_ref": exact["ref"] / faiss["p50_ms"]},
+        }
+        name = f"query N={count:,}"
+        rows.append(_row(name, exact, f"exact p50; bound {bound_ms:.3g} ms, ours/bound {exact['ours'] / bound_ms:.3g}"))
+        rows.append(_row(name, exact_p95, "exact p95"))
+        rows.append({"benchmark": name, "metric": "faiss_p50_ms", "ref": exact["ref"], "ours": faiss["p50_ms"],
+                     "ratio": exact["ref"] / faiss["p50_ms"], "ref_peak_mb": exact["ref_peak_mb"],
+                     "ours_peak_mb": common.peak_of(runs["faiss"]),
+                     "note": f"HNSW recall@10 {faiss['recall_at_10']:.3f}, p95 {faiss['p95_ms']:.3g} ms, "
+                             f"build {faiss['build_seconds']:.3g} s"})
+    return results, rows
+
+
+def prepare_inputs(sizes: dict, scratch: Path) -> dict:
+    """Build the shared datasets, tiny BERT and exported encoder, each in a child process."""
+    return {
+        "demo": common.run_isolated("datasets", "demo", {"root": str(scratch / "demo"),
+                                                        "identities": sizes["demo_identities"]}),
+        "coco": common.run_isolated("datasets", "coco", {"root": str(scratch / "coco"), "images": sizes["coco_images"],
+                                                        "captions_per_image": sizes["captions_per_image"]}),
+        "bert": common.run_isolated("datasets", "bert", {"root": str(scratch / "bert")}),
+        "encoder": common.run_isolated("datasets", "encoder", {"root": str(scratch / "run"),
+                                                              "image_size": list(sizes["index_image_size"])}),
+    }
+
+
+def run_all(quick: bool, scratch: Path) -> dict:
+    """Every benchmark; returns the report (machine, sizes, per-benchmark results, table rows)."""
+    sizes = QUICK if quick else FULL
+    inputs = prepare_inputs(sizes, scratch)
+    machine = common.machine_facts(inputs["demo"]["tensorflow"])
+    report: dict = {"machine": machine, "quick": quick, "sizes": sizes, "benchmarks": {}, "table": []}
+    steps = [
+        ("packing", lambda: bench_packing(sizes, inputs, scratch)),
+        ("pipeline", lambda: bench_pipeline(sizes, inputs)),
+        ("training", lambda: bench_training(sizes, inputs, scratch)),
+        ("index", lambda: bench_index(sizes, inputs)),
+        ("query", lambda: bench_query(sizes)),
+    ]
+    for name, step in steps:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        report["benchmarks"][name], rows = step()
+        report["table"] += rows
+    report["machine"]["load_average_after"] = common.machine_facts("")["load_average_1_5_15"]
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks, print the table, write the JSON report."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (about a minute)")
+    parser.add_argument("--json", metavar="OUT", help="write the full report as JSON to OUT")
+    args = parser.parse_args(argv)
+    scratch = Path(tempfile.mkdtemp(prefix="dualenc-bench-"))
+    try:
+        report = run_all(args.quick, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    machine = report["machine"]
+    print(f"{machine['cores']} cores, {machine['cpu_model']}, {machine['memory_gib']} GiB, "
+          f"TensorFlow {machine['tensorflow']}, {machine['date']}, load {machine['load_average_1_5_15']}")
+    print(common.format_table(report["table"], TABLE_COLUMNS))
+    if args.json:
+        output = Path(args.json)
+        staging = output.with_name(f".{output.name}.tmp")
+        staging.write_text(json.dumps(report, indent=1) + "\n")
+        staging.replace(output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

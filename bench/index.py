@@ -1,0 +1,68 @@
+"""Index build, a folder of JPEGs → image embeddings: seed 003's `predict` vs `dualenc.index.open_index`.
+
+Both start from a saved encoder of the same architecture (`bench.datasets.build_small_encoder`)
+and a folder of COCO-like JPEGs, and end with the embeddings in memory.
+
+``seed``: ``keras.models.load_model`` of the Keras encoder, then
+``encoder.predict(Dataset.from_tensor_slices(paths).map(read_image).batch(B))``: read_file,
+decode_jpeg, resize to the encoder's size, in a map without parallel calls and no prefetch.
+The seed then L2-normalises the gallery on every query (see `bench.query`).
+
+``ours``: ``open_index(run_dir, FolderGallery(images), rebuild=True)``: loads the exported
+SavedModel (which decodes and resizes in-graph), reads files in parallel with prefetch,
+fingerprints the encoder and the folder, embeds in batches of `dualenc.index.EMBED_BATCH`,
+normalises once and writes ``embeddings.npy`` + ``meta.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+from bench.common import Stopwatch
+
+
+def measure(variant: str, params: dict) -> dict:
+    """Embed every image in `params["images"]`; images/s with and without loading the encoder."""
+    import tensorflow as tf
+
+    images_dir = Path(params["images"])
+    paths = sorted(str(path) for path in images_dir.glob("*.jpg"))
+    tf.constant(0)
+    if variant == "seed":
+        import keras
+
+        import dualenc.towers.vision  # noqa: F401  registers the backbone preprocessing layer
+
+        image_size = tuple(params["image_size"])
+
+        def read_image(image_path):
+            image_array = tf.image.decode_jpeg(tf.io.read_file(image_path), channels=3)
+            return tf.image.resize(image_array, image_size)
+
+        with Stopwatch() as load_clock:
+            encoder = keras.models.load_model(params["keras_model"])
+        with Stopwatch() as embed_clock:
+            embeddings = encoder.predict(
+                tf.data.Dataset.from_tensor_slices(paths).map(read_image).batch(params["batch_size"]), verbose=0
+            )
+        seconds = load_clock.seconds + embed_clock.seconds
+        load_seconds = load_clock.seconds
+    else:
+        from dualenc.export import VISION_ENCODER_DIR, load_encoder
+        from dualenc.index import FolderGallery, open_index
+
+        run_dir = Path(params["run_dir"])
+        # A separate load, timed on its own, only to split open_index's total into load + embed.
+        with Stopwatch() as load_clock:
+            load_encoder(run_dir / VISION_ENCODER_DIR)
+        with Stopwatch() as clock:
+            index = open_index(run_dir, FolderGallery(images_dir), rebuild=True, log=io.StringIO())
+        embeddings = index.embeddings
+        seconds = clock.seconds
+        load_seconds = min(load_clock.seconds, seconds)
+    print(f"{variant}: embedded {len(embeddings)} images", file=sys.stderr)
+    images = len(embeddings)
+    return {"seconds": seconds, "load_seconds": load_seconds, "images": images, "images_per_s": images / seconds,
+            "embed_images_per_s": images / max(seconds - load_seconds, 1e-9)}

@@ -1,0 +1,64 @@
+"""Input pipeline, TFRecords → batches of decoded images: seed 003's `get_dataset` vs `pair_dataset`.
+
+``seed``: list_files → TFRecordDataset → map(parse, decode_jpeg, resize to the image size;
+AUTOTUNE, deterministic=False) → shuffle(batch × 10) of *decoded* float32 images → prefetch →
+batch. It reads our packed shards, parsing our ``image`` key where the seed's shards say
+``raw_image`` (the only difference). ``ours``: `dualenc.data.pair_dataset(shuffle=True)`.
+
+Each is compared at its natural output: float32 [B, H, W, 3] for the seed (what
+`tf.image.resize` returns), uint8 for ours (the towers cast and preprocess in-graph; uint8
+batches are 4× smaller to move). Ours also resizes with antialiasing, which costs more per
+pixel than the seed's plain bilinear resize. Time covers one full pass including the first
+batch's latency (shuffle-buffer fill).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.common import Stopwatch
+
+
+def seed_dataset(data_dir: Path, batch_size: int, image_size: tuple[int, int]):
+    """The seed's `get_dataset` over our shards."""
+    import tensorflow as tf
+
+    feature_description = {
+        "caption": tf.io.FixedLenFeature([], tf.string),
+        "image": tf.io.FixedLenFeature([], tf.string),
+    }
+
+    def read_example(example):
+        features = tf.io.parse_single_example(example, feature_description)
+        raw_image = features.pop("image")
+        features["image"] = tf.image.resize(tf.image.decode_jpeg(raw_image, channels=3), size=image_size)
+        return features
+
+    return (
+        tf.data.TFRecordDataset(tf.data.Dataset.list_files(str(data_dir / "train-*.tfrecord")))
+        .map(read_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        .shuffle(batch_size * 10)
+        .prefetch(buffer_size=tf.data.AUTOTUNE)
+        .batch(batch_size)
+    )
+
+
+def measure(variant: str, params: dict) -> dict:
+    """One pass over the packed split in `params["data_dir"]`; pairs/s."""
+    import tensorflow as tf
+
+    from dualenc.data import pair_dataset
+
+    data_dir, batch_size = Path(params["data_dir"]), params["batch_size"]
+    image_size = tuple(params["image_size"])
+    if variant == "seed":
+        batches = seed_dataset(data_dir, batch_size, image_size)
+    else:
+        batches = pair_dataset(data_dir, "train", image_size=image_size, batch_size=batch_size, shuffle=True, seed=0)
+    tf.constant(0)  # runtime started outside the clock
+    pairs = 0
+    with Stopwatch() as clock:
+        for batch in batches:
+            pairs += int(batch["image"].shape[0])
+    return {"seconds": clock.seconds, "pairs": pairs, "pairs_per_s": pairs / clock.seconds,
+            "dtype": batch["image"].dtype.name}
