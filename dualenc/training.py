@@ -167,7 +167,8 @@ class EpochSummary(keras.callbacks.Callback):
                            ("val_t2i_r10", "t2i R@10"), ("val_i2t_r1", "i2t R@1")):
             if key in logs:
                 parts.append(f"{label} {float(logs[key]):.3f}" if "loss" in key else f"{label} {float(logs[key]):.1f}%")
-        print(" | ".join(parts), flush=True)
+        # Keras' progress bar is still mid-line here (it finishes after user callbacks).
+        print("\n" + " | ".join(parts), flush=True)
 
 
 def _callbacks(paths: RunPaths, config: configs.TrainConfig, validation: RetrievalValidation, verbose: int) -> list:
