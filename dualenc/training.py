@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -324,14 +325,18 @@ def run_training(
     )
     train_batches = pair_batches(data_dir, TRAIN_SPLIT, config, caches, training=True)
     validation_batches = pair_batches(data_dir, validation_split, config, caches, training=False)
-    model.fit(
-        train_batches,
-        validation_data=validation_batches,
-        epochs=config.epochs,
-        shuffle=False,  # the pipeline shuffles, seeded
-        callbacks=_callbacks(paths, config, RetrievalValidation(validation_batches, caches), verbose),
-        verbose=verbose,
-    )
+    with warnings.catch_warnings():
+        # Epoch length is unknown until the first epoch ends (identity batches vary in number);
+        # Keras reports that end as "input ran out of data", which here is expected.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        model.fit(
+            train_batches,
+            validation_data=validation_batches,
+            epochs=config.epochs,
+            shuffle=False,  # the pipeline shuffles, seeded
+            callbacks=_callbacks(paths, config, RetrievalValidation(validation_batches, caches), verbose),
+            verbose=verbose,
+        )
     export_encoders(
         paths.root,
         encode_images=model.encode_images,
