@@ -16,8 +16,6 @@ from dualenc.errors import DualEncError
 
 MAX_QUERY_CHARS = 10_000
 DEFAULT_RUN = "runs/latest"
-# Tried in order when --split is not given; "test" is the held-out split of the packers.
-DEFAULT_SPLITS = ("test", "val", "valid")
 
 EXAMPLES = """examples:
   python search.py "a woman in a red coat"                 top 9 of the run's test split
@@ -85,7 +83,7 @@ def check_run(run_dir: Path) -> Path:
 def choose_gallery(args: argparse.Namespace, run_dir: Path):
     """The gallery the flags name; by default the run's own dataset, test split."""
     from dualenc.index import FolderGallery, PackedGallery
-    from dualenc.data import read_manifest
+    from dualenc.data import TEST_SPLITS, read_manifest
 
     if args.gallery is not None:
         if args.split is not None:
@@ -105,7 +103,7 @@ def choose_gallery(args: argparse.Namespace, run_dir: Path):
     splits = list(read_manifest(data_dir)["splits"])
     if not splits:
         raise DualEncError(f"packed dataset {data_dir} has no splits; re-pack it")
-    split = next((name for name in DEFAULT_SPLITS if name in splits), splits[0])
+    split = next((name for name in TEST_SPLITS if name in splits), splits[0])
     if split != "test":
         print(f"{data_dir} has no 'test' split; searching {split!r} (choose with --split)", file=sys.stderr)
     return PackedGallery(data_dir, split)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dualenc.errors import DualEncError
+from dualenc.files import write_json_atomic
 
 VISION_BACKBONES = ("small_cnn", "xception", "mobilenet", "mobilenet_v2", "resnet50", "efficientnet_v2_b0")
 TEXT_TOWERS = ("bilstm", "bert")
@@ -186,10 +187,7 @@ def from_dict(cls: type, values: dict, where: str = "config") -> Any:
 
 def save(config: Any, path: str | Path) -> None:
     """Write a config as indented JSON, atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, to_dict(config), sort_keys=True)
 
 
 def load(cls: type, path: str | Path) -> Any:

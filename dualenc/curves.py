@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.figure import Figure  # noqa: E402
 
+from dualenc.files import save_figure_atomic  # noqa: E402
+
 # (panel title, history key prefix) for the two retrieval directions.
 DIRECTIONS = (("text -> image", "val_t2i"), ("image -> text", "val_i2t"))
 
@@ -52,12 +54,4 @@ def plot_curves(history: dict[str, list[float]], path: str | Path) -> Path:
 
     Written to a temporary name and renamed, so a reader never sees half a PNG.
     """
-    path = Path(path)
-    figure = curves_figure(history)
-    staging = path.with_name(path.stem + ".tmp" + path.suffix)
-    try:
-        figure.savefig(staging, dpi=100)
-    finally:
-        plt.close(figure)
-    staging.replace(path)
-    return path
+    return save_figure_atomic(curves_figure(history), path)

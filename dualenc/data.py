@@ -18,6 +18,11 @@ import tensorflow as tf
 from dualenc.errors import DualEncError
 from dualenc.records import CAPTION, FORMAT_VERSION, IMAGE, IMAGE_ID, LABEL, MANIFEST_NAME, parse_example
 
+# Split names in order of preference: the held-out split a run validates on, and the one it is
+# finally scored (and searched by default) on.
+VALIDATION_SPLITS = ("val", "valid", "validation", "test")
+TEST_SPLITS = ("test", "val", "valid", "validation")
+
 SHUFFLE_BUFFER_BYTES = 1 << 30
 SHARDS_READ_AT_ONCE = 8
 HASH_BLOCK_BYTES = 1 << 20
@@ -65,13 +70,20 @@ def read_manifest(data_dir: str | Path) -> dict:
 
 
 def _split_summary(manifest: dict, data_dir: Path, split: str) -> dict:
+    """The manifest entry of a non-empty `split`, or a `DualEncError` listing the valid splits."""
     splits = manifest["splits"]
     valid = ", ".join(name for name, summary in sorted(splits.items()) if summary.get("pairs"))
     if split not in splits:
-        raise DualEncError(f"no split {split!r} in {data_dir}; valid splits: {valid or 'none'}")
+        raise DualEncError(f"{data_dir} has no split {split!r}; valid splits: {valid or 'none'}")
     if not splits[split].get("pairs"):
         raise DualEncError(f"split {split!r} in {data_dir} is empty; valid splits: {valid or 'none'}")
     return splits[split]
+
+
+def split_summary(data_dir: str | Path, split: str) -> dict:
+    """The manifest entry (pairs, images, ids, shards, sha256) of the non-empty `split` in `data_dir`."""
+    data_dir = Path(data_dir)
+    return _split_summary(read_manifest(data_dir), data_dir, split)
 
 
 def verify_checksums(data_dir: str | Path, split: str) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from dualenc.errors import DualEncError
+from dualenc.errors import DualEncError, first_line
 
 VISION_ENCODER_DIR = "vision_encoder"
 TEXT_ENCODER_DIR = "text_encoder"
@@ -194,8 +194,7 @@ def _load_saved_model(path: Path):
     try:
         return tf.saved_model.load(str(path))
     except Exception as exc:  # TensorFlow raises several unrelated types for a damaged SavedModel
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DualEncError(f"cannot load the encoder at {path} ({reason}); re-export it or retrain") from None
+        raise DualEncError(f"cannot load the encoder at {path} ({first_line(exc)}); re-export it or retrain") from None
 
 
 def load_encoder(path: Path, batch_size: int = 64) -> LoadedEncoder:

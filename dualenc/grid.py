@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from dualenc.errors import DualEncError
+from dualenc.files import save_figure_atomic
 
 
 def grid_shape(count: int) -> tuple[int, int]:
@@ -46,9 +47,4 @@ def save_result_grid(path: Path, images: list[np.ndarray], titles: list[str], su
             axis.set_title(titles[position], fontsize=9)
     figure.suptitle(suptitle if len(suptitle) <= 120 else suptitle[:117] + "...")
     figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        figure.savefig(temporary, format="png", dpi=80)
-    finally:
-        plt.close(figure)
-    temporary.replace(path)
+    save_figure_atomic(figure, path, dpi=80)

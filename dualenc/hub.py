@@ -13,7 +13,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from dualenc.errors import DualEncError
+from dualenc.errors import DualEncError, first_line
 
 # Seconds a single network read may stall before the download counts as failed; a blocked
 # network that drops packets would otherwise hang resolve() for minutes.
@@ -60,8 +60,6 @@ def resolve_handle(handle: str) -> str:
         with _socket_timeout(NETWORK_TIMEOUT_SECONDS):
             directory = Path(tensorflow_hub.resolve(handle))
     except Exception as exc:  # urllib, HTTP, tarfile and hub's own errors all mean "not available"
-        message = str(exc).strip()
-        reason = message.splitlines()[0] if message else type(exc).__name__
-        raise _failure(handle, reason) from None
+        raise _failure(handle, first_line(exc)) from None
     _check_saved_model(handle, directory)
     return str(directory)

@@ -34,8 +34,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from dualenc import retrieval
-from dualenc.data import read_manifest, sha256_of_file
-from dualenc.errors import DualEncError
+from dualenc.data import sha256_of_file, split_summary
+from dualenc.errors import DualEncError, first_line
 from dualenc.export import VISION_ENCODER_DIR, LoadedEncoder, load_encoder
 from dualenc.records import CAPTION, IMAGE, IMAGE_ID, LABEL, parse_example
 
@@ -140,14 +140,6 @@ def encoder_fingerprint(encoder_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def split_summary(data_dir: Path, split: str) -> dict:
-    """The manifest entry of `split`, or a `DualEncError` listing the splits there are."""
-    splits = read_manifest(data_dir)["splits"]
-    if split not in splits:
-        raise DualEncError(f"packed dataset {data_dir} has no split {split!r}; it has: {', '.join(splits)}")
-    return splits[split]
-
-
 def folder_files(directory: Path) -> list[tuple[str, int, int]]:
     """Sorted (relative path, size, mtime_ns) of the image files under `directory` (-1s if unstat-able)."""
     if not directory.is_dir():
@@ -203,11 +195,6 @@ def read_split_captions(data_dir: Path, split: str) -> tuple[list[str], list[str
     return captions, image_ids, np.concatenate(labels) if labels else np.zeros(0, np.int64)
 
 
-def _first_line(exc: Exception) -> str:
-    message = str(exc).strip()
-    return message.splitlines()[0] if message else type(exc).__name__
-
-
 def _embed_skipping_bad(
     encoder: LoadedEncoder, names: list[str], blobs: list[bytes]
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
@@ -225,7 +212,7 @@ def _embed_skipping_bad(
             rows.append(encoder.embed_batch([blob]))
             kept.append(position)
         except tf.errors.OpError as exc:
-            bad.append((name, f"cannot decode image ({_first_line(exc)})"))
+            bad.append((name, f"cannot decode image ({first_line(exc)})"))
     embeddings = np.concatenate(rows) if rows else np.zeros((0, encoder.dimension), np.float32)
     return embeddings, kept, bad
 

@@ -22,10 +22,11 @@ import tensorflow as tf
 from dualenc import config as configs
 from dualenc import losses
 from dualenc.curves import plot_curves
-from dualenc.data import decode_image, read_manifest, record_dataset, verify_checksums
+from dualenc.data import TEST_SPLITS, VALIDATION_SPLITS, decode_image, read_manifest, record_dataset, verify_checksums
 from dualenc.errors import DualEncError
 from dualenc.evaluation import embed_split, retrieval_metrics
 from dualenc.export import export_encoders
+from dualenc.files import write_json_atomic
 from dualenc.feature_cache import CachedFeatures, cached_features
 from dualenc.model import CAPTION_FEATURES, IMAGE_FEATURES, DualEncoder, build_dual_encoder
 from dualenc.placement import make_placement
@@ -35,8 +36,6 @@ from dualenc.sampling import identity_batches
 from dualenc.vocabulary import learn_wordpiece_vocabulary
 
 TRAIN_SPLIT = "train"
-VALIDATION_SPLITS = ("val", "valid", "validation", "test")
-TEST_SPLITS = ("test", "val", "valid", "validation")
 # K of the P x K identity batches used by CMPM/CMPC (IRRA samples 4 instances per identity).
 INSTANCES_PER_IDENTITY = 4
 # Where keras.callbacks.BackupAndRestore records how many epochs its backup holds.
@@ -351,7 +350,5 @@ def run_training(
     history = read_history(paths.log_csv)
     plot_curves(history, paths.curves)
     report = {"split": test_split, "epochs_trained": len(history.get("loss", [])), **metrics}
-    staging = paths.metrics.with_name(paths.metrics.name + ".tmp")
-    staging.write_text(json.dumps(report, indent=2) + "\n")
-    staging.replace(paths.metrics)
+    write_json_atomic(paths.metrics, report)
     return report

@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dualenc.errors import DualEncError
+from dualenc.files import write_json_atomic
 
 COCO_BASE_URL = "http://images.cocodataset.org"
 ANNOTATIONS_ARCHIVE = "annotations/annotations_trainval2014.zip"
@@ -232,9 +233,7 @@ def _extract(archive: Path) -> None:
     shutil.copytree(staging, archive.parent, dirs_exist_ok=True, copy_function=os.replace)
     shutil.rmtree(staging)
     marker = _marker(archive)
-    marker_tmp = marker.with_name(marker.name + ".tmp")
-    marker_tmp.write_text(json.dumps({"archive": archive.name, "entries": entries}, indent=2))
-    marker_tmp.replace(marker)
+    write_json_atomic(marker, {"archive": archive.name, "entries": entries})
 
 
 def _network_message(url: str, error: BaseException, base_url: str, dest: Path) -> str:

@@ -22,25 +22,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 from dualenc.errors import DualEncError
 from dualenc.records import FORMAT_VERSION, MANIFEST_NAME
 
 JOURNAL_NAME = ".pack-journal.json"
-
-
-def write_json_atomic(path: Path, content: Any) -> None:
-    """Write `content` as JSON to a temporary sibling, then rename it over `path`."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(content, stream, indent=2, ensure_ascii=False)
-        stream.write("\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
 
 
 def read_bookkeeping(path: Path) -> dict | None:

@@ -8,7 +8,6 @@ and ``label`` are parsed; the image bytes are never decoded, so a COCO-sized set
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import tensorflow as tf  # noqa: E402
 
 from dualenc.data import read_manifest  # noqa: E402
 from dualenc.errors import DualEncError  # noqa: E402
+from dualenc.files import save_figure_atomic, write_json_atomic  # noqa: E402
 from dualenc.records import CAPTION, FEATURE_SPEC, IMAGE_ID, LABEL, MANIFEST_NAME  # noqa: E402
 
 STATS_NAME = "stats.json"
@@ -60,7 +60,7 @@ def write_stats(data_dir: Path, out_dir: Path | None = None) -> dict:
     for key, file_name, x_label, counted in DISTRIBUTIONS:
         charts.append(_plot_distribution(splits, key, x_label, counted, out_dir / file_name).name)
     stats = {"data_dir": str(data_dir), "splits": splits, "charts": charts}
-    _write_json(stats, out_dir / STATS_NAME)
+    write_json_atomic(out_dir / STATS_NAME, stats)
     print(format_table(stats))
     return stats
 
@@ -192,16 +192,7 @@ def _span(histogram: dict[str, int]) -> int:
 
 
 def _save(figure, path: Path) -> Path:
-    """Write the figure to a temporary name, then rename it, so no half PNG is ever seen."""
     figure.tight_layout()
-    partial = path.with_name(path.stem + ".tmp" + path.suffix)
-    figure.savefig(partial, dpi=100)
-    plt.close(figure)
-    partial.replace(path)
-    return path
+    return save_figure_atomic(figure, path)
 
 
-def _write_json(payload: dict, path: Path) -> None:
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    partial.replace(path)

@@ -37,13 +37,13 @@ from tqdm import tqdm
 from dualenc.data import sha256_of_file
 from dualenc.errors import DualEncError
 from dualenc.records import FORMAT_VERSION, serialize_example, shard_name
+from dualenc.files import write_json_atomic
 from tfrecords_tools.images import prepare_images
 from tfrecords_tools.manifest import (
     JOURNAL_NAME,
     build_manifest,
     manifest_path,
     read_bookkeeping,
-    write_json_atomic,
 )
 
 DEFAULT_SHARD_SIZE = 2000  # seed 003's shards held 2,000 images

@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 
 from dualenc.config import VISION_BACKBONES, VisionConfig
-from dualenc.errors import DualEncError
+from dualenc.errors import DualEncError, first_line
 
 BACKBONE_LAYER_NAME = "backbone"
 
@@ -56,12 +56,6 @@ class BackbonePreprocessing(keras.layers.Layer):
         return {**super().get_config(), "backbone": self.backbone}
 
 
-def _first_line(exc: Exception) -> str:
-    """An exception's message cut to one line, for a one-line `DualEncError`."""
-    message = str(exc).strip()
-    return message.splitlines()[0] if message else type(exc).__name__
-
-
 def _small_cnn(image_size: tuple[int, int]) -> keras.Model:
     """Four conv blocks (Conv3×3 → BatchNorm → ReLU → MaxPool 2×2), 16-32-64-128 filters.
 
@@ -93,12 +87,12 @@ def _applications_backbone(backbone: str, image_size: tuple[int, int], imagenet:
         )
     except ValueError as exc:  # keras.applications' own checks, e.g. Xception needs >= 71×71
         raise DualEncError(
-            f"cannot build vision backbone {backbone!r} for image_size {image_size} ({_first_line(exc)})"
+            f"cannot build vision backbone {backbone!r} for image_size {image_size} ({first_line(exc)})"
         ) from None
     except Exception as exc:  # keras.utils.get_file raises a bare Exception when offline
         if not imagenet:
             raise
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise DualEncError(
             f"cannot get ImageNet weights for vision backbone {backbone!r} ({reason}); "
             "download the notop .h5 file elsewhere and pass --vision-weights /path/to/file.h5, "
@@ -114,7 +108,7 @@ def _load_local_weights(backbone: keras.Model, path: str) -> None:
     try:
         backbone.load_weights(path)
     except (ValueError, OSError) as exc:
-        raise DualEncError(f"cannot load vision weights {path} into the backbone ({_first_line(exc)})") from None
+        raise DualEncError(f"cannot load vision weights {path} into the backbone ({first_line(exc)})") from None
 
 
 def build_vision_tower(config: VisionConfig) -> keras.Model:
