@@ -1,46 +1,44 @@
-"""Export the two towers as standalone SavedModels that take raw inputs, and load them back.
+"""Export the two towers as standalone SavedModels (and a TFLite vision model), and load them back.
 
-Each tower is saved on its own (images for indexing, text for queries) with one signature,
-``serving_default``:
+Each tower is saved on its own (images for indexing, text for queries) with
+`keras.export.ExportArchive`, which tracks every variable and lookup table the endpoints use, so
+the files run under every TensorFlow client: ``tf.saved_model.load``, TensorFlow Serving's TF1
+session loader (``saved_model_cli run``) and the TFLite converter. Signatures:
 
-- ``vision_encoder``: ``images`` string ``[N]`` of encoded JPEG/PNG/BMP bytes → decoded and
-  resized inside the graph (`dualenc.data.decode_image`) → ``{"embeddings": float32 [N, D]}``;
-- ``text_encoder``: ``captions`` string ``[N]`` → ``{"embeddings": float32 [N, D]}``.
+- ``vision_encoder``: ``serving_default``: ``images`` string ``[N]`` of encoded image bytes →
+  decoded and resized in the graph by the shared decoder (`dualenc.images.decode_image`) →
+  ``{"embeddings": float32 [N, D]}``; and ``pixels``: uint8 ``[N, H, W, 3]`` → the same.
+- ``text_encoder``: ``serving_default``: ``captions`` string ``[N]`` → the text preprocessor
+  (`dualenc.preprocessing`, TF Text ops) → ``{"embeddings": float32 [N, D]}``.
+- ``vision_encoder.tflite``: the ``pixels`` signature converted with TFLite builtin ops only
+  (decoding image bytes is left to the app, as TFLite has no general image decoder).
 
-Embeddings leave both signatures L2-normalised, so a dot product is a cosine similarity and a
-gallery needs normalising only once, when it is indexed. The SavedModels load with plain
-``tf.saved_model.load`` in a process that imports only TensorFlow and TensorFlow Text (the text
-tower may use its ops), on CPU or GPU: no device placement is saved.
+Embeddings leave every signature L2-normalised, so a dot product is a cosine similarity. The
+SavedModels load in a process that imports only TensorFlow and TensorFlow Text (whose ops the
+text preprocessor uses), on CPU or GPU: no device placement is saved.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from dualenc.errors import DualEncError, first_line
+from dualenc.files import atomic_directory, write_bytes_atomic
 
 VISION_ENCODER_DIR = "vision_encoder"
 TEXT_ENCODER_DIR = "text_encoder"
+VISION_TFLITE = "vision_encoder.tflite"
 SIGNATURE = "serving_default"
+PIXELS_SIGNATURE = "pixels"
 OUTPUT = "embeddings"
 VISION_INPUT = "images"
+PIXELS_INPUT = "pixels"
 TEXT_INPUT = "captions"
-
-
-def _tracked(encode: Callable, track: Sequence[object] | None) -> list[object]:
-    """The objects whose variables and resources `encode` uses: `track`, else `encode`'s owner.
-
-    Saving needs every variable and lookup table a traced function captures to be reachable
-    from the saved root, so the module keeps references to them. By default that is a bound
-    method's owner (e.g. the whole DualEncoder) or `encode` itself (a Keras model or layer);
-    passing just one tower and its head keeps the other tower's weights out of the file.
-    """
-    return list(track) if track is not None else [getattr(encode, "__self__", encode)]
 
 
 def _unit_embeddings(embeddings: tf.Tensor) -> tf.Tensor:
@@ -48,106 +46,111 @@ def _unit_embeddings(embeddings: tf.Tensor) -> tf.Tensor:
     return tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1)
 
 
-class _VisionServing(tf.Module):
-    """Encoded image bytes ``[N]`` → unit embeddings ``[N, D]``."""
-
-    def __init__(self, encode_images: Callable, image_size: tuple[int, int], track: Sequence[object] | None):
-        super().__init__(name="vision_encoder")
-        from dualenc.data import decode_image  # the one decoder shared with training
-
-        self.tracked = _tracked(encode_images, track)
-        height, width = (int(side) for side in image_size)
-        pixels_spec = tf.TensorSpec([height, width, 3], tf.uint8)
-
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=VISION_INPUT)])
-        def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
-            def encode_batch() -> tf.Tensor:
-                pixels = tf.map_fn(
-                    lambda image_bytes: decode_image(image_bytes, (height, width)),
-                    images,
-                    fn_output_signature=pixels_spec,
-                )
-                return encode_images(pixels)
-
-            def encode_nothing() -> tf.Tensor:
-                # Some CPU kernels (oneDNN convolutions) mis-shape an empty batch; encoding one
-                # black image and keeping none of it gives the right [0, D] instead.
-                return encode_images(tf.zeros([1, height, width, 3], tf.uint8))[:0]
-
-            embeddings = tf.cond(tf.size(images) > 0, encode_batch, encode_nothing)
-            return {OUTPUT: _unit_embeddings(embeddings)}
-
-        self.serve = serve
+def _archive(parts: Sequence[object]) -> keras.export.ExportArchive:
+    archive = keras.export.ExportArchive()
+    for part in parts:
+        archive.track(part)
+    return archive
 
 
-class _TextServing(tf.Module):
-    """Captions ``[N]`` → unit embeddings ``[N, D]``."""
-
-    def __init__(self, encode_texts: Callable, track: Sequence[object] | None):
-        super().__init__(name="text_encoder")
-        self.tracked = _tracked(encode_texts, track)
-
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=TEXT_INPUT)])
-        def serve(captions: tf.Tensor) -> dict[str, tf.Tensor]:
-            return {OUTPUT: _unit_embeddings(encode_texts(captions))}
-
-        self.serve = serve
-
-
-def _save_atomically(module: tf.Module, path: Path) -> None:
-    """Save `module` with its ``serve`` function as ``serving_default`` under `path`.
-
-    The SavedModel is written to a sibling temporary directory and renamed into place, so a
-    crash never leaves a half-written encoder where a loader would find it.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    previous = path.with_name(f".{path.name}.old")
-    for leftover in (temporary, previous):
-        shutil.rmtree(leftover, ignore_errors=True)
-    # Default variable policy: no device names are saved, so a model trained on GPUs loads on CPU.
-    options = tf.saved_model.SaveOptions(experimental_io_device=None)
-    tf.saved_model.save(module, str(temporary), signatures={SIGNATURE: module.serve}, options=options)
-    if path.exists():
-        path.rename(previous)
-    temporary.rename(path)
-    shutil.rmtree(previous, ignore_errors=True)
+def _write(archive: keras.export.ExportArchive, path: Path) -> None:
+    """Write the archive to `path` through a temporary sibling, so a crash never leaves half an encoder."""
+    with atomic_directory(Path(path)) as staging:
+        # Default variable policy: no device names are saved, so a model trained on GPUs loads on CPU.
+        archive.write_out(str(staging), options=tf.saved_model.SaveOptions(experimental_io_device=None), verbose=False)
 
 
 def export_vision_encoder(
-    encode_images: Callable, image_size: tuple[int, int], path: Path, track: Sequence[object] | None = None
+    encode_pixels: Callable, image_size: tuple[int, int], path: Path, track: Sequence[object] | None = None
 ) -> None:
-    """Save `encode_images` (uint8 ``[N, H, W, 3]`` → ``[N, D]``) as a bytes-in SavedModel at `path`.
+    """Save `encode_pixels` (uint8 ``[N, H, W, 3]`` → ``[N, D]``) as the vision SavedModel at `path`.
 
-    `image_size` is ``(H, W)``, the size images are resized to before encoding. `encode_images`
-    is a Keras model or layer, or a bound method of one (e.g. ``DualEncoder.encode_images``);
-    what is saved with it is `track` or, by default, its owner (see `_tracked`).
+    `image_size` is ``(H, W)``. `encode_pixels` is a Keras model or layer, or a function of the
+    Keras layers listed in `track` (e.g. ``DualEncoder.encode_images`` with the vision tower and
+    image head), which are what the file holds.
     """
-    _save_atomically(_VisionServing(encode_images, image_size, track), path)
+    from dualenc.data import decode_image  # the one decoder shared with training
+
+    height, width = (int(side) for side in image_size)
+    archive = _archive(track if track is not None else [encode_pixels])
+
+    def embed_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {OUTPUT: _unit_embeddings(encode_pixels(pixels))}
+
+    def embed_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        def encode_batch() -> tf.Tensor:
+            pixels = tf.map_fn(
+                lambda image_bytes: decode_image(image_bytes, (height, width)),
+                images,
+                fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8),
+            )
+            return encode_pixels(pixels)
+
+        def encode_nothing() -> tf.Tensor:
+            # Some CPU kernels (oneDNN convolutions) mis-shape an empty batch; encoding one black
+            # image and keeping none of it gives the right [0, D] instead.
+            return encode_pixels(tf.zeros([1, height, width, 3], tf.uint8))[:0]
+
+        return {OUTPUT: _unit_embeddings(tf.cond(tf.size(images) > 0, encode_batch, encode_nothing))}
+
+    archive.add_endpoint(SIGNATURE, embed_images, input_signature=[tf.TensorSpec([None], tf.string, name=VISION_INPUT)])
+    archive.add_endpoint(
+        PIXELS_SIGNATURE, embed_pixels, input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name=PIXELS_INPUT)]
+    )
+    _write(archive, path)
 
 
-def export_text_encoder(encode_texts: Callable, path: Path, track: Sequence[object] | None = None) -> None:
-    """Save `encode_texts` (string ``[N]`` → ``[N, D]``) as a captions-in SavedModel at `path`."""
-    _save_atomically(_TextServing(encode_texts, track), path)
-
-
-def export_encoders(
-    run_dir: Path,
-    *,
-    encode_images: Callable,
-    encode_texts: Callable,
-    image_size: tuple[int, int],
-    track_images: Sequence[object] | None = None,
-    track_texts: Sequence[object] | None = None,
+def export_text_encoder(
+    encode_tokens: Callable,
+    path: Path,
+    preprocessor: Callable | None = None,
+    track: Sequence[object] | None = None,
 ) -> None:
-    """Write ``run_dir/vision_encoder`` and ``run_dir/text_encoder`` (see the module docstring).
+    """Save captions → `preprocessor` → `encode_tokens` → unit embeddings as the text SavedModel at `path`.
 
-    For a `DualEncoder`, pass ``track_images=[model.vision_tower, model.image_head]`` and
-    ``track_texts=[model.text_tower, model.caption_head]`` so each file holds one tower only.
+    Without a `preprocessor`, `encode_tokens` takes the caption strings itself. What the file
+    holds is `track` (Keras layers) or `encode_tokens`, plus the preprocessor (a `tf.Module`).
+    """
+    parts = list(track if track is not None else [encode_tokens])
+    if preprocessor is not None:
+        parts.append(preprocessor)
+    archive = _archive(parts)
+
+    def embed_captions(captions: tf.Tensor) -> dict[str, tf.Tensor]:
+        inputs = preprocessor(captions) if preprocessor is not None else captions
+        return {OUTPUT: _unit_embeddings(encode_tokens(inputs))}
+
+    archive.add_endpoint(SIGNATURE, embed_captions, input_signature=[tf.TensorSpec([None], tf.string, name=TEXT_INPUT)])
+    _write(archive, path)
+
+
+def export_vision_tflite(saved_model_dir: Path, path: Path) -> None:
+    """Convert the ``pixels`` signature of a vision SavedModel to a TFLite file (builtin ops only)."""
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[PIXELS_SIGNATURE])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    try:
+        flatbuffer = converter.convert()
+    except Exception as exc:  # the converter raises ConverterError and plain exceptions alike
+        raise DualEncError(f"cannot convert {saved_model_dir} to TFLite ({first_line(exc)})") from None
+    write_bytes_atomic(path, flatbuffer)
+
+
+def export_encoders(run_dir: Path, model, text_preprocessor: Callable) -> None:
+    """Write ``vision_encoder/``, ``vision_encoder.tflite`` and ``text_encoder/`` of a `DualEncoder`.
+
+    Each SavedModel holds only its own tower and head (see the module docstring).
     """
     run_dir = Path(run_dir)
-    export_vision_encoder(encode_images, image_size, run_dir / VISION_ENCODER_DIR, track_images)
-    export_text_encoder(encode_texts, run_dir / TEXT_ENCODER_DIR, track_texts)
+    export_vision_encoder(
+        model.encode_images,
+        model.config.vision.image_size,
+        run_dir / VISION_ENCODER_DIR,
+        track=[model.vision_tower, model.image_head],
+    )
+    export_vision_tflite(run_dir / VISION_ENCODER_DIR, run_dir / VISION_TFLITE)
+    export_text_encoder(
+        model.encode_texts, run_dir / TEXT_ENCODER_DIR, text_preprocessor, track=[model.text_tower, model.caption_head]
+    )
 
 
 class LoadedEncoder:
@@ -189,7 +192,7 @@ class LoadedEncoder:
 def _load_saved_model(path: Path):
     if not (path / "saved_model.pb").is_file():
         raise DualEncError(f"no exported encoder at {path}; run `python train.py` first or pass --model RUN_DIR")
-    import tensorflow_text  # noqa: F401  registers the text ops a BERT or WordPiece tower may use
+    import tensorflow_text  # noqa: F401  registers the text ops a BERT or WordPiece preprocessor uses
 
     try:
         return tf.saved_model.load(str(path))

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -92,7 +93,9 @@ def _distinct(data_dir: Path, split: str, key_feature: str) -> tf.data.Dataset:
     return record_dataset(data_dir, split).enumerate().filter(lambda index, _: wanted.lookup(index) > 0)
 
 
-def _compute(tower: keras.Model, data_dir: Path, split: str, kind: str, image_size: tuple[int, int] | None) -> CachedFeatures:
+def _compute(
+    embed: Callable[[tf.Tensor], tf.Tensor], data_dir: Path, split: str, kind: str, image_size: tuple[int, int] | None
+) -> CachedFeatures:
     key_feature = IMAGE_ID if kind == "image" else CAPTION
 
     def tower_input(_: tf.Tensor, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -104,7 +107,7 @@ def _compute(tower: keras.Model, data_dir: Path, split: str, kind: str, image_si
     batches = batches.batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
     # One traced graph: calling a backbone eagerly batch after batch held several GiB of
     # intermediate buffers (6.5 GiB peak for MobileNetV2 at 224 px, batch 64).
-    embed = tf.function(lambda inputs: tower(inputs, training=False), reduce_retracing=True)
+    embed = tf.function(embed, reduce_retracing=True)
     keys, parts = [], []
     for key_batch, input_batch in batches:
         keys.extend(value.decode("utf-8") for value in key_batch.numpy())
@@ -113,7 +116,8 @@ def _compute(tower: keras.Model, data_dir: Path, split: str, kind: str, image_si
 
 
 def cached_features(
-    tower: keras.Model,
+    embed: Callable[[tf.Tensor], tf.Tensor],
+    fingerprint: str,
     data_dir: str | Path,
     split: str,
     kind: str,
@@ -122,14 +126,18 @@ def cached_features(
 ) -> CachedFeatures:
     """Features of every distinct image (`kind="image"`) or caption (`kind="caption"`) of `split`.
 
+    `embed` maps a batch of decoded images (B, H, W, 3) or caption strings (B,) to the frozen
+    tower's features (B, F) in inference mode; `fingerprint` identifies that tower
+    (`tower_fingerprint`), so other weights never reuse these features.
+
     Loaded from `cache_dir/features/<key>/` when present, else computed and stored there
     atomically (a temporary directory renamed into place).
     """
     data_dir = Path(data_dir)
-    entry = Path(cache_dir) / "features" / _cache_key(data_dir, split, kind, tower_fingerprint(tower))
+    entry = Path(cache_dir) / "features" / _cache_key(data_dir, split, kind, fingerprint)
     if (entry / FEATURES_FILE).is_file() and (entry / KEYS_FILE).is_file():
         return CachedFeatures(keys=json.loads((entry / KEYS_FILE).read_text()), features=np.load(entry / FEATURES_FILE))
-    computed = _compute(tower, data_dir, split, kind, image_size)
+    computed = _compute(embed, data_dir, split, kind, image_size)
     staging = entry.with_name(entry.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -6,8 +6,11 @@ writes to a hidden temporary sibling and renames it over the target.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +44,37 @@ def save_figure_atomic(figure: Any, path: str | Path, dpi: int = 100) -> Path:
         plt.close(figure)
     os.replace(temporary, path)
     return path
+
+
+def write_bytes_atomic(path: str | Path, content: bytes) -> None:
+    """Write `content` to `path`, flushed to disk before the rename."""
+    path = Path(path)
+    temporary = _temporary(path)
+    with open(temporary, "wb") as stream:
+        stream.write(content)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `path` to fill; on success it replaces `path` whole.
+
+    A failure inside the block removes the temporary directory and leaves `path` as it was.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    previous = path.with_name(f".{path.name}.old")
+    for leftover in (temporary, previous):
+        shutil.rmtree(leftover, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if path.exists():
+        path.rename(previous)
+    temporary.rename(path)
+    shutil.rmtree(previous, ignore_errors=True)

@@ -8,15 +8,20 @@ Captions and images are embedded into one L2-normalised space of width
 
 and trained with the objective named by `ModelConfig.loss` (`dualenc.losses.dual_encoder_loss`).
 
-Inputs are dicts keyed like the TFRecords (`dualenc.records`): "image" uint8/float
-(B, H, W, 3), "caption" string (B,), "label" int64 (B,). The frozen-backbone feature cache
-passes "image_features" (B, F) and/or "caption_features" (B, F) *instead of* "image"/"caption":
-that tower is skipped and only its head runs, so a batch of cached features gives exactly the
-loss of the raw batch the features were computed from. A skipped tower gets no gradient; cache
-only frozen towers.
+Inputs are numbers only — strings and image bytes are turned into them by the preprocessors
+(`dualenc.preprocessing`) in `tf.data` and in front of the exported encoders: a dict with
+"image" uint8/float pixels (B, H, W, 3), "tokens" the text preprocessor's output (token ids
+int32 (B, S), or BERT's dict of three), and "label" int64 (B,). The frozen-backbone feature
+cache passes "image_features" (B, F) and/or "caption_features" (B, F) *instead of*
+"image"/"tokens": that tower is skipped and only its head runs, so a batch of cached features
+gives exactly the loss of the raw batch the features were computed from. A skipped tower gets
+no gradient; cache only frozen towers. Other keys are ignored.
 
 "label" is required by the CMPM/CMPC losses; without it each caption's own image is its only
 match (the diagonal), which is what "soft_target" and "clip" assume anyway.
+
+The model saves and loads as a `.keras` file (`get_config` holds the `ModelConfig` and both
+serialised towers) and overrides no private Keras method.
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ from dualenc.config import ModelConfig
 from dualenc.errors import DualEncError
 from dualenc.heads import L2Normalize, ProjectionHead
 from dualenc.placement import Placement, gather_replicas, on_device, replica_loss_scale
-from dualenc.records import CAPTION, IMAGE, LABEL
+from dualenc.records import IMAGE, LABEL
 
+TOKENS = "tokens"
 IMAGE_FEATURES = "image_features"
 CAPTION_FEATURES = "caption_features"
+# Bumped when get_config or the weight layout changes; a .keras file of another version is refused.
+MODEL_FORMAT_VERSION = 2
 
 
 def in_batch_recall_at_1(
@@ -57,10 +65,10 @@ def in_batch_recall_at_1(
 def _check_inputs(inputs: Any) -> None:
     if not isinstance(inputs, Mapping):
         raise DualEncError(
-            "DualEncoder expects a dict with 'image' (or 'image_features') and 'caption' "
+            "DualEncoder expects a dict with 'image' (or 'image_features') and 'tokens' "
             f"(or 'caption_features'), got {type(inputs).__name__}"
         )
-    for raw, cached in ((IMAGE, IMAGE_FEATURES), (CAPTION, CAPTION_FEATURES)):
+    for raw, cached in ((IMAGE, IMAGE_FEATURES), (TOKENS, CAPTION_FEATURES)):
         if raw not in inputs and cached not in inputs:
             raise DualEncError(f"DualEncoder inputs have no {raw!r} or {cached!r}; got keys {sorted(inputs)}")
 
@@ -149,25 +157,6 @@ class DualEncoder(keras.Model):
         its tower's device under "split".
         """
 
-    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
-        """Build the optimizer before fit/evaluate, skipping Keras' symbolic pass over a batch.
-
-        Under a distribution strategy Keras' TF trainer (3.x) averages the first distributed
-        batch across replicas to build the model symbolically, and averaging the string
-        captions fails. The model is built eagerly on a batch instead (`build_dual_encoder`
-        does so inside the strategy scope), which leaves only the optimizer to build.
-        """
-        if not self.built:
-            if self.distribute_strategy.num_replicas_in_sync > 1:
-                raise DualEncError(
-                    "build the DualEncoder inside placement.scope() before fit/evaluate: "
-                    "call it on one batch (build_dual_encoder does)"
-                )
-            return
-        if self.optimizer is not None and not self.optimizer.built:
-            with self.distribute_strategy.scope():
-                self.optimizer.build(self.trainable_variables)
-
     def _embed(self, head: keras.layers.Layer, features: tf.Tensor, training: bool | None) -> tf.Tensor:
         return self.l2_normalize(head(features, training=training))
 
@@ -182,7 +171,7 @@ class DualEncoder(keras.Model):
         if CAPTION_FEATURES in inputs:
             features = inputs[CAPTION_FEATURES]
         else:
-            features = self.text_tower(inputs[CAPTION], training=training)
+            features = self.text_tower(inputs[TOKENS], training=training)
         return self._embed(self.caption_head, features, training)
 
     def encode_images(self, images_or_features: Any, training: bool = False) -> tf.Tensor:
@@ -197,17 +186,47 @@ class DualEncoder(keras.Model):
             f"encode_images expects images (B, H, W, 3) or features (B, F), got shape {images_or_features.shape}"
         )
 
-    def encode_texts(self, captions_or_features: Any, training: bool = False) -> tf.Tensor:
-        """Unit caption embeddings (B, D) from strings (B,) or cached tower features (B, F)."""
-        captions_or_features = tf.convert_to_tensor(captions_or_features)
-        if captions_or_features.dtype == tf.string and captions_or_features.shape.rank == 1:
-            return self._caption_embeddings({CAPTION: captions_or_features}, training)
-        if captions_or_features.dtype != tf.string and captions_or_features.shape.rank == 2:
-            return self._caption_embeddings({CAPTION_FEATURES: captions_or_features}, training)
-        raise DualEncError(
-            "encode_texts expects strings (B,) or features (B, F), "
-            f"got {captions_or_features.dtype.name} {captions_or_features.shape}"
-        )
+    def encode_texts(self, tokens_or_features: Any, training: bool = False) -> tf.Tensor:
+        """Unit caption embeddings (B, D) from the text preprocessor's tokens (integer ids, or
+        BERT's dict of them) or from cached tower features (B, F) float."""
+        if isinstance(tokens_or_features, Mapping):
+            return self._caption_embeddings({TOKENS: tokens_or_features}, training)
+        tokens_or_features = tf.convert_to_tensor(tokens_or_features)
+        if tokens_or_features.shape.rank != 2 or tokens_or_features.dtype == tf.string:
+            raise DualEncError(
+                "encode_texts expects token ids (B, S) or features (B, F); preprocess strings with "
+                f"dualenc.preprocessing first, got {tokens_or_features.dtype.name} {tokens_or_features.shape}"
+            )
+        if tokens_or_features.dtype.is_integer:
+            return self._caption_embeddings({TOKENS: tokens_or_features}, training)
+        return self._caption_embeddings({CAPTION_FEATURES: tokens_or_features}, training)
+
+    def get_config(self) -> dict:
+        """The `ModelConfig` and both towers, serialised: enough for `from_config` to rebuild the model."""
+        from dualenc.config import to_dict
+
+        return {
+            "format_version": MODEL_FORMAT_VERSION,
+            "config": to_dict(self.config),
+            "vision_tower": keras.saving.serialize_keras_object(self.vision_tower),
+            "text_tower": keras.saving.serialize_keras_object(self.text_tower),
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> "DualEncoder":
+        from dualenc.config import ModelConfig, from_dict
+
+        found = config.get("format_version")
+        if found != MODEL_FORMAT_VERSION:
+            raise DualEncError(
+                f"this model was saved in dualenc model format {found!r}, this dualenc reads format "
+                f"{MODEL_FORMAT_VERSION}; retrain it or load it with the dualenc version that wrote it"
+            )
+        model_config = from_dict(ModelConfig, config["config"], "saved model config")
+        vision_tower = keras.saving.deserialize_keras_object(config["vision_tower"])
+        text_tower = keras.saving.deserialize_keras_object(config["text_tower"])
+        return cls(model_config, vision_tower, text_tower, name=config.get("name"))
 
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         # Checked before Keras' __call__, which rewrites errors raised inside `call` into a
@@ -281,12 +300,11 @@ class DualEncoder(keras.Model):
         return {metric.name: metric.result() for metric in self.metrics}
 
 
-def _dummy_batch(config: ModelConfig) -> dict[str, tf.Tensor]:
+def _dummy_batch(config: ModelConfig) -> dict[str, Any]:
+    from dualenc.preprocessing import dummy_tokens
+
     height, width = config.vision.image_size
-    return {
-        IMAGE: tf.zeros((2, height, width, 3), tf.uint8),
-        CAPTION: tf.constant(["a person in a red coat", "a dog on the grass"]),
-    }
+    return {IMAGE: tf.zeros((2, height, width, 3), tf.uint8), TOKENS: dummy_tokens(config.text)}
 
 
 def build_dual_encoder(config: ModelConfig, placement: Placement | None = None) -> DualEncoder:
@@ -306,7 +324,7 @@ def build_dual_encoder(config: ModelConfig, placement: Placement | None = None) 
             vision_tower = build_vision_tower(config.vision)
         with on_device(placement.text_device):
             text_tower = build_text_tower(config.text)
-        for name, tower, raw in (("vision", vision_tower, batch[IMAGE]), ("text", text_tower, batch[CAPTION])):
+        for name, tower, raw in (("vision", vision_tower, batch[IMAGE]), ("text", text_tower, batch[TOKENS])):
             features = tower(raw, training=False)
             if features.shape.rank != 2:
                 raise DualEncError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import warnings
 from collections.abc import Callable
@@ -27,8 +28,9 @@ from dualenc.errors import DualEncError
 from dualenc.evaluation import embed_split, retrieval_metrics
 from dualenc.export import export_encoders
 from dualenc.files import write_json_atomic
-from dualenc.feature_cache import CachedFeatures, cached_features
-from dualenc.model import CAPTION_FEATURES, IMAGE_FEATURES, DualEncoder, build_dual_encoder
+from dualenc.feature_cache import CachedFeatures, cached_features, tower_fingerprint
+from dualenc.model import CAPTION_FEATURES, IMAGE_FEATURES, TOKENS, DualEncoder, build_dual_encoder
+from dualenc.preprocessing import build_text_preprocessor
 from dualenc.placement import make_placement
 from dualenc.records import CAPTION, IMAGE, IMAGE_ID, LABEL, parse_example
 from dualenc.runs import RunPaths, cache_root
@@ -80,36 +82,50 @@ def _frozen(config: configs.ModelConfig) -> dict[str, bool]:
 
 
 def _pair_parser(image_size: tuple[int, int], caches: dict[str, CachedFeatures], decode: bool):
-    """Serialised record -> model inputs; cached towers are looked up instead of run."""
+    """Serialised record -> a pair (pixels or cached image features, caption, label, image_id)."""
 
     def parse(record: tf.Tensor) -> dict[str, tf.Tensor]:
         features = parse_example(record)
-        inputs = {LABEL: features[LABEL], IMAGE_ID: features[IMAGE_ID]}
+        inputs = {LABEL: features[LABEL], IMAGE_ID: features[IMAGE_ID], CAPTION: features[CAPTION]}
         if "image" in caches:
             inputs[IMAGE_FEATURES] = caches["image"].lookup(features[IMAGE_ID])
         else:
             inputs[IMAGE] = decode_image(features[IMAGE], image_size) if decode else features[IMAGE]
-        if "caption" in caches:
-            inputs[CAPTION_FEATURES] = caches["caption"].lookup(features[CAPTION])
-        inputs[CAPTION] = features[CAPTION]
         return inputs
 
     return parse
+
+
+def _with_tokens(text_preprocessor: Callable, caches: dict[str, CachedFeatures]):
+    """Batch -> batch with the captions' "tokens" (or cached "caption_features") added."""
+
+    def add(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        if "caption" in caches:
+            return {**batch, CAPTION_FEATURES: caches["caption"].lookup(batch[CAPTION])}
+        return {**batch, TOKENS: text_preprocessor(batch[CAPTION])}
+
+    return add
+
+
+def model_inputs(batches: tf.data.Dataset) -> tf.data.Dataset:
+    """The batches without their strings (caption, image_id): the model takes numbers only."""
+    return batches.map(lambda batch: {key: value for key, value in batch.items() if key not in (CAPTION, IMAGE_ID)})
 
 
 def pair_batches(
     data_dir: Path,
     split: str,
     config: configs.TrainConfig,
+    text_preprocessor: Callable,
     caches: dict[str, CachedFeatures],
     *,
     training: bool,
 ) -> tf.data.Dataset:
-    """Batches of model inputs for `split`: shuffled (seeded) when training, in order otherwise.
+    """Batches of pairs of `split` with the model's inputs: shuffled (seeded) when training, in order otherwise.
 
     Losses that learn from identities (CMPM, CMPC) train on P identities x K pairs per batch;
-    the others on plain shuffled batches. Batches always carry "image_id", which the model
-    ignores and evaluation uses to find distinct images.
+    the others on plain shuffled batches. Batches also carry "caption" and "image_id" strings,
+    which evaluation uses (`model_inputs` drops them for Keras).
     """
     image_size = config.model.vision.image_size
     records = record_dataset(data_dir, split, shuffle=training, seed=config.seed)
@@ -124,9 +140,11 @@ def pair_batches(
                 lambda image: decode_image(image, image_size), images, fn_output_signature=tf.uint8
             )
             batches = batches.map(lambda batch: {**batch, IMAGE: decode(batch[IMAGE])}, num_parallel_calls=tf.data.AUTOTUNE)
-        return batches.prefetch(tf.data.AUTOTUNE)
-    pairs = records.map(_pair_parser(image_size, caches, decode=True), num_parallel_calls=tf.data.AUTOTUNE)
-    return pairs.batch(config.batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+    else:
+        pairs = records.map(_pair_parser(image_size, caches, decode=True), num_parallel_calls=tf.data.AUTOTUNE)
+        batches = pairs.batch(config.batch_size, drop_remainder=training)
+    batches = batches.map(_with_tokens(text_preprocessor, caches), num_parallel_calls=tf.data.AUTOTUNE)
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 class RetrievalValidation(keras.callbacks.Callback):
@@ -139,7 +157,7 @@ class RetrievalValidation(keras.callbacks.Callback):
         super().__init__()
         self.batches = batches
         self.image_key = IMAGE_FEATURES if "image" in caches else IMAGE
-        self.caption_key = CAPTION_FEATURES if "caption" in caches else CAPTION
+        self.caption_key = CAPTION_FEATURES if "caption" in caches else TOKENS
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         embeddings = embed_split(
@@ -265,15 +283,34 @@ def build_model(config: configs.TrainConfig) -> DualEncoder:
     return model
 
 
-def feature_caches(model: DualEncoder, config: configs.TrainConfig, data_dir: Path, splits: list[str], cache_dir: Path) -> dict:
+def feature_caches(
+    model: DualEncoder,
+    config: configs.TrainConfig,
+    text_preprocessor: Callable,
+    data_dir: Path,
+    splits: list[str],
+    cache_dir: Path,
+) -> dict:
     """{"image"/"caption": features} for each frozen tower, over the given splits' records."""
-    towers = {"image": model.vision_tower, "caption": model.text_tower}
+    # Raw batch -> frozen tower features; the text tower sees the preprocessor's tokens.
+    embedders = {
+        "image": lambda pixels: model.vision_tower(pixels, training=False),
+        "caption": lambda captions: model.text_tower(text_preprocessor(captions), training=False),
+    }
+    # The caption features depend on the tokenisation too (vocabulary or BERT preprocessor).
+    text_identity = json.dumps(configs.to_dict(config.model.text), sort_keys=True)
+    fingerprints = {
+        "image": tower_fingerprint(model.vision_tower),
+        "caption": hashlib.sha256((tower_fingerprint(model.text_tower) + text_identity).encode()).hexdigest(),
+    }
     caches = {}
     for kind, frozen in _frozen(config.model).items():
         if not frozen:
             continue
         parts = [
-            cached_features(towers[kind], data_dir, split, kind, cache_dir, image_size=config.model.vision.image_size)
+            cached_features(
+                embedders[kind], fingerprints[kind], data_dir, split, kind, cache_dir, image_size=config.model.vision.image_size
+            )
             for split in splits
         ]
         # A caption (or image) found in several splits has the same features from a frozen tower;
@@ -309,6 +346,7 @@ def run_training(
     if config.model.text.tower == "bilstm":
         learn_vocabulary(data_dir, config.model.text)
     keras.utils.set_random_seed(config.seed)
+    text_preprocessor = build_text_preprocessor(config.model.text)
     model = build_model(config)
     paths.root.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -318,35 +356,29 @@ def run_training(
     if on_start is not None:
         on_start()
     caches = (
-        feature_caches(model, config, data_dir, [TRAIN_SPLIT, validation_split], cache_root(cache_dir))
+        feature_caches(model, config, text_preprocessor, data_dir, [TRAIN_SPLIT, validation_split], cache_root(cache_dir))
         if use_feature_cache
         else {}
     )
-    train_batches = pair_batches(data_dir, TRAIN_SPLIT, config, caches, training=True)
-    validation_batches = pair_batches(data_dir, validation_split, config, caches, training=False)
+    train_batches = pair_batches(data_dir, TRAIN_SPLIT, config, text_preprocessor, caches, training=True)
+    validation_batches = pair_batches(data_dir, validation_split, config, text_preprocessor, caches, training=False)
     with warnings.catch_warnings():
         # Epoch length is unknown until the first epoch ends (identity batches vary in number);
         # Keras reports that end as "input ran out of data", which here is expected.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         model.fit(
-            train_batches,
-            validation_data=validation_batches,
+            model_inputs(train_batches),
+            validation_data=model_inputs(validation_batches),
             epochs=config.epochs,
             shuffle=False,  # the pipeline shuffles, seeded
             callbacks=_callbacks(paths, config, RetrievalValidation(validation_batches, caches), verbose),
             verbose=verbose,
         )
-    export_encoders(
-        paths.root,
-        encode_images=model.encode_images,
-        encode_texts=model.encode_texts,
-        image_size=config.model.vision.image_size,
-        # Each SavedModel carries only its own tower's weights.
-        track_images=[model.vision_tower, model.image_head],
-        track_texts=[model.text_tower, model.caption_head],
+    export_encoders(paths.root, model, text_preprocessor)
+    test_batches = pair_batches(data_dir, test_split, config, text_preprocessor, {}, training=False)
+    metrics = retrieval_metrics(
+        embed_split(test_batches.as_numpy_iterator(), model.encode_images, model.encode_texts, caption_key=TOKENS)
     )
-    test_batches = pair_batches(data_dir, test_split, config, {}, training=False)
-    metrics = retrieval_metrics(embed_split(test_batches.as_numpy_iterator(), model.encode_images, model.encode_texts))
     history = read_history(paths.log_csv)
     plot_curves(history, paths.curves)
     report = {"split": test_split, "epochs_trained": len(history.get("loss", [])), **metrics}

@@ -1,0 +1,112 @@
+"""Preprocessors: raw inputs (encoded image bytes, caption strings) → the numbers the towers take.
+
+As in keras-hub, strings and image bytes never enter the Keras model. A preprocessor runs in the
+`tf.data` pipeline while training and evaluating, and is composed in front of the model inside
+each exported serving endpoint (`dualenc.export`), so both see exactly the same numbers:
+
+- images: `decode_image` (the one shared decoder) → uint8 pixels ``[H, W, 3]``;
+- captions, per text tower (`build_text_preprocessor`):
+  - ``bilstm``: `WordPieceTokenizer`, strings ``[B]`` → token ids int32 ``[B, max_tokens]``;
+  - ``bert``: `HubBertPreprocessor`, the TF-Hub preprocessor SavedModel, strings ``[B]`` →
+    ``dict(input_word_ids, input_mask, input_type_ids)``, each int32 ``[B, S]``.
+
+Text preprocessors are `tf.Module`s, so an exporter can track their lookup tables.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import tensorflow_text as tf_text
+
+from dualenc import hub
+from dualenc.config import TextConfig
+from dualenc.errors import DualEncError
+from dualenc.vocabulary import END, START, UNK, read_vocabulary
+
+HUB_CALL_ENDPOINT = "__call__"
+BERT_INPUTS = ("input_word_ids", "input_mask", "input_type_ids")
+
+
+class WordPieceTokenizer(tf.Module):
+    """Captions ``[B]`` string → token ids ``[B, max_tokens]`` int32, 0-padded.
+
+    Lower-cases, splits like BERT, looks words up as WordPiece tokens in `tokens` (a vocabulary
+    from `dualenc.vocabulary`), keeps the first ``max_tokens - 2`` pieces and wraps them in
+    ``[START] … [END]`` — so even an empty caption has two tokens and the LSTM never sees an
+    all-masked row. Unknown words become ``[UNK]``; ids are < ``len(tokens) + 1`` (the last one
+    is the lookup table's out-of-vocabulary bucket, which BertTokenizer never emits).
+    """
+
+    def __init__(self, tokens: list[str], max_tokens: int):
+        super().__init__(name="wordpiece_tokenizer")
+        if max_tokens < 3:
+            raise DualEncError(f"max_tokens must be >= 3 ([START], one token, [END]), got {max_tokens}")
+        if START not in tokens or END not in tokens:
+            raise DualEncError(f"the vocabulary lacks {START} or {END}; learn it with dualenc.vocabulary")
+        self.max_tokens = int(max_tokens)
+        self.vocab_size = len(tokens)
+        self.start_id = tokens.index(START)
+        self.end_id = tokens.index(END)
+        # Built from the tokens (not the file), so an export carries its own copy of the table.
+        initializer = tf.lookup.KeyValueTensorInitializer(tf.constant(tokens), tf.range(len(tokens), dtype=tf.int64))
+        self.table = tf.lookup.StaticVocabularyTable(initializer, num_oov_buckets=1)
+        self.tokenizer = tf_text.BertTokenizer(self.table, lower_case=True, unknown_token=UNK, token_out_type=tf.int64)
+
+    def __call__(self, captions: tf.Tensor) -> tf.Tensor:
+        # [B, words, pieces] → [B, pieces]
+        pieces = self.tokenizer.tokenize(tf.reshape(captions, [-1])).merge_dims(-2, -1)
+        pieces = pieces[:, : self.max_tokens - 2]
+        batch = pieces.nrows()
+        starts = tf.fill([batch, 1], tf.constant(self.start_id, tf.int64))
+        ends = tf.fill([batch, 1], tf.constant(self.end_id, tf.int64))
+        tokens = tf.concat([starts, pieces, ends], axis=1)
+        return tf.cast(tokens.to_tensor(default_value=0, shape=[None, self.max_tokens]), tf.int32)
+
+
+class HubBertPreprocessor(tf.Module):
+    """A TF-Hub BERT preprocessor SavedModel: captions ``[B]`` → the encoder's three id tensors.
+
+    `handle` is a TF-Hub URL or a local SavedModel directory (`dualenc.hub.resolve_handle`).
+    Only the three inputs a BERT encoder takes are kept.
+    """
+
+    def __init__(self, handle: str):
+        super().__init__(name="bert_preprocessor")
+        self.handle = handle
+        self.saved_model = tf.saved_model.load(hub.resolve_handle(handle))
+
+    def __call__(self, captions: tf.Tensor) -> dict[str, tf.Tensor]:
+        outputs = self.saved_model(tf.reshape(captions, [-1]))
+        return {name: tf.cast(outputs[name], tf.int32) for name in BERT_INPUTS}
+
+
+def build_text_preprocessor(config: TextConfig) -> WordPieceTokenizer | HubBertPreprocessor:
+    """The preprocessor that turns captions into the inputs of `config`'s text tower."""
+    if config.tower == "bert":
+        return HubBertPreprocessor(config.preprocessor)
+    if config.vocabulary is None:
+        raise DualEncError("text tower 'bilstm' needs a vocabulary file (TextConfig.vocabulary); learn one first")
+    tokens = read_vocabulary(config.vocabulary)
+    if len(tokens) > config.vocab_size:
+        raise DualEncError(
+            f"vocabulary file {config.vocabulary} has {len(tokens)} tokens but text.vocab_size is "
+            f"{config.vocab_size}; raise vocab_size or learn a smaller vocabulary"
+        )
+    return WordPieceTokenizer(tokens, config.max_tokens)
+
+
+def token_spec(config: TextConfig) -> tf.TensorSpec | dict[str, tf.TensorSpec]:
+    """The signature of the text tower's input: what `build_text_preprocessor` returns, batched."""
+    if config.tower == "bert":
+        return {name: tf.TensorSpec([None, None], tf.int32, name=name) for name in BERT_INPUTS}
+    return tf.TensorSpec([None, config.max_tokens], tf.int32, name="token_ids")
+
+
+def dummy_tokens(config: TextConfig, batch: int = 2) -> tf.Tensor | dict[str, tf.Tensor]:
+    """All-padding token inputs for `batch` captions (with [CLS]/[START]-like first ids of 1),
+    used to build the text tower before any data is read."""
+    length = config.max_tokens if config.tower == "bilstm" else 8
+    ids = tf.concat([tf.ones([batch, 2], tf.int32), tf.zeros([batch, length - 2], tf.int32)], axis=1)
+    if config.tower == "bert":
+        return {"input_word_ids": ids, "input_mask": tf.cast(ids > 0, tf.int32), "input_type_ids": tf.zeros_like(ids)}
+    return ids
