@@ -46,6 +46,11 @@ def _unit_embeddings(embeddings: tf.Tensor) -> tf.Tensor:
     return tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1)
 
 
+def _owner(encode: Callable) -> object:
+    """What to save with `encode` by default: a bound method's owner, else `encode` itself."""
+    return getattr(encode, "__self__", encode)
+
+
 def _archive(parts: Sequence[object]) -> keras.export.ExportArchive:
     archive = keras.export.ExportArchive()
     for part in parts:
@@ -67,12 +72,12 @@ def export_vision_encoder(
 
     `image_size` is ``(H, W)``. `encode_pixels` is a Keras model or layer, or a function of the
     Keras layers listed in `track` (e.g. ``DualEncoder.encode_images`` with the vision tower and
-    image head), which are what the file holds.
+    image head), which are what the file holds; by default the method's owner or the model itself.
     """
     from dualenc.data import decode_image  # the one decoder shared with training
 
     height, width = (int(side) for side in image_size)
-    archive = _archive(track if track is not None else [encode_pixels])
+    archive = _archive(track if track is not None else [_owner(encode_pixels)])
 
     def embed_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         return {OUTPUT: _unit_embeddings(encode_pixels(pixels))}
@@ -111,7 +116,7 @@ def export_text_encoder(
     Without a `preprocessor`, `encode_tokens` takes the caption strings itself. What the file
     holds is `track` (Keras layers) or `encode_tokens`, plus the preprocessor (a `tf.Module`).
     """
-    parts = list(track if track is not None else [encode_tokens])
+    parts = list(track if track is not None else [_owner(encode_tokens)])
     if preprocessor is not None:
         parts.append(preprocessor)
     archive = _archive(parts)
@@ -135,22 +140,26 @@ def export_vision_tflite(saved_model_dir: Path, path: Path) -> None:
     write_bytes_atomic(path, flatbuffer)
 
 
-def export_encoders(run_dir: Path, model, text_preprocessor: Callable) -> None:
-    """Write ``vision_encoder/``, ``vision_encoder.tflite`` and ``text_encoder/`` of a `DualEncoder`.
+def export_encoders(
+    run_dir: Path,
+    *,
+    encode_images: Callable,
+    encode_texts: Callable,
+    image_size: tuple[int, int],
+    text_preprocessor: Callable | None = None,
+    track_images: Sequence[object] | None = None,
+    track_texts: Sequence[object] | None = None,
+) -> None:
+    """Write ``vision_encoder/``, ``vision_encoder.tflite`` and ``text_encoder/`` under `run_dir`.
 
-    Each SavedModel holds only its own tower and head (see the module docstring).
+    For a `DualEncoder`, pass its ``encode_images``/``encode_texts`` with
+    ``track_images=[model.vision_tower, model.image_head]`` and
+    ``track_texts=[model.text_tower, model.caption_head]``, so each file holds one tower only.
     """
     run_dir = Path(run_dir)
-    export_vision_encoder(
-        model.encode_images,
-        model.config.vision.image_size,
-        run_dir / VISION_ENCODER_DIR,
-        track=[model.vision_tower, model.image_head],
-    )
+    export_vision_encoder(encode_images, image_size, run_dir / VISION_ENCODER_DIR, track_images)
     export_vision_tflite(run_dir / VISION_ENCODER_DIR, run_dir / VISION_TFLITE)
-    export_text_encoder(
-        model.encode_texts, run_dir / TEXT_ENCODER_DIR, text_preprocessor, track=[model.text_tower, model.caption_head]
-    )
+    export_text_encoder(encode_texts, run_dir / TEXT_ENCODER_DIR, text_preprocessor, track_texts)
 
 
 class LoadedEncoder:

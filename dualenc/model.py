@@ -73,6 +73,7 @@ def _check_inputs(inputs: Any) -> None:
             raise DualEncError(f"DualEncoder inputs have no {raw!r} or {cached!r}; got keys {sorted(inputs)}")
 
 
+@keras.saving.register_keras_serializable(package="dualenc")
 class DualEncoder(keras.Model):
     """Vision and text towers projected into one embedding space (see the module docstring).
 
@@ -226,7 +227,9 @@ class DualEncoder(keras.Model):
         model_config = from_dict(ModelConfig, config["config"], "saved model config")
         vision_tower = keras.saving.deserialize_keras_object(config["vision_tower"])
         text_tower = keras.saving.deserialize_keras_object(config["text_tower"])
-        return cls(model_config, vision_tower, text_tower, name=config.get("name"))
+        model = cls(model_config, vision_tower, text_tower, name=config.get("name"))
+        model(_dummy_batch(model_config), training=False)  # creates every variable before weights load
+        return model
 
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         # Checked before Keras' __call__, which rewrites errors raised inside `call` into a

@@ -374,7 +374,16 @@ def run_training(
             callbacks=_callbacks(paths, config, RetrievalValidation(validation_batches, caches), verbose),
             verbose=verbose,
         )
-    export_encoders(paths.root, model, text_preprocessor)
+    export_encoders(
+        paths.root,
+        encode_images=model.encode_images,
+        encode_texts=model.encode_texts,
+        image_size=config.model.vision.image_size,
+        text_preprocessor=text_preprocessor,
+        # Each SavedModel carries only its own tower's weights.
+        track_images=[model.vision_tower, model.image_head],
+        track_texts=[model.text_tower, model.caption_head],
+    )
     test_batches = pair_batches(data_dir, test_split, config, text_preprocessor, {}, training=False)
     metrics = retrieval_metrics(
         embed_split(test_batches.as_numpy_iterator(), model.encode_images, model.encode_texts, caption_key=TOKENS)

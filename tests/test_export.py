@@ -215,32 +215,101 @@ def test_round_trip_in_fresh_process_matches_in_memory(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(loaded["vision"], axis=1), 1.0, atol=1e-5)
 
 
-def test_bound_method_and_tfsm_bert_text_tower(tmp_path):
-    """A TF-Hub-style BERT inside keras.layers.TFSMLayer, exported via a bound method."""
+def test_bert_tower_with_its_hub_preprocessor_in_front(tmp_path):
+    """A TF-Hub-style BERT encoder (TFSMLayer) behind its TF-Hub preprocessor, exported captions-in."""
     bert_fixture = pytest.importorskip("bert_fixture")
     preprocessor_dir, encoder_dir = bert_fixture.make_tiny_bert(tmp_path / "hub")
 
     from dualenc.config import TextConfig
+    from dualenc.preprocessing import build_text_preprocessor
     from dualenc.towers.text import build_text_tower
 
-    class TextTower(keras.Model):
-        def __init__(self):
-            super().__init__()
-            config = TextConfig(tower="bert", preprocessor=str(preprocessor_dir), encoder=str(encoder_dir))
-            self.bert = build_text_tower(config)
-            self.project = keras.layers.Dense(4)
-
-        def encode_texts(self, captions):
-            return self.project(self.bert(captions))
-
-    tower = TextTower()
+    config = TextConfig(tower="bert", preprocessor=str(preprocessor_dir), encoder=str(encoder_dir))
+    bert, projection = build_text_tower(config), keras.layers.Dense(4)
+    preprocessor = build_text_preprocessor(config)
     captions = ["a woman in a red coat", "two dogs running on grass"]
-    expected = unit(tower.encode_texts(tf.constant(captions)).numpy())
-    export_text_encoder(tower.encode_texts, tmp_path / "text_encoder")
+    expected = unit(projection(bert(preprocessor(tf.constant(captions)))).numpy())
+    export_text_encoder(lambda tokens: projection(bert(tokens)), tmp_path / "text_encoder", preprocessor, track=[bert, projection])
     export_vision_encoder(small_conv_encoder(), IMAGE_SIZE, tmp_path / "vision_encoder")
     loaded = run_fresh(tmp_path / "vision_encoder", tmp_path / "text_encoder", [], captions)
     np.testing.assert_allclose(loaded["text"], expected, atol=1e-5)
     assert loaded["vision"].shape == (0,) or loaded["vision"].shape[0] == 0
+
+
+TF1_SESSION = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+import tensorflow_text  # noqa: F401  the text preprocessor's ops
+request = json.load(sys.stdin)
+assert not [name for name in sys.modules if name.startswith("dualenc")]
+tf.compat.v1.disable_eager_execution()
+out = {}
+for name, feed in (("vision", [bytes.fromhex(blob) for blob in request["images"]]), ("text", request["captions"])):
+    # TensorFlow Serving's loader: a TF1 session restoring the variables by name.
+    with tf.compat.v1.Session(graph=tf.Graph()) as session:
+        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], request[name])
+        signature = meta_graph.signature_def["serving_default"]
+        (tensor_input,) = signature.inputs.values()
+        out[name] = session.run(signature.outputs["embeddings"].name, {tensor_input.name: feed}).tolist()
+print(json.dumps(out))
+"""
+
+
+def test_dual_encoder_exports_run_under_the_tf1_session_loader_and_tflite(tmp_path):
+    """TensorFlow Serving's TF1 loader and the TFLite interpreter, each against the Keras model."""
+    from dualenc.config import ModelConfig, TextConfig, VisionConfig
+    from dualenc.data import decode_image
+    from dualenc.model import build_dual_encoder
+    from dualenc.preprocessing import build_text_preprocessor
+    from dualenc.vocabulary import learn_wordpiece_vocabulary
+
+    vocabulary = learn_wordpiece_vocabulary(["a woman in a red coat", "a man with a blue bag"] * 3, 40, tmp_path / "vocab.txt")
+    config = ModelConfig(
+        vision=VisionConfig("small_cnn", image_size=IMAGE_SIZE),
+        text=TextConfig(tower="bilstm", vocabulary=str(vocabulary), vocab_size=40, max_tokens=8, embedding_dim=8, lstm_units=4),
+        projection_dim=8,
+    )
+    model = build_dual_encoder(config)
+    preprocessor = build_text_preprocessor(config.text)
+    run_dir = tmp_path / "run"
+    export_encoders(
+        run_dir,
+        encode_images=model.encode_images,
+        encode_texts=model.encode_texts,
+        image_size=IMAGE_SIZE,
+        text_preprocessor=preprocessor,
+        track_images=[model.vision_tower, model.image_head],
+        track_texts=[model.text_tower, model.caption_head],
+    )
+    vocabulary.unlink()  # the export carries its own copy of the vocabulary
+    pixels = [solid_image(rgb, seed) for seed, rgb in enumerate(COLOURS.values())][:4]
+    images = [encode_png(pixels[0], "JPEG"), encode_png(pixels[1], "PNG"), encode_png(pixels[2], "BMP"), encode_png(pixels[3])]
+    captions = ["a woman in a red coat", "", "ünïcödé words", "A MAN WITH A BLUE BAG"]
+    decoded = np.stack([decode_image(tf.constant(blob), IMAGE_SIZE).numpy() for blob in images])
+    expected_vision = model.encode_images(decoded).numpy()
+    expected_text = model.encode_texts(preprocessor(tf.constant(captions))).numpy()
+
+    request = {"vision": str(run_dir / "vision_encoder"), "text": str(run_dir / "text_encoder"),
+               "images": [blob.hex() for blob in images], "captions": captions}
+    completed = subprocess.run(
+        [sys.executable, "-c", TF1_SESSION], input=json.dumps(request), capture_output=True, text=True,
+        env={"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    loaded = json.loads(completed.stdout)
+    np.testing.assert_allclose(loaded["vision"], expected_vision, atol=1e-5)
+    np.testing.assert_allclose(loaded["text"], expected_text, atol=1e-5)
+    assert len({tuple(np.round(row, 4)) for row in loaded["text"]}) == len(captions)  # not all one row
+
+    interpreter = tf.lite.Interpreter(model_path=str(run_dir / "vision_encoder.tflite"))
+    runner = interpreter.get_signature_runner("pixels")
+    saved = tf.saved_model.load(str(run_dir / "vision_encoder")).signatures["pixels"]
+    from_saved_model = saved(pixels=tf.constant(decoded))["embeddings"].numpy()
+    from_tflite = runner(pixels=decoded)["embeddings"]
+    assert from_tflite.shape == (4, 8)
+    np.testing.assert_allclose(from_tflite, from_saved_model, atol=1e-4)
+    np.testing.assert_allclose(from_saved_model, expected_vision, atol=1e-5)
 
 
 def test_load_encoder_batches_and_reexport_replaces(tmp_path):
@@ -278,7 +347,7 @@ def test_track_saves_only_the_named_parts(tmp_path):
             return self.vision(images)
 
     pair = Pair()
-    export_vision_encoder(pair.encode_images, IMAGE_SIZE, tmp_path / "whole")
+    export_vision_encoder(pair.encode_images, IMAGE_SIZE, tmp_path / "whole", track=[pair.vision, pair.text])
     export_vision_encoder(pair.encode_images, IMAGE_SIZE, tmp_path / "vision", track=[pair.vision])
 
     def weights(path):

@@ -13,29 +13,36 @@ import tensorflow as tf
 
 from dualenc.config import ModelConfig, TextConfig, VisionConfig
 from dualenc.errors import DualEncError
-from dualenc.model import DualEncoder, build_dual_encoder, in_batch_recall_at_1
+from dualenc.model import MODEL_FORMAT_VERSION, DualEncoder, build_dual_encoder, in_batch_recall_at_1
+from dualenc.preprocessing import build_text_preprocessor
 
 IMAGE_SIZE = 8
 NUM_CLASSES = 16
 TEXT_BUCKETS = 256
 
 
+def hashed_tokens(captions) -> tf.Tensor:
+    """The stand-in text preprocessor: captions [B] -> hashed word ids int32 [B, words], 0-padded."""
+    words = tf.strings.split(tf.constant(captions)).to_tensor(default_value="")
+    ids = tf.strings.to_hash_bucket_fast(words, TEXT_BUCKETS - 1) + 1
+    return tf.cast(tf.where(tf.equal(words, ""), tf.zeros_like(ids), ids), tf.int32)
+
+
 class HashedTextTower(keras.Model):
-    """Captions [B] -> mean of hashed word embeddings [B, width]."""
+    """Hashed word ids [B, W] (0 = padding) -> mean of their embeddings [B, width]."""
 
     def __init__(self, width: int = 16, **kwargs):
         super().__init__(**kwargs)
         self.embedding = keras.layers.Embedding(TEXT_BUCKETS, width)
 
-    def call(self, captions):
-        words = tf.strings.split(captions).to_tensor(default_value="")
-        present = tf.cast(tf.not_equal(words, ""), self.compute_dtype)[..., None]
-        word_embeddings = self.embedding(tf.strings.to_hash_bucket_fast(words, TEXT_BUCKETS))
+    def call(self, token_ids):
+        present = tf.cast(tf.not_equal(token_ids, 0), self.compute_dtype)[..., None]
+        word_embeddings = self.embedding(token_ids)
         return tf.reduce_sum(word_embeddings * present, axis=1) / tf.maximum(tf.reduce_sum(present, axis=1), 1)
 
 
 def stand_in_towers(seed: int = 0) -> tuple[keras.Model, keras.Model]:
-    """(vision tower: float images [B, 8, 8, 3] -> [B, 24], text tower: strings [B] -> [B, 16])."""
+    """(vision tower: float images [B, 8, 8, 3] -> [B, 24], text tower: word ids [B, W] -> [B, 16])."""
     keras.utils.set_random_seed(seed)
     images = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
     features = keras.layers.Dense(24)(keras.layers.Flatten()(images))
@@ -50,7 +57,7 @@ def matching_batch(labels: np.ndarray, seed: int = 0) -> dict[str, tf.Tensor]:
     captions = [templates[(seed + i) % 3].format(f"c{label}") for i, label in enumerate(labels)]
     return {
         "image": tf.constant(prototypes[labels] + noise, tf.float32),
-        "caption": tf.constant(captions),
+        "tokens": hashed_tokens(captions),
         "label": tf.constant(labels, tf.int64),
     }
 
@@ -67,6 +74,9 @@ def dataset(batches: int, seed: int = 0) -> tf.data.Dataset:
     """`batches` batches, each holding every class once in a shuffled order."""
     rng = np.random.default_rng(seed)
     parts = [matching_batch(rng.permutation(NUM_CLASSES), seed=seed + b) for b in range(batches)]
+    width = max(part["tokens"].shape[1] for part in parts)
+    for part in parts:
+        part["tokens"] = tf.pad(part["tokens"], [[0, 0], [0, width - part["tokens"].shape[1]]])
     merged = {key: tf.concat([part[key] for part in parts], axis=0) for key in parts[0]}
     return tf.data.Dataset.from_tensor_slices(merged).batch(NUM_CLASSES)
 
@@ -79,7 +89,7 @@ def test_forward_gives_unit_float32_embeddings_and_encoders_agree():
         assert embeddings.shape == (5, 8) and embeddings.dtype == tf.float32
         np.testing.assert_allclose(np.linalg.norm(embeddings.numpy(), axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(model.encode_images(batch["image"]).numpy(), image_embeddings.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(model.encode_texts(batch["caption"]).numpy(), caption_embeddings.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(model.encode_texts(batch["tokens"]).numpy(), caption_embeddings.numpy(), rtol=1e-6)
 
 
 def test_in_batch_recall_matches_numpy_with_repeated_labels():
@@ -122,21 +132,21 @@ def test_cached_features_give_the_same_loss_as_raw_inputs():
     batch = matching_batch(np.arange(NUM_CLASSES))
     cached = {
         "image_features": model.vision_tower(batch["image"]),
-        "caption_features": model.text_tower(batch["caption"]),
+        "caption_features": model.text_tower(batch["tokens"]),
         "label": batch["label"],
     }
     raw_logs = model.evaluate(tf.data.Dataset.from_tensors(batch), return_dict=True, verbose=0)
     cached_logs = model.evaluate(tf.data.Dataset.from_tensors(cached), return_dict=True, verbose=0)
     assert cached_logs == pytest.approx(raw_logs, rel=1e-6)
     np.testing.assert_allclose(model.encode_images(cached["image_features"]), model.encode_images(batch["image"]), rtol=1e-6)
-    np.testing.assert_allclose(model.encode_texts(cached["caption_features"]), model.encode_texts(batch["caption"]), rtol=1e-6)
+    np.testing.assert_allclose(model.encode_texts(cached["caption_features"]), model.encode_texts(batch["tokens"]), rtol=1e-6)
 
 
 def test_training_on_cached_features_leaves_skipped_towers_alone():
     model = make_model()
     model.compile(optimizer=keras.optimizers.SGD(0.5))
     batch = matching_batch(np.arange(NUM_CLASSES))
-    cached = {"image_features": model.vision_tower(batch["image"]), "caption": batch["caption"]}
+    cached = {"image_features": model.vision_tower(batch["image"]), "tokens": batch["tokens"]}
     vision_before = [weight.numpy() for weight in model.vision_tower.weights]
     head_before = model.image_head.weights[0].numpy()
     model.fit(tf.data.Dataset.from_tensors(cached), epochs=2, verbose=0, shuffle=False)
@@ -211,8 +221,8 @@ def test_mixed_precision_keeps_embeddings_and_loss_in_float32():
 @pytest.mark.parametrize(
     "inputs, words",
     [
-        ({"image": tf.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3))}, ["'caption'", "'caption_features'"]),
-        ({"caption": tf.constant(["a", "b"])}, ["'image'", "'image_features'"]),
+        ({"image": tf.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3))}, ["'tokens'", "'caption_features'"]),
+        ({"tokens": tf.ones((2, 3), tf.int32)}, ["'image'", "'image_features'"]),
         (tf.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3)), ["dict"]),
     ],
 )
@@ -226,12 +236,12 @@ def test_bad_inputs_raise_one_line_errors(inputs, words):
 
 def test_fit_on_a_batch_without_captions_raises_the_one_line_error():
     batch = matching_batch(np.arange(4))
-    del batch["caption"]
+    del batch["tokens"]
     model = make_model()
     model.compile(optimizer="sgd")
     with pytest.raises(DualEncError) as info:
         model.fit(tf.data.Dataset.from_tensors(batch), verbose=0, shuffle=False)
-    assert "'caption'" in str(info.value) and "\n" not in str(info.value)
+    assert "'tokens'" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_label_free_batches_fail_only_for_identity_losses():
@@ -251,7 +261,7 @@ def test_encoders_reject_wrong_shapes():
     with pytest.raises(DualEncError, match="encode_images"):
         model.encode_images(tf.zeros((2,)))
     with pytest.raises(DualEncError, match="encode_texts"):
-        model.encode_texts(tf.constant([["a"]]))
+        model.encode_texts(tf.constant(["a strings batch is not preprocessed"]))
 
 
 def factory_config(tmp_path) -> ModelConfig:
@@ -270,7 +280,8 @@ def test_factory_builds_both_towers_and_every_variable(tmp_path):
     model = build_dual_encoder(factory_config(tmp_path))
     assert model.built and model.vision_tower.built and model.text_tower.built
     images = tf.random.uniform((3, 32, 32, 3), maxval=255, dtype=tf.int32)
-    caption_embeddings, image_embeddings = model({"image": tf.cast(images, tf.uint8), "caption": tf.constant(["a", "b c", ""])})
+    tokens = build_text_preprocessor(model.config.text)(tf.constant(["a", "b c", ""]))
+    caption_embeddings, image_embeddings = model({"image": tf.cast(images, tf.uint8), "tokens": tokens})
     assert caption_embeddings.shape == (3, 8) and image_embeddings.shape == (3, 8)
 
 
@@ -295,3 +306,27 @@ def test_weights_round_trip_through_a_weights_file(tmp_path):
     for saved, loaded in zip(model(batch), restored(batch)):
         np.testing.assert_array_equal(saved.numpy(), loaded.numpy())
     np.testing.assert_array_equal(model.class_weights.numpy(), restored.class_weights.numpy())
+
+
+def test_saves_and_loads_as_a_keras_file(tmp_path):
+    model = build_dual_encoder(dataclasses.replace(factory_config(tmp_path), loss="cmpc", num_classes=3, learn_temperature=True))
+    model.compile(optimizer="adamw")
+    path = tmp_path / "dual_encoder.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path, compile=False)
+    assert isinstance(restored, DualEncoder) and restored.config == model.config
+    pixels = tf.cast(tf.random.uniform((3, 32, 32, 3), maxval=255, dtype=tf.int32), tf.uint8)
+    tokens = build_text_preprocessor(model.config.text)(tf.constant(["a red coat", "a dog", ""]))
+    for saved, loaded in zip(model({"image": pixels, "tokens": tokens}), restored({"image": pixels, "tokens": tokens})):
+        np.testing.assert_allclose(saved.numpy(), loaded.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(model.class_weights.numpy(), restored.class_weights.numpy())
+    assert restored.temperature.numpy() == pytest.approx(model.temperature.numpy())
+
+
+def test_a_keras_file_of_another_format_is_refused_in_one_line(tmp_path):
+    config = DualEncoder.from_config  # the check sits in from_config, which load_model calls
+    serialised = build_dual_encoder(factory_config(tmp_path)).get_config()
+    with pytest.raises(DualEncError) as info:
+        config({**serialised, "format_version": MODEL_FORMAT_VERSION + 1})
+    message = str(info.value)
+    assert "\n" not in message and f"format {MODEL_FORMAT_VERSION + 1}" in message and f"format {MODEL_FORMAT_VERSION}" in message
