@@ -1,23 +1,25 @@
 # `make demo` and `make test` each set up .venv (once) and run. See README.md.
+# Installs are pinned to constraints.txt: the exact versions the test suite last passed with.
+# `make test-latest` tries the newest releases allowed by setup.cfg instead, in .venv-latest.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MIN_FREE_MB := 3000
 
-.PHONY: demo test clean check-python
+.PHONY: demo test test-latest lock clean check-python
 
 check-python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 13) else 1)' 2>/dev/null || \
 		{ echo "error: dualenc needs Python 3.10-3.13 as '$(PYTHON)' (found: $$($(PYTHON) --version 2>&1)); run: make PYTHON=/path/to/python3.12 ..."; exit 2; }
 
 # Installing TensorFlow needs the space; an existing .venv does not.
-$(STAMP): setup.cfg pyproject.toml | check-python
+$(STAMP): setup.cfg pyproject.toml constraints.txt | check-python
 	@free=$$(df -Pm . | awk 'NR==2 {print $$4}'); [ "$$free" -ge $(MIN_FREE_MB) ] || \
 		{ echo "error: only $${free} MB free in $$(pwd); installing dualenc needs about $(MIN_FREE_MB) MB (TensorFlow); free some disk space"; exit 2; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
 demo: check-python $(STAMP)
@@ -27,5 +29,16 @@ demo: check-python $(STAMP)
 test: check-python $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Unpinned: what a fresh `pip install` would get today. Run `make lock` after it passes.
+test-latest: check-python
+	@test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --upgrade pip
+	.venv-latest/bin/python -m pip install --quiet --upgrade -e '.[test]'
+	.venv-latest/bin/python -m pytest -q
+
+# Re-pin constraints.txt to what .venv-latest holds.
+lock:
+	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -v '^dualenc' > constraints.txt
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-latest runs .pytest_cache

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from dualenc import feature_cache
 from dualenc.data import decode_image, record_dataset, sha256_of_file
-from dualenc.feature_cache import CachedFeatures, cached_features
+from dualenc.feature_cache import CachedFeatures, cached_features, tower_fingerprint
 from dualenc.records import CAPTION, IMAGE, IMAGE_ID, parse_example
 from train_fixtures import copy_dataset, packed_demo_dir
 
@@ -45,6 +45,11 @@ def _caption_tower(captions: list[str]) -> keras.Model:
     return keras.Model(text, keras.layers.Embedding(len(set(captions)) + 1, 3)(ids))
 
 
+def frozen(tower: keras.Model) -> tuple:
+    """(embed, fingerprint) of a frozen tower, as `cached_features` takes them."""
+    return (lambda inputs: tower(inputs, training=False)), tower_fingerprint(tower)
+
+
 @pytest.fixture
 def compute_calls(monkeypatch) -> list[tuple]:
     """Records each real computation of features (cache misses)."""
@@ -68,7 +73,7 @@ def _first_by(records: list[dict], key: str) -> dict[str, dict]:
 
 def test_image_features_are_one_row_per_image_id_equal_to_the_tower(demo_data, train_records, tmp_path, compute_calls):
     tower = _image_tower()
-    cached = cached_features(tower, demo_data, "train", "image", tmp_path, image_size=IMAGE_SIZE)
+    cached = cached_features(*frozen(tower), demo_data, "train", "image", tmp_path, image_size=IMAGE_SIZE)
     first = _first_by(train_records, IMAGE_ID)
     assert cached.keys == list(first)  # packing order, no repeats
     assert cached.features.shape == (len(first), 4) and cached.features.dtype == np.float32
@@ -79,8 +84,8 @@ def test_image_features_are_one_row_per_image_id_equal_to_the_tower(demo_data, t
 
 def test_second_call_loads_from_disk_without_computing(demo_data, tmp_path, compute_calls):
     tower = _image_tower()
-    first = cached_features(tower, demo_data, "train", "image", tmp_path, image_size=IMAGE_SIZE)
-    again = cached_features(tower, demo_data, "train", "image", tmp_path, image_size=IMAGE_SIZE)
+    first = cached_features(*frozen(tower), demo_data, "train", "image", tmp_path, image_size=IMAGE_SIZE)
+    again = cached_features(*frozen(tower), demo_data, "train", "image", tmp_path, image_size=IMAGE_SIZE)
     assert compute_calls == [("train", "image")]
     assert again.keys == first.keys
     np.testing.assert_array_equal(again.features, first.features)
@@ -91,10 +96,10 @@ def test_second_call_loads_from_disk_without_computing(demo_data, tmp_path, comp
 
 def test_new_tower_weights_get_a_new_cache_entry(demo_data, tmp_path, compute_calls):
     tower = _image_tower()
-    before = cached_features(tower, demo_data, "train", "image", tmp_path, image_size=IMAGE_SIZE)
+    before = cached_features(*frozen(tower), demo_data, "train", "image", tmp_path, image_size=IMAGE_SIZE)
     kernel = tower.get_layer("dense").kernel
     kernel.assign(kernel.numpy() + 1.0)
-    after = cached_features(tower, demo_data, "train", "image", tmp_path, image_size=IMAGE_SIZE)
+    after = cached_features(*frozen(tower), demo_data, "train", "image", tmp_path, image_size=IMAGE_SIZE)
     assert compute_calls == [("train", "image"), ("train", "image")]
     assert len(list((tmp_path / "features").iterdir())) == 2
     assert not np.allclose(before.features, after.features)
@@ -102,15 +107,15 @@ def test_new_tower_weights_get_a_new_cache_entry(demo_data, tmp_path, compute_ca
 
 def test_splits_and_kinds_do_not_share_entries(demo_data, tmp_path, compute_calls):
     tower = _image_tower()
-    train = cached_features(tower, demo_data, "train", "image", tmp_path, image_size=IMAGE_SIZE)
-    validation = cached_features(tower, demo_data, "val", "image", tmp_path, image_size=IMAGE_SIZE)
+    train = cached_features(*frozen(tower), demo_data, "train", "image", tmp_path, image_size=IMAGE_SIZE)
+    validation = cached_features(*frozen(tower), demo_data, "val", "image", tmp_path, image_size=IMAGE_SIZE)
     assert compute_calls == [("train", "image"), ("val", "image")]
     assert not set(train.keys) & set(validation.keys)
 
 
 def test_repacked_data_is_recomputed(demo_data, train_records, tmp_path, compute_calls):
     tower = _image_tower()
-    original = cached_features(tower, demo_data, "train", "image", tmp_path / "cache", image_size=IMAGE_SIZE)
+    original = cached_features(*frozen(tower), demo_data, "train", "image", tmp_path / "cache", image_size=IMAGE_SIZE)
     # Re-pack the training split with its records in reverse order.
     repacked = copy_dataset(demo_data, tmp_path / "repacked")
     shard = next(repacked.glob("train-*.tfrecord"))
@@ -122,7 +127,7 @@ def test_repacked_data_is_recomputed(demo_data, train_records, tmp_path, compute
     manifest["splits"]["train"]["sha256"][shard.name] = sha256_of_file(shard)
     (repacked / "manifest.json").write_text(json.dumps(manifest))
 
-    reordered = cached_features(tower, repacked, "train", "image", tmp_path / "cache", image_size=IMAGE_SIZE)
+    reordered = cached_features(*frozen(tower), repacked, "train", "image", tmp_path / "cache", image_size=IMAGE_SIZE)
     assert compute_calls == [("train", "image"), ("train", "image")]
     assert reordered.keys == list(_first_by(list(reversed(train_records)), IMAGE_ID))
     # The same images get the same features, wherever they now sit.
@@ -133,10 +138,10 @@ def test_repacked_data_is_recomputed(demo_data, train_records, tmp_path, compute
 def test_caption_features_are_keyed_by_caption(demo_data, train_records, tmp_path, compute_calls):
     captions = [record[CAPTION].decode() for record in train_records]
     tower = _caption_tower(captions)
-    cached = cached_features(tower, demo_data, "train", "caption", tmp_path)
+    cached = cached_features(*frozen(tower), demo_data, "train", "caption", tmp_path)
     assert cached.keys == list(dict.fromkeys(captions))
     np.testing.assert_allclose(cached.features, np.asarray(tower(tf.constant(cached.keys))), atol=1e-6)
-    cached_features(tower, demo_data, "train", "caption", tmp_path)
+    cached_features(*frozen(tower), demo_data, "train", "caption", tmp_path)
     assert compute_calls == [("train", "caption")]
 
 
@@ -174,7 +179,8 @@ def test_training_caches_merge_splits_that_share_captions(demo_data, train_recor
     frozen_text = dataclasses.replace(base.model.text, trainable=False)
     config = dataclasses.replace(base, model=dataclasses.replace(base.model, text=frozen_text))
 
-    caches = feature_caches(model, config, shared, ["train", "val"], tmp_path / "cache")
+    # The stand-in caption tower takes the strings themselves: an identity "preprocessor".
+    caches = feature_caches(model, config, lambda captions: captions, shared, ["train", "val"], tmp_path / "cache")
     assert list(caches) == ["caption"]
     distinct = list(dict.fromkeys(captions))
     assert caches["caption"].keys == distinct
