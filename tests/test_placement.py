@@ -85,8 +85,10 @@ def _two_device_measurements() -> dict:
             "single_logs": {name: values[0] for name, values in single_logs.items()},
             "mirrored_logs": {name: values[0] for name, values in parallel_logs.items()},
             "max_weight_change": max(float(np.abs(a - b).max()) for a, b in zip(initial, single.get_weights())),
+            # Relative to each weight's size: float32 keeps ~7 digits, and a step can move a bias to ~100.
             "max_weight_difference": max(
-                float(np.abs(a - b).max()) for a, b in zip(single.get_weights(), parallel.get_weights())
+                float(np.abs(a - b).max() / max(1.0, np.abs(a).max()))
+                for a, b in zip(single.get_weights(), parallel.get_weights())
             ),
             "eval_single": single.evaluate(data, verbose=0, return_dict=True),
             "eval_mirrored": parallel.evaluate(data, verbose=0, return_dict=True),

@@ -193,6 +193,7 @@ def test_exported_encoders_match_the_trained_towers_in_a_fresh_process(cached_ru
     import tensorflow as tf
 
     from dualenc.data import decode_image
+    from dualenc.preprocessing import build_text_preprocessor
 
     model = cached_run.model
     images, captions = _test_pairs(demo_data)
@@ -200,7 +201,7 @@ def test_exported_encoders_match_the_trained_towers_in_a_fresh_process(cached_ru
     image_size = model.config.vision.image_size
     pixels = tf.stack([decode_image(tf.constant(image), image_size) for image in images])
     expected_images = np.asarray(model.encode_images(pixels))
-    expected_captions = np.asarray(model.encode_texts(tf.constant(captions)))
+    expected_captions = np.asarray(model.encode_texts(build_text_preprocessor(model.config.text)(tf.constant(captions))))
 
     for index, image in enumerate(images):
         (tmp_path / f"image-{index:03d}.bin").write_bytes(image)
