@@ -53,7 +53,7 @@ class _VisionServing(tf.Module):
 
     def __init__(self, encode_images: Callable, image_size: tuple[int, int], track: Sequence[object] | None):
         super().__init__(name="vision_encoder")
-        from dualenc.data import decode_image  # the one decoder shared with training
+        from dualenc.images import decode_image  # the one decoder shared with training
 
         self.tracked = _tracked(encode_images, track)
         height, width = (int(side) for side in image_size)

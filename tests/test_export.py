@@ -197,7 +197,7 @@ def unit(rows) -> np.ndarray:
 
 
 def test_round_trip_in_fresh_process_matches_in_memory(tmp_path):
-    from dualenc.data import decode_image
+    from dualenc.images import decode_image
 
     vision_model, text_model = small_conv_encoder(), hashed_text_encoder()
     export_encoders(tmp_path, encode_images=vision_model, encode_texts=text_model, image_size=IMAGE_SIZE)
