@@ -11,7 +11,7 @@ What "the right pixels" are:
 
 - EXIF orientation is applied (a phone photo shot upright is upright);
 - 16-bit greyscale becomes 8-bit as round(value / 257) (never clipped to white); 16-bit colour
-  keeps its high byte, floor(value / 256), as Pillow reads it: at most one level below;
+  keeps its high byte, floor(value / 256), as Pillow reads it: at most one level below that;
 - palette images map through their palette, CMYK/YCCK through Pillow's conversion;
 - alpha is dropped, not composited: the colour stored under a transparent pixel is kept, which is
   what TensorFlow does with an RGBA PNG, so those bytes need no re-encoding;
@@ -164,7 +164,8 @@ def _eight_bit(image: Image.Image) -> Image.Image:
         samples = np.asarray(image).astype(np.int64)
         if samples.min() < 0 or samples.max() > MAX_SIXTEEN_BIT:
             raise ImageProblem(f"{image.format} with integer samples outside 0..65535 not supported")
-        # value / 257 maps 0..65535 onto 0..255 exactly (65535 = 255 · 257); +128 // 257 rounds.
+        # value / 257 maps 0..65535 onto 0..255 (65535 = 255 · 257); (2v + 257) // 514 is
+        # floor(v / 257 + ½), i.e. rounding, and 257 being odd there are no ties.
         return Image.fromarray(((samples * 2 + 257) // 514).astype(np.uint8))
     if image.mode == "F":
         raise ImageProblem(f"floating-point {image.format} not supported")

@@ -215,7 +215,8 @@ def _embed_skipping_bad(
             kept.append(position)
         except tf.errors.OpError as exc:
             # The kernel's message is the last line that is not a "[[node ...]]" trace.
-            lines = [line.strip() for line in exc.message.splitlines() if line.strip() and not line.strip().startswith("[[")]
+            lines = [line.strip() for line in exc.message.splitlines()]
+            lines = [line for line in lines if line and not line.startswith("[[")]
             bad.append((name, f"TensorFlow cannot decode the image: {lines[-1] if lines else type(exc).__name__}"))
     embeddings = np.concatenate(rows) if rows else np.zeros((0, encoder.dimension), np.float32)
     return embeddings, kept, bad
