@@ -20,7 +20,7 @@ DEFAULT_RUN = "runs/latest"
 EXAMPLES = """examples:
   python search.py "a woman in a red coat"                 top 9 of the run's test split
   python search.py "a dog on the beach" -k 16 --grid out.png
-  python search.py "two people" --gallery ~/photos --json  any folder of JPEG/PNG/BMP files
+  python search.py "two people" --gallery ~/photos --json  any folder of images
   python search.py --image query.jpg --gallery ~/photos    image → image
   python search.py --build-index --data data/coco --split val --ann hnsw
   python search.py --evaluate                              R@1/5/10, mAP, top-100 accuracy
@@ -114,16 +114,13 @@ def _query_embedding(args: argparse.Namespace, run_dir: Path):
 
     if args.image is None:
         return load_encoder(run_dir / TEXT_ENCODER_DIR)([args.query])
-    import tensorflow as tf
+    from dualenc.images import ImageProblem, read_image_file
 
     try:
-        image_bytes = args.image.read_bytes()
-    except OSError as exc:
-        raise DualEncError(f"cannot read query image {args.image} ({exc.strerror}); pass a JPEG/PNG/BMP file") from None
-    try:
-        return load_encoder(run_dir / VISION_ENCODER_DIR).embed_batch([image_bytes])
-    except tf.errors.OpError:
-        raise DualEncError(f"query image {args.image} cannot be decoded; pass a JPEG, PNG, BMP or GIF file") from None
+        image_bytes = read_image_file(args.image)
+    except ImageProblem as problem:
+        raise DualEncError(f"query image {args.image}: {problem}; pass a JPEG, PNG, BMP, GIF, WebP or TIFF file") from None
+    return load_encoder(run_dir / VISION_ENCODER_DIR).embed_batch([image_bytes])
 
 
 def search(args: argparse.Namespace, run_dir: Path, index) -> list[dict]:
@@ -151,11 +148,15 @@ def print_results(results: list[dict], query_text: str) -> None:
 
 
 def draw_grid(path: Path, results: list[dict], gallery, query_text: str) -> None:
-    from dualenc.grid import decode_for_display, save_result_grid
+    from dualenc.grid import save_result_grid
+    from dualenc.images import ImageProblem, decode_rgb
     from dualenc.index import read_gallery_images
 
     blobs = read_gallery_images(gallery, [result["image_id"] for result in results])
-    images = [decode_for_display(blobs[result["image_id"]]) for result in results]
+    try:
+        images = [decode_rgb(blobs[result["image_id"]]) for result in results]
+    except ImageProblem as problem:  # a folder image replaced since it was indexed
+        raise DualEncError(f"cannot draw the --grid: {problem}; re-index the gallery with --build-index") from None
     titles = [f"{result['rank']}. {result['score']:.3f}" for result in results]
     save_result_grid(path, images, titles, query_text)
 

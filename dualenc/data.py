@@ -16,6 +16,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from dualenc.errors import DualEncError
+from dualenc.images import decode_image
 from dualenc.records import CAPTION, FORMAT_VERSION, IMAGE, IMAGE_ID, LABEL, MANIFEST_NAME, parse_example
 
 # Split names in order of preference: the held-out split a run validates on, and the one it is
@@ -98,20 +99,6 @@ def verify_checksums(data_dir: str | Path, split: str) -> None:
                 f"shard {data_dir / name} does not match its sha256 in {data_dir / MANIFEST_NAME} "
                 "(corrupted or modified); re-pack the dataset"
             )
-
-
-def decode_image(image_bytes: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
-    """Decode one encoded image (JPEG, PNG, BMP or GIF; any channel count) to uint8
-    [height, width, 3], resized to `image_size` = (height, width) with antialiasing.
-
-    Pure TensorFlow ops, so the exported vision model can embed it. Greyscale is repeated to
-    three channels, alpha dropped, an animated GIF's first frame used.
-    """
-    image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False)
-    image.set_shape([None, None, 3])
-    resized = tf.image.resize(image, image_size, method="bilinear", antialias=True)
-    # +0.5 then truncation rounds half up: the same pixels as tf.round but far cheaper per image.
-    return tf.cast(tf.clip_by_value(resized + 0.5, 0.0, 255.0), tf.uint8)
 
 
 def _shuffle_buffer_size(data_dir: Path, summary: dict) -> int:

@@ -74,7 +74,7 @@ def export_vision_encoder(
     Keras layers listed in `track` (e.g. ``DualEncoder.encode_images`` with the vision tower and
     image head), which are what the file holds; by default the method's owner or the model itself.
     """
-    from dualenc.data import decode_image  # the one decoder shared with training
+    from dualenc.images import decode_image  # the one decoder shared with training
 
     height, width = (int(side) for side in image_size)
     archive = _archive(track if track is not None else [_owner(encode_pixels)])

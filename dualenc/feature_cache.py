@@ -23,7 +23,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dualenc.data import decode_image, read_manifest, record_dataset
+from dualenc.data import read_manifest, record_dataset
+from dualenc.images import decode_image
 from dualenc.records import CAPTION, IMAGE, IMAGE_ID, parse_example
 
 FEATURES_FILE = "features.npy"

@@ -1,13 +1,14 @@
-"""A grid of result images (seed 003's 3×3 figure), written as a PNG."""
+"""A grid of result images (seed 003's 3×3 figure), written as a PNG.
+
+Images are decoded with `dualenc.images.decode_rgb`: the pixels the vision encoder saw.
+"""
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from dualenc.errors import DualEncError
 from dualenc.files import save_figure_atomic
@@ -17,12 +18,6 @@ def grid_shape(count: int) -> tuple[int, int]:
     """(rows, columns) for `count` images: as square as possible, columns ≥ rows (9 → 3×3, 5 → 2×3)."""
     columns = max(1, math.ceil(math.sqrt(count)))
     return max(1, math.ceil(count / columns)), columns
-
-
-def decode_for_display(image_bytes: bytes) -> np.ndarray:
-    """Encoded image bytes → RGB uint8 ``[H, W, 3]`` (Pillow: no TensorFlow needed to draw)."""
-    with Image.open(io.BytesIO(image_bytes)) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def save_result_grid(path: Path, images: list[np.ndarray], titles: list[str], suptitle: str) -> None:

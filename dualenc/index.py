@@ -35,15 +35,15 @@ from tqdm import tqdm
 
 from dualenc import retrieval
 from dualenc.data import sha256_of_file, split_summary
-from dualenc.errors import DualEncError, first_line
+from dualenc.errors import DualEncError
 from dualenc.export import VISION_ENCODER_DIR, LoadedEncoder, load_encoder
+from dualenc.images import SUPPORTED_SUFFIXES, read_image_files
 from dualenc.records import CAPTION, IMAGE, IMAGE_ID, LABEL, parse_example
 
 INDEX_DIR = "index"
 META_NAME = "meta.json"
 EMBEDDINGS_NAME = "embeddings.npy"
 META_VERSION = 1
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 EMBED_BATCH = 32
 REQUIRED_META = frozenset(
     ("encoder_fingerprint", "gallery_fingerprint", "dtype", "image_ids", "paths", "labels", "captions", "skipped")
@@ -62,7 +62,7 @@ class PackedGallery:
 
 @dataclasses.dataclass(frozen=True)
 class FolderGallery:
-    """Every JPEG/PNG/BMP/GIF file under a directory, recursively."""
+    """Every image file (`dualenc.images.SUPPORTED_SUFFIXES`) under a directory, recursively."""
 
     directory: Path
 
@@ -147,7 +147,7 @@ def folder_files(directory: Path) -> list[tuple[str, int, int]]:
     files = []
     for root, _, names in os.walk(directory):
         for name in names:
-            if name.lower().endswith(IMAGE_SUFFIXES):
+            if name.lower().endswith(SUPPORTED_SUFFIXES):
                 path = Path(root) / name
                 try:
                     stat = path.stat()
@@ -198,9 +198,11 @@ def read_split_captions(data_dir: Path, split: str) -> tuple[list[str], list[str
 def _embed_skipping_bad(
     encoder: LoadedEncoder, names: list[str], blobs: list[bytes]
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Embed a batch; if it fails, embed one by one to find the images that cannot be decoded.
+    """Embed a batch; if it fails, embed one by one to find the images TensorFlow cannot decode.
 
-    Returns (embeddings of the good ones, their positions in the batch, (name, reason) of the bad).
+    Folder images arrive validated and canonical (`dualenc.images`), so this catches only packed
+    images written by other tools. Returns (embeddings of the good ones, their positions in the
+    batch, (name, reason) of the bad), the reason being TensorFlow's own line, not its preamble.
     """
     try:
         return encoder.embed_batch(blobs), list(range(len(blobs))), []
@@ -212,7 +214,10 @@ def _embed_skipping_bad(
             rows.append(encoder.embed_batch([blob]))
             kept.append(position)
         except tf.errors.OpError as exc:
-            bad.append((name, f"cannot decode image ({first_line(exc)})"))
+            # The kernel's message is the last line that is not a "[[node ...]]" trace.
+            lines = [line.strip() for line in exc.message.splitlines()]
+            lines = [line for line in lines if line and not line.startswith("[[")]
+            bad.append((name, f"TensorFlow cannot decode the image: {lines[-1] if lines else type(exc).__name__}"))
     embeddings = np.concatenate(rows) if rows else np.zeros((0, encoder.dimension), np.float32)
     return embeddings, kept, bad
 
@@ -250,27 +255,35 @@ def _stack(chunks: list[np.ndarray], dimension: int) -> np.ndarray:
 
 
 def _embed_files(encoder: LoadedEncoder, directory: Path, relative_paths: list[str]):
-    """Read files with tf.data (in parallel, unreadable ones dropped) and embed them in batches.
+    """Read, validate and canonicalise the files in threads (`dualenc.images.read_image_files`),
+    then embed them in batches.
 
     Returns (embeddings, relative paths embedded in row order, (relative path, reason) skipped).
     """
-    absolute = [str(directory / relative) for relative in relative_paths]
-    files = tf.data.Dataset.from_tensor_slices(tf.constant(absolute, dtype=tf.string, shape=[len(absolute)]))
-    # A file that vanished or cannot be read is dropped here and reported below by its absence.
-    contents = files.map(lambda path: (path, tf.io.read_file(path)), num_parallel_calls=tf.data.AUTOTUNE)
-    contents = contents.ignore_errors().batch(EMBED_BATCH).prefetch(tf.data.AUTOTUNE)
-    prefix = len(str(directory)) + 1
     embedded, chunks, skipped = [], [], []
-    with tqdm(total=len(absolute), unit="img", desc=f"indexing {directory.name}", file=sys.stderr, disable=None) as bar:
-        for paths, blobs in contents.as_numpy_iterator():
-            names = [path.decode("utf-8")[prefix:] for path in paths]
-            embeddings, kept, bad = _embed_skipping_bad(encoder, names, list(blobs))
-            chunks.append(embeddings)
-            embedded += [names[position] for position in kept]
-            skipped += bad
-            bar.update(len(names))
-    unreadable = sorted(set(relative_paths) - set(embedded) - {name for name, _ in skipped})
-    skipped += [(name, "cannot read file") for name in unreadable]
+    names, blobs = [], []
+
+    def embed_pending() -> None:
+        embeddings, kept, bad = _embed_skipping_bad(encoder, names, blobs)
+        chunks.append(embeddings)
+        embedded.extend(names[position] for position in kept)
+        skipped.extend(bad)
+        names.clear()
+        blobs.clear()
+
+    images = read_image_files([directory / name for name in relative_paths])
+    with tqdm(total=len(relative_paths), unit="img", desc=f"indexing {directory.name}", file=sys.stderr, disable=None) as bar:
+        for name, (blob, reason) in zip(relative_paths, images):
+            if blob is None:
+                skipped.append((name, reason))
+            else:
+                names.append(name)
+                blobs.append(blob)
+                if len(blobs) == EMBED_BATCH:
+                    embed_pending()
+            bar.update(1)
+    if blobs:
+        embed_pending()
     return _stack(chunks, encoder.dimension), embedded, skipped
 
 

@@ -23,7 +23,8 @@ import tensorflow as tf
 from dualenc import config as configs
 from dualenc import losses
 from dualenc.curves import plot_curves
-from dualenc.data import TEST_SPLITS, VALIDATION_SPLITS, decode_image, read_manifest, record_dataset, verify_checksums
+from dualenc.data import TEST_SPLITS, VALIDATION_SPLITS, read_manifest, record_dataset, verify_checksums
+from dualenc.images import decode_image
 from dualenc.errors import DualEncError
 from dualenc.evaluation import embed_split, retrieval_metrics
 from dualenc.export import export_encoders

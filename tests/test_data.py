@@ -11,7 +11,8 @@ import tensorflow as tf
 from PIL import Image
 from test_pack_images import HEIGHT, WIDTH, write_image
 
-from dualenc.data import decode_image, pair_dataset, read_manifest, verify_checksums
+from dualenc.data import pair_dataset, read_manifest, verify_checksums
+from dualenc.images import decode_image
 from dualenc.errors import DualEncError
 from tfrecords_tools.writer import ImageEntry, pack
 

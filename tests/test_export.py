@@ -197,7 +197,7 @@ def unit(rows) -> np.ndarray:
 
 
 def test_round_trip_in_fresh_process_matches_in_memory(tmp_path):
-    from dualenc.data import decode_image
+    from dualenc.images import decode_image
 
     vision_model, text_model = small_conv_encoder(), hashed_text_encoder()
     export_encoders(tmp_path, encode_images=vision_model, encode_texts=text_model, image_size=IMAGE_SIZE)
@@ -259,7 +259,7 @@ print(json.dumps(out))
 def test_dual_encoder_exports_run_under_the_tf1_session_loader_and_tflite(tmp_path):
     """TensorFlow Serving's TF1 loader and the TFLite interpreter, each against the Keras model."""
     from dualenc.config import ModelConfig, TextConfig, VisionConfig
-    from dualenc.data import decode_image
+    from dualenc.images import decode_image
     from dualenc.model import build_dual_encoder
     from dualenc.preprocessing import build_text_preprocessor
     from dualenc.vocabulary import learn_wordpiece_vocabulary

@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 from dualenc import feature_cache
-from dualenc.data import decode_image, record_dataset, sha256_of_file
+from dualenc.data import record_dataset, sha256_of_file
+from dualenc.images import decode_image
 from dualenc.feature_cache import CachedFeatures, cached_features, tower_fingerprint
 from dualenc.records import CAPTION, IMAGE, IMAGE_ID, parse_example
 from train_fixtures import copy_dataset, packed_demo_dir

@@ -13,7 +13,15 @@ import tensorflow as tf
 from dualenc.export import export_vision_encoder, load_encoder
 from dualenc.index import FolderGallery, PackedGallery, open_index, read_gallery_images
 from dualenc.records import parse_example
-from test_export import COLOURS, IMAGE_SIZE, encode_png, make_colour_run, mean_colour_encoder, solid_image
+from test_export import (
+    COLOURS,
+    IMAGE_SIZE,
+    encode_png,
+    make_colour_run,
+    mean_colour_encoder,
+    solid_image,
+    write_packed_dataset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +101,8 @@ def test_folder_gallery_incremental_and_unreadable(colour_run, tmp_path):
     assert index.image_ids == ["green.png", "nested/blue.PNG", "red.png"]
     assert index.paths == [str(folder.resolve() / name) for name in index.image_ids]
     assert index.captions is None and index.labels is None
-    assert sorted(entry["path"] for entry in index.skipped) == ["broken.jpg", "ghost.png"]
+    assert {entry["path"]: entry["reason"] for entry in index.skipped} == {
+        "broken.jpg": "not an image (starts with b'this is ')", "ghost.png": "file not found"}
     messages = log.getvalue()
     assert "broken.jpg" in messages and "ghost.png" in messages
 
@@ -110,6 +119,17 @@ def test_folder_gallery_incremental_and_unreadable(colour_run, tmp_path):
     assert from_scratch.embedded == 6  # four images, the two unreadable ones tried again
     assert from_scratch.image_ids == updated.image_ids
     np.testing.assert_allclose(updated.embeddings, from_scratch.embeddings, atol=1e-6)
+
+
+def test_packed_image_tensorflow_cannot_decode_is_skipped_with_the_kernel_reason(colour_run, tmp_path):
+    records = [("a red square", encode_png(solid_image(COLOURS["red"], 1)), "red.png", 0),
+               ("junk", b"not an image", "junk.png", 1)]
+    write_packed_dataset(tmp_path / "data", {"test": records})
+    index = open_index(colour_run, PackedGallery(tmp_path / "data", "test"), log=io.StringIO())
+    assert index.image_ids == ["red.png"]
+    [skipped] = index.skipped
+    assert skipped["image_id"] == "junk.png"
+    assert skipped["reason"].startswith("TensorFlow cannot decode the image: Unknown image file format")
 
 
 def test_float16_storage_and_ann_file(colour_run, tmp_path):

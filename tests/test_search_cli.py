@@ -101,6 +101,14 @@ def test_folder_gallery_image_query_and_grid(in_root, tmp_path, capsys):
         assert image.size[0] > 100 and image.size[1] > 100
 
 
+def test_query_image_that_is_not_an_image(in_root, tmp_path, capsys):
+    query_image = tmp_path / "notes.jpg"
+    query_image.write_text("just text")
+    status, out, err = run_cli(capsys, "--image", str(query_image))
+    assert (status, out) == (2, "")
+    assert err == f"error: query image {query_image}: not an image (starts with b'just tex'); pass a JPEG, PNG, BMP, GIF, WebP or TIFF file\n"
+
+
 def independent_split(data_dir: Path, split: str):
     """Captions, labels and first-seen images of a split, read with plain tf.data."""
     captions, labels, image_rows, image_blobs, image_labels, first_captions = [], [], {}, [], [], []
@@ -196,7 +204,7 @@ def test_index_of_another_encoder_is_rebuilt(colour_root, tmp_path, capsys):
         (["red", "--split", "nope"], "has no split 'nope'"),
         (["red", "-k", "0"], "-k must be at least 1"),
         (["red", "--image", "query.png"], "either a QUERY or --image"),
-        (["--image", "no/such.png"], "cannot read query image"),
+        (["--image", "no/such.png"], "query image no/such.png: file not found"),
         ([], "nothing to do"),
         (["--evaluate", "--gallery", "."], "--evaluate needs captions"),
         (["red", "--grid", "no/such/dir/grid.png"], "directory no/such/dir does not exist"),

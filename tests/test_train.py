@@ -192,7 +192,7 @@ def _test_pairs(data_dir: Path) -> tuple[list[bytes], list[str]]:
 def test_exported_encoders_match_the_trained_towers_in_a_fresh_process(cached_run, demo_data, tmp_path):
     import tensorflow as tf
 
-    from dualenc.data import decode_image
+    from dualenc.images import decode_image
     from dualenc.preprocessing import build_text_preprocessor
 
     model = cached_run.model

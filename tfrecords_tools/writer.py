@@ -38,7 +38,7 @@ from dualenc.data import sha256_of_file
 from dualenc.errors import DualEncError
 from dualenc.records import FORMAT_VERSION, serialize_example, shard_name
 from dualenc.files import write_json_atomic
-from tfrecords_tools.images import prepare_images
+from dualenc.images import prepare_images
 from tfrecords_tools.manifest import (
     JOURNAL_NAME,
     build_manifest,
