@@ -45,7 +45,11 @@ def fsync_path(path: str | Path) -> None:
 
 
 def fsync_tree(root: str | Path) -> None:
-    """`fsync_path` every file and directory under `root` (inclusive), deepest first."""
+    """`fsync_path` every file and directory under `root` (inclusive), deepest first; a file
+    `root` alone."""
+    if not os.path.isdir(root):
+        fsync_path(root)
+        return
     for directory, _, names in os.walk(root, topdown=False):
         for name in names:
             path = os.path.join(directory, name)
