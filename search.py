@@ -82,8 +82,9 @@ def check_run(run_dir: Path) -> Path:
 
 def choose_gallery(args: argparse.Namespace, run_dir: Path):
     """The gallery the flags name; by default the run's own dataset, test split."""
-    from dualenc.index import FolderGallery, PackedGallery
-    from dualenc.data import TEST_SPLITS, read_manifest
+    from dualenc.data import TEST_SPLITS
+    from dualenc.gallery import FolderGallery, PackedGallery
+    from dualenc.manifest import load_manifest
 
     if args.gallery is not None:
         if args.split is not None:
@@ -100,7 +101,7 @@ def choose_gallery(args: argparse.Namespace, run_dir: Path):
             raise DualEncError(f"the run's dataset {data_dir} (from {config_path}) is gone; pass --data DIR or --gallery DIR")
     if args.split is not None:
         return PackedGallery(data_dir, args.split)
-    splits = list(read_manifest(data_dir)["splits"])
+    splits = list(load_manifest(data_dir).splits)
     if not splits:
         raise DualEncError(f"packed dataset {data_dir} has no splits; re-pack it")
     split = next((name for name in TEST_SPLITS if name in splits), splits[0])
@@ -150,9 +151,8 @@ def print_results(results: list[dict], query_text: str) -> None:
 def draw_grid(path: Path, results: list[dict], gallery, query_text: str) -> None:
     from dualenc.grid import save_result_grid
     from dualenc.images import ImageProblem, decode_rgb
-    from dualenc.index import read_gallery_images
 
-    blobs = read_gallery_images(gallery, [result["image_id"] for result in results])
+    blobs = gallery.read_images([result["image_id"] for result in results])
     try:
         images = [decode_rgb(blobs[result["image_id"]]) for result in results]
     except ImageProblem as problem:  # a folder image replaced since it was indexed
@@ -162,14 +162,15 @@ def draw_grid(path: Path, results: list[dict], gallery, query_text: str) -> None
 
 
 def evaluate(run_dir: Path, gallery, index) -> dict:
-    """Retrieval metrics of the run on a packed split (see `dualenc.evaluation.retrieval_report`)."""
+    """Retrieval metrics of the run on a packed split, a `PackedGallery` (see
+    `dualenc.evaluation.retrieval_report`)."""
     import numpy as np
 
     from dualenc.evaluation import SplitEmbeddings, retrieval_report
     from dualenc.export import TEXT_ENCODER_DIR, load_encoder
-    from dualenc.index import read_split_captions
+    from dualenc.packed import split_captions
 
-    captions, _, labels = read_split_captions(gallery.data_dir, gallery.split)
+    captions, _, labels = split_captions(gallery.data_dir, gallery.split)
     text_encoder = load_encoder(run_dir / TEXT_ENCODER_DIR, batch_size=256)
     embeddings = SplitEmbeddings(
         caption_embeddings=text_encoder(captions),

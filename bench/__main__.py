@@ -10,13 +10,13 @@ and peak memory, and writes everything, with the machine's description, as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from bench import common
+from dualenc.files import write_json_atomic
 
 QUICK = {
     "repeats": 1, "demo_identities": 10, "coco_images": 24, "captions_per_image": 2, "pack_coco": False,
@@ -192,10 +192,7 @@ def main(argv: list[str] | None = None) -> int:
           f"TensorFlow {machine['tensorflow']}, {machine['date']}, load {machine['load_average_1_5_15']}")
     print(common.format_table(report["table"], TABLE_COLUMNS))
     if args.json:
-        output = Path(args.json)
-        staging = output.with_name(f".{output.name}.tmp")
-        staging.write_text(json.dumps(report, indent=1) + "\n")
-        staging.replace(output)
+        write_json_atomic(args.json, report, indent=1)
     return 0
 
 

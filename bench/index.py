@@ -51,7 +51,8 @@ def measure(variant: str, params: dict) -> dict:
         load_seconds = load_clock.seconds
     else:
         from dualenc.export import VISION_ENCODER_DIR, load_encoder
-        from dualenc.index import FolderGallery, open_index
+        from dualenc.gallery import FolderGallery
+        from dualenc.index import open_index
 
         run_dir = Path(params["run_dir"])
         # A separate load, timed on its own, only to split open_index's total into load + embed.

@@ -8,7 +8,7 @@ One `tf.train.Example` per image-caption pair:
 - ``label``    int64: the identity (0-based) for CUHK-PEDES, the image's index otherwise
 
 Shards are named ``{split}-{index:05d}-of-{count:05d}.tfrecord`` and described by
-``manifest.json`` in the same directory.
+``manifest.json`` in the same directory (`dualenc.manifest`); `dualenc.packed` reads them.
 """
 
 import tensorflow as tf

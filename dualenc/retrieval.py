@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dualenc.errors import DualEncError
+from dualenc.files import atomic_file
 
 ANN_CHOICES = ("auto", "exact", "hnsw", "ivf")
 
@@ -153,11 +154,10 @@ def ann_recall(index, gallery_embeddings: np.ndarray, query_embeddings: np.ndarr
 
 
 def save_ann(index, path: Path) -> None:
-    """Write a FAISS index to `path` atomically (temporary sibling, then rename)."""
+    """Write a FAISS index to `path` atomically (temporary sibling, synced, then renamed)."""
     faiss = _faiss()
-    temporary = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(temporary))
-    temporary.replace(path)
+    with atomic_file(path) as temporary:
+        faiss.write_index(index, str(temporary))
 
 
 def load_ann(path: Path):

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dualenc.errors import DualEncError
+from dualenc.files import write_text_atomic
 
 PAD, UNK, START, END = "[PAD]", "[UNK]", "[START]", "[END]"
 RESERVED_TOKENS = (PAD, UNK, START, END)
@@ -42,11 +43,7 @@ def learn_wordpiece_vocabulary(captions: Iterable[str], vocab_size: int, path: s
         reserved_tokens=list(RESERVED_TOKENS),
         bert_tokenizer_params={"lower_case": True},
     )
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(token + "\n" for token in tokens), encoding="utf-8")
-    partial.replace(path)
-    return path
+    return write_text_atomic(path, "".join(token + "\n" for token in tokens))
 
 
 def read_vocabulary(path: str | Path) -> list[str]:

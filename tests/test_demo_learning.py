@@ -19,7 +19,8 @@ import pytest
 
 import train
 from dualenc.export import TEXT_ENCODER_DIR, load_encoder
-from dualenc.index import PackedGallery, open_index
+from dualenc.gallery import PackedGallery
+from dualenc.index import open_index
 from tfrecords_tools.demo_cache import packed_demo
 
 IDENTITIES = 80

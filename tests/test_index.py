@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from dualenc.export import export_vision_encoder, load_encoder
-from dualenc.index import FolderGallery, PackedGallery, open_index, read_gallery_images
+from dualenc.gallery import FolderGallery, PackedGallery
+from dualenc.index import open_index
 from dualenc.records import parse_example
 from test_export import (
     COLOURS,
@@ -62,7 +63,7 @@ def test_packed_index_built_once_per_image_then_reused(colour_run):
     assert again.embedded == 0 and embeddings_file.stat().st_mtime_ns == written
     np.testing.assert_array_equal(again.embeddings, index.embeddings)
 
-    assert read_gallery_images(gallery, ["blue/001.png"]) == {"blue/001.png": blobs["blue/001.png"]}
+    assert gallery.read_images(["blue/001.png"]) == {"blue/001.png": blobs["blue/001.png"]}
 
 
 def test_new_encoder_rebuilds(colour_run, tmp_path):

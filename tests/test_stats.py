@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -57,14 +58,21 @@ CHARTS = ["identities_per_split.png", "images_per_identity.png", "captions_per_i
 def _pack(data_dir, splits: dict[str, list[list[tuple[str, str, int]]]]) -> None:
     """Write shards and a manifest the way the packer lays them out."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"format_version": 1, "source": "test", "splits": {}, "skipped": []}
+    manifest = {"format_version": 1, "source": {"format": "test"}, "splits": {}, "skipped": []}
     for split, shards in splits.items():
         names = [shard_name(split, index, len(shards)) for index in range(len(shards))]
         for name, rows in zip(names, shards):
             with tf.io.TFRecordWriter(str(data_dir / name)) as writer:
                 for caption, image_id, label in rows:
                     writer.write(serialize_example(caption, NOT_AN_IMAGE, image_id, label))
-        manifest["splits"][split] = {"pairs": sum(map(len, shards)), "shards": names, "sha256": {}}
+        rows = [row for shard in shards for row in shard]
+        manifest["splits"][split] = {
+            "pairs": len(rows),
+            "images": len({image_id for _, image_id, _ in rows}),
+            "ids": len({label for _, _, label in rows}),
+            "shards": names,
+            "sha256": {name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest() for name in names},
+        }
     (data_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
 
 

@@ -131,7 +131,7 @@ def test_learned_vocabulary_holds_reserved_tokens_and_frequent_words(vocabulary_
     for word in ("man", "woman", "the", "a", "is"):
         assert word in tokens
     assert "Man" not in tokens and "." in tokens
-    assert not list(vocabulary_file.parent.glob("*.partial"))
+    assert not list(vocabulary_file.parent.glob(".*.tmp"))
 
 
 def test_vocabulary_needs_captions(tmp_path):

@@ -22,15 +22,13 @@ and JSON is written with sorted keys.
 import io
 import itertools
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from dualenc.errors import DualEncError
+from dualenc.files import atomic_directory
 from tfrecords_tools.demo_captions import make_caption, tokenize
 from tfrecords_tools.demo_render import render_person, sample_look
 
@@ -112,17 +110,10 @@ def make_demo(out_dir: str | Path, identities: int = DEFAULT_IDENTITIES, seed: i
         if all(marker.get(key) == value for key, value in wanted.items()):
             return out_dir
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    # mkdtemp makes it private (0700); the finished dataset should be as readable as any folder.
-    building.chmod(0o755)
-    try:
+    # Built beside `out_dir` and swapped in whole (replacing an empty or outdated one).
+    with atomic_directory(out_dir) as building:
         counts = _write_dataset(building, identities, seed, combinations)
         _write_json(building / MARKER_NAME, {**wanted, "counts": counts})
-        _move_into_place(building, out_dir)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -133,17 +124,6 @@ def _read_marker(directory: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return marker if isinstance(marker, dict) and marker.get("generator") == GENERATOR_NAME else None
-
-
-def _move_into_place(building: Path, out_dir: Path) -> None:
-    """Swap the finished build in for `out_dir` (absent, empty, or an outdated demo dataset)."""
-    if not out_dir.exists():
-        os.rename(building, out_dir)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.rename(out_dir, retired / "dataset")
-    os.rename(building, out_dir)
-    shutil.rmtree(retired)
 
 
 def _write_dataset(root: Path, identities: int, seed: int, combinations: list[dict[str, str]]) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dualenc.errors import DualEncError
-from dualenc.files import write_json_atomic
+from dualenc.files import fsync_tree, move_into_place, write_json_atomic
 
 COCO_BASE_URL = "http://images.cocodataset.org"
 ANNOTATIONS_ARCHIVE = "annotations/annotations_trainval2014.zip"
@@ -95,7 +95,7 @@ def download_coco(
             except NETWORK_ERRORS as error:
                 raise DualEncError(_network_message(url, error, base_url, dest)) from None
             _verify(part, url, expected_size, expected_sha256, show_progress)
-            part.replace(archive)
+            move_into_place(part, archive)
         else:
             _verify(archive, url, expected_size, expected_sha256, show_progress)
         _extract(archive)
@@ -232,6 +232,9 @@ def _extract(archive: Path) -> None:
     entries = sorted(entry.name for entry in staging.iterdir())
     shutil.copytree(staging, archive.parent, dirs_exist_ok=True, copy_function=os.replace)
     shutil.rmtree(staging)
+    # Synced before the marker is written, so the marker never vouches for unwritten files.
+    for entry in entries:
+        fsync_tree(archive.parent / entry)
     marker = _marker(archive)
     write_json_atomic(marker, {"archive": archive.name, "entries": entries})
 

@@ -2,8 +2,9 @@
 
 Like seed 000's CUHK-PEDES statistics tool (identities, images per identity, captions per
 image, drawn as bar charts with the value on each bar), but read from the packed TFRecords, so
-it describes exactly what training will see, for any source. Only ``caption``, ``image_id``
-and ``label`` are parsed; the image bytes are never decoded, so a COCO-sized set takes seconds.
+it describes exactly what training will see, for any source. Records come from
+`dualenc.packed.read_batches` with only ``caption``, ``image_id`` and ``label`` parsed; the image
+bytes are never decoded, so a COCO-sized set takes seconds.
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-from dualenc.data import read_manifest  # noqa: E402
-from dualenc.errors import DualEncError  # noqa: E402
 from dualenc.files import save_figure_atomic, write_json_atomic  # noqa: E402
-from dualenc.records import CAPTION, FEATURE_SPEC, IMAGE_ID, LABEL, MANIFEST_NAME  # noqa: E402
+from dualenc.manifest import load_manifest  # noqa: E402
+from dualenc.packed import read_batches  # noqa: E402
+from dualenc.records import CAPTION, IMAGE_ID, LABEL  # noqa: E402
 
 STATS_NAME = "stats.json"
-PARSE_BATCH = 4096
 # (stats key, chart file, x-axis label, what the bars count) for the per-split distributions.
 DISTRIBUTIONS = (
     ("images_per_identity", "images_per_identity.png", "images per identity", "identities"),
@@ -53,8 +52,7 @@ def write_stats(data_dir: Path, out_dir: Path | None = None) -> dict:
     """
     data_dir = Path(data_dir)
     out_dir = data_dir / "stats" if out_dir is None else Path(out_dir)
-    manifest = read_manifest(data_dir)
-    splits = {split: _split_stats(data_dir, entry) for split, entry in manifest["splits"].items()}
+    splits = {split: _split_stats(data_dir, split) for split in load_manifest(data_dir).splits}
     out_dir.mkdir(parents=True, exist_ok=True)
     charts = [_plot_split_sizes(splits, out_dir / SPLIT_CHART).name]
     for key, file_name, x_label, counted in DISTRIBUTIONS:
@@ -65,30 +63,17 @@ def write_stats(data_dir: Path, out_dir: Path | None = None) -> dict:
     return stats
 
 
-def _split_stats(data_dir: Path, entry: dict) -> dict:
-    """Counts and histograms of one split, read shard by shard so an error names its shard."""
-    spec = {key: FEATURE_SPEC[key] for key in (CAPTION, IMAGE_ID, LABEL)}
+def _split_stats(data_dir: Path, split: str) -> dict:
+    """Counts and histograms of one split (a shard that cannot be read is named)."""
     captions_per_image: Counter[bytes] = Counter()
     images_of_identity: defaultdict[int, set[bytes]] = defaultdict(set)
     caption_words: Counter[int] = Counter()
-    for shard_name in entry["shards"]:
-        shard = data_dir / shard_name
-        if not shard.is_file():
-            raise DualEncError(f"shard {shard} listed in {MANIFEST_NAME} is missing; re-pack the dataset")
-        records = (
-            tf.data.TFRecordDataset(str(shard))
-            .batch(PARSE_BATCH)
-            .map(lambda serialized: _parse_batch(serialized, spec))
-        )
-        try:
-            for batch in records.as_numpy_iterator():
-                for image_id, label in zip(batch[IMAGE_ID], batch[LABEL]):
-                    captions_per_image[image_id] += 1
-                    images_of_identity[int(label)].add(image_id)
-                caption_words.update(batch["words"].tolist())
-        except tf.errors.OpError as error:
-            reason = error.message.splitlines()[0] if error.message else type(error).__name__
-            raise DualEncError(f"shard {shard} cannot be read ({reason}); re-pack the dataset") from None
+    for batch in read_batches(data_dir, split, (CAPTION, IMAGE_ID, LABEL)):
+        for caption, image_id, label in zip(batch[CAPTION], batch[IMAGE_ID], batch[LABEL]):
+            captions_per_image[image_id] += 1
+            images_of_identity[int(label)].add(image_id)
+            # The packer joined each caption's words with single spaces.
+            caption_words[len(caption.split())] += 1
     pairs = sum(captions_per_image.values())
     total_words = sum(words * count for words, count in caption_words.items())
     return {
@@ -100,13 +85,6 @@ def _split_stats(data_dir: Path, entry: dict) -> dict:
         "captions_per_image": _histogram(captions_per_image.values()),
         "caption_words": _histogram(caption_words.elements()),
     }
-
-
-def _parse_batch(serialized: tf.Tensor, spec: dict) -> dict:
-    """Parse a batch of Examples and add each caption's word count (whitespace split)."""
-    features = tf.io.parse_example(serialized, spec)
-    words = tf.strings.split(features.pop(CAPTION)).row_lengths()
-    return {**features, "words": words}
 
 
 def _histogram(values) -> dict[str, int]:

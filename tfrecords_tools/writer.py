@@ -8,8 +8,8 @@ Shards hold whole images: a shard is closed before the image whose pairs would t
 `shard_size` records (an image with more pairs than that gets a shard of its own). Each pair
 stores its own copy of the image, so `shard_size` also bounds the images stored per shard.
 
-Crash safety and resume: a shard is written to ``.{split}-{index}.tfrecord.partial``, renamed to
-``.{split}-{index}.tfrecord.done`` when closed, and recorded (pair count, sha256, next image) in
+Crash safety and resume: a shard is written to ``.{split}-{index}.tfrecord.partial``, synced and
+renamed to ``.{split}-{index}.tfrecord.done`` when closed, and recorded (pair count, sha256, next image) in
 ``.pack-journal.json``. The final names carry the shard count, known only when a split is done,
 so the renames to ``{split}-{index}-of-{count}.tfrecord`` happen then. A re-run with the same
 fingerprint keeps the journalled shards whose checksums still match and continues after them;
@@ -28,23 +28,19 @@ import multiprocessing
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import tensorflow as tf
 from tqdm import tqdm
 
 from dualenc.data import sha256_of_file
 from dualenc.errors import DualEncError
-from dualenc.records import FORMAT_VERSION, serialize_example, shard_name
-from dualenc.files import write_json_atomic
+from dualenc.files import move_into_place, temporary_sibling, write_json_atomic
+from dualenc.manifest import Manifest, SplitSummary, manifest_path, read_manifest_file
+from dualenc.records import FORMAT_VERSION, MANIFEST_NAME, serialize_example, shard_name
 from dualenc.images import prepare_images
-from tfrecords_tools.manifest import (
-    JOURNAL_NAME,
-    build_manifest,
-    manifest_path,
-    read_bookkeeping,
-)
 
 DEFAULT_SHARD_SIZE = 2000  # seed 003's shards held 2,000 images
 IMAGES_PER_TASK = 8
@@ -52,6 +48,8 @@ TASKS_IN_FLIGHT_PER_WORKER = 4  # bounds the image bytes waiting in memory
 SKIPS_SHOWN = 5
 PATH_KEYS = ("annotations", "images", "karpathy")
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
+# The resume journal: what an unfinished run has completed so far (removed when it finishes).
+JOURNAL_NAME = ".pack-journal.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +131,7 @@ def _is_packer_file(path: Path) -> bool:
     return (
         name.endswith(".tfrecord")
         or (name.startswith(".") and (name.endswith(".tfrecord.partial") or name.endswith(".tfrecord.done")))
-        or name in (JOURNAL_NAME, manifest_path(path.parent).name, f".{manifest_path(path.parent).name}.tmp",
-                    f".{JOURNAL_NAME}.tmp")
+        or name in (JOURNAL_NAME, MANIFEST_NAME, temporary_sibling(MANIFEST_NAME).name, temporary_sibling(JOURNAL_NAME).name)
     )
 
 
@@ -149,9 +146,38 @@ def _shards_match(out_dir: Path, checksums: dict[str, str]) -> bool:
                for name, digest in checksums.items())
 
 
-def _bookkeeping_or_none(path: Path, overwrite: bool) -> dict | None:
+def _read_journal(path: Path) -> dict | None:
+    """The journal at `path`, or None when there is none.
+
+    A file that is not a JSON object was not written by this packer (it writes atomically), so it
+    is reported rather than silently replaced.
+    """
+    if not path.exists():
+        return None
     try:
-        return read_bookkeeping(path)
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DualEncError(f"{path} is not a packer file ({error}); remove it or pass --overwrite") from None
+    if not isinstance(content, dict):
+        raise DualEncError(f"{path} is not a packer file (not a JSON object); remove it or pass --overwrite")
+    return content
+
+
+def _manifest_or_none(out_dir: Path) -> Manifest | None:
+    """The finished manifest in `out_dir`, or None when there is none."""
+    path = manifest_path(out_dir)
+    if not path.exists():
+        return None
+    try:
+        return read_manifest_file(path)
+    except DualEncError as error:
+        raise DualEncError(f"{error} (or pass --overwrite to replace it)") from None
+
+
+def _bookkeeping_or_none(read: Callable[[Path], Any], path: Path, overwrite: bool) -> Any:
+    """`read(path)`, or None when that fails and `overwrite` allows replacing the file."""
+    try:
+        return read(path)
     except DualEncError:
         if overwrite:
             return None
@@ -168,11 +194,10 @@ def _claim_out_dir(out_dir: Path, run_fingerprint: str, overwrite: bool) -> dict
     if out_dir.exists() and not out_dir.is_dir():
         raise DualEncError(f"--out {out_dir} is a file; give a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = _bookkeeping_or_none(manifest_path(out_dir), overwrite)
-    journal = _bookkeeping_or_none(out_dir / JOURNAL_NAME, overwrite)
-    if manifest is not None and manifest.get("source", {}).get("fingerprint") == run_fingerprint:
-        checksums = {name: digest for split in manifest.get("splits", {}).values()
-                     for name, digest in split.get("sha256", {}).items()}
+    manifest = _bookkeeping_or_none(_manifest_or_none, out_dir, overwrite)
+    journal = _bookkeeping_or_none(_read_journal, out_dir / JOURNAL_NAME, overwrite)
+    if manifest is not None and manifest.source.get("fingerprint") == run_fingerprint:
+        checksums = {name: digest for split in manifest.splits.values() for name, digest in split.sha256.items()}
         if _shards_match(out_dir, checksums):
             return {"manifest": manifest}
     elif journal is not None and journal.get("fingerprint") == run_fingerprint:
@@ -244,7 +269,7 @@ class _SplitWriter:
         index = len(self.state["shards"])
         partial = self.out_dir / _temporary_name(self.split, index, "partial")
         digest = sha256_of_file(partial)
-        os.replace(partial, self.out_dir / _temporary_name(self.split, index, "done"))
+        move_into_place(partial, self.out_dir / _temporary_name(self.split, index, "done"))
         self.state["shards"].append({"pairs": self.shard_pairs, "images": self.shard_images,
                                      "sha256": digest, "next_image": next_image,
                                      "skipped": self.pending_skips})
@@ -281,10 +306,10 @@ def _finalise_split(out_dir: Path, split: str, journal: dict) -> None:
     for index, shard in enumerate(split_state["shards"]):
         done = out_dir / _temporary_name(split, index, "done")
         if done.exists():
-            os.replace(done, out_dir / shard["name"])
+            move_into_place(done, out_dir / shard["name"])
 
 
-def _split_summary(entries: list[ImageEntry], split_state: dict) -> tuple[dict, list[dict]]:
+def _split_summary(entries: list[ImageEntry], split_state: dict) -> tuple[SplitSummary, list[dict]]:
     """The manifest entry of a finished split and its skipped images."""
     reasons = {skip["image"]: skip["reason"]
                for skips in [shard["skipped"] for shard in split_state["shards"]] + [split_state["tail_skipped"]]
@@ -294,13 +319,13 @@ def _split_summary(entries: list[ImageEntry], split_state: dict) -> tuple[dict, 
     written = sum(shard["pairs"] for shard in split_state["shards"])
     if pairs != written:
         raise RuntimeError(f"packer bug: {written} records written for {pairs} pairs")
-    summary = {
-        "pairs": pairs,
-        "images": len(kept),
-        "ids": len({label for entry in kept for _, label in entry.pairs}),
-        "shards": [shard["name"] for shard in split_state["shards"]],
-        "sha256": {shard["name"]: shard["sha256"] for shard in split_state["shards"]},
-    }
+    summary = SplitSummary(
+        pairs=pairs,
+        images=len(kept),
+        ids=len({label for entry in kept for _, label in entry.pairs}),
+        shards=tuple(shard["name"] for shard in split_state["shards"]),
+        sha256={shard["name"]: shard["sha256"] for shard in split_state["shards"]},
+    )
     skipped = [{"path": entries[position].path, "reason": reason, "pairs": len(entries[position].pairs)}
                for position, reason in sorted(reasons.items())]
     return summary, skipped
@@ -308,7 +333,7 @@ def _split_summary(entries: list[ImageEntry], split_state: dict) -> tuple[dict, 
 
 def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: dict,
                  resize: int | None, shard_size: int, pool: concurrent.futures.Executor | None,
-                 workers: int) -> tuple[dict, list[dict]]:
+                 workers: int) -> tuple[SplitSummary, list[dict]]:
     split_state = journal["splits"].setdefault(split, {"shards": [], "tail_skipped": [], "complete": False})
     if split_state["complete"]:
         _finalise_split(out_dir, split, journal)
@@ -351,11 +376,11 @@ def _check_options(splits: dict[str, list[ImageEntry]], resize: int | None, shar
         raise DualEncError("the annotations list no image-caption pairs to pack")
 
 
-def _report(out_dir: Path, manifest: dict) -> None:
-    for split, summary in manifest["splits"].items():
-        print(f"{split}: {summary['pairs']} pairs, {summary['images']} images, {summary['ids']} ids "
-              f"in {len(summary['shards'])} shard(s)", file=sys.stderr)
-    skipped = manifest["skipped"]
+def _report(out_dir: Path, manifest: Manifest) -> None:
+    for split, summary in manifest.splits.items():
+        print(f"{split}: {summary.pairs} pairs, {summary.images} images, {summary.ids} ids "
+              f"in {len(summary.shards)} shard(s)", file=sys.stderr)
+    skipped = manifest.skipped
     if skipped:
         pairs = sum(skip["pairs"] for skip in skipped)
         shown = "; ".join(f"{skip['path']}: {skip['reason']}" for skip in skipped[:SKIPS_SHOWN])
@@ -367,7 +392,7 @@ def _report(out_dir: Path, manifest: dict) -> None:
 def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
          skipped: Iterable[dict] = (), resize: int | None = None,
          shard_size: int | None = None, workers: int | None = None,
-         overwrite: bool = False) -> dict:
+         overwrite: bool = False) -> Manifest:
     """Pack `splits` into shards and `manifest.json` in `out_dir`; returns the manifest.
 
     `source` describes the input (``format``, absolute ``annotations``/``images`` paths, and any
@@ -399,10 +424,10 @@ def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    manifest = build_manifest({**source, "fingerprint": run_fingerprint}, summaries,
-                              prior_skipped + image_skips, resize)
-    write_json_atomic(manifest_path(out_dir), manifest)
-    shards = {name for summary in summaries.values() for name in summary["shards"]}
+    manifest = Manifest.create({**source, "fingerprint": run_fingerprint}, summaries,
+                               prior_skipped + image_skips, resize)
+    manifest.write(out_dir)
+    shards = {name for summary in summaries.values() for name in summary.shards}
     _remove_packer_files(out_dir, keep=shards | {manifest_path(out_dir).name})
     _report(out_dir, manifest)
     return manifest
