@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         from dualenc.training import resolve_config, run_training  # heavy: TensorFlow
-        from dualenc.data import read_manifest
+        from dualenc.manifest import load_manifest
         from dualenc.runs import choose_run_dir, point_latest
 
         config = build_config(args)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
             config = dataclasses.replace(config, data=str(packed_demo()))
         config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
-        manifest = read_manifest(config.data)
+        manifest = load_manifest(config.data)
         paths, resume = choose_run_dir(args.out, RUNS_ROOT, lambda candidate: resolve_config(config, manifest, candidate))
         config = resolve_config(config, manifest, paths)
 

@@ -36,12 +36,6 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(data_dir: str | Path) -> dict:
-    """The validated manifest of `data_dir` as its JSON object (see `dualenc.manifest.load_manifest`,
-    which returns the typed `Manifest`; this form serves callers that index the JSON)."""
-    return load_manifest(data_dir).to_json()
-
-
 def verify_checksums(data_dir: str | Path, split: str) -> None:
     """Check every shard of `split` against the manifest's sha256; `DualEncError` names the
     first shard whose content differs."""

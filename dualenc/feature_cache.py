@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +22,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dualenc.data import read_manifest, record_dataset
+from dualenc.files import atomic_directory
+from dualenc.manifest import load_manifest
+from dualenc.packed import distinct_records
 from dualenc.images import decode_image
 from dualenc.records import CAPTION, IMAGE, IMAGE_ID, parse_example
 
@@ -73,25 +74,9 @@ def tower_fingerprint(tower: keras.Model) -> str:
 
 
 def _cache_key(data_dir: Path, split: str, kind: str, fingerprint: str) -> str:
-    summary = read_manifest(data_dir)["splits"][split]
-    material = json.dumps({"split": split, "kind": kind, "sha256": summary["sha256"], "tower": fingerprint}, sort_keys=True)
+    sha256 = dict(load_manifest(data_dir).split(split, data_dir).sha256)
+    material = json.dumps({"split": split, "kind": kind, "sha256": sha256, "tower": fingerprint}, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:24]
-
-
-def _distinct(data_dir: Path, split: str, key_feature: str) -> tf.data.Dataset:
-    """Records of `split` whose `key_feature` has not been seen before, in packing order."""
-    keys = [
-        value.decode("utf-8")
-        for value in record_dataset(data_dir, split).map(lambda record: parse_example(record)[key_feature]).as_numpy_iterator()
-    ]
-    first = {}
-    for index, key in enumerate(keys):
-        first.setdefault(key, index)
-    keep = tf.constant(sorted(first.values()), tf.int64)
-    wanted = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(keep, tf.ones_like(keep)), default_value=0
-    )
-    return record_dataset(data_dir, split).enumerate().filter(lambda index, _: wanted.lookup(index) > 0)
 
 
 def _compute(
@@ -99,12 +84,12 @@ def _compute(
 ) -> CachedFeatures:
     key_feature = IMAGE_ID if kind == "image" else CAPTION
 
-    def tower_input(_: tf.Tensor, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def tower_input(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         features = parse_example(record)
         value = decode_image(features[IMAGE], image_size) if kind == "image" else features[CAPTION]
         return features[key_feature], value
 
-    batches = _distinct(data_dir, split, key_feature).map(tower_input, num_parallel_calls=tf.data.AUTOTUNE)
+    batches = distinct_records(data_dir, split, key_feature).map(tower_input, num_parallel_calls=tf.data.AUTOTUNE)
     batches = batches.batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
     # One traced graph: calling a backbone eagerly batch after batch held several GiB of
     # intermediate buffers (6.5 GiB peak for MobileNetV2 at 224 px, batch 64).
@@ -139,11 +124,7 @@ def cached_features(
     if (entry / FEATURES_FILE).is_file() and (entry / KEYS_FILE).is_file():
         return CachedFeatures(keys=json.loads((entry / KEYS_FILE).read_text()), features=np.load(entry / FEATURES_FILE))
     computed = _compute(embed, data_dir, split, kind, image_size)
-    staging = entry.with_name(entry.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    np.save(staging / FEATURES_FILE, computed.features)
-    (staging / KEYS_FILE).write_text(json.dumps(computed.keys))
-    shutil.rmtree(entry, ignore_errors=True)
-    staging.rename(entry)
+    with atomic_directory(entry) as staging:
+        np.save(staging / FEATURES_FILE, computed.features)
+        (staging / KEYS_FILE).write_text(json.dumps(computed.keys))
     return computed

@@ -23,12 +23,14 @@ import tensorflow as tf
 from dualenc import config as configs
 from dualenc import losses
 from dualenc.curves import plot_curves
-from dualenc.data import TEST_SPLITS, VALIDATION_SPLITS, read_manifest, record_dataset, verify_checksums
+from dualenc.data import TEST_SPLITS, VALIDATION_SPLITS, verify_checksums
+from dualenc.manifest import Manifest, load_manifest
+from dualenc.packed import record_dataset, split_captions
 from dualenc.images import decode_image
 from dualenc.errors import DualEncError
 from dualenc.evaluation import embed_split, retrieval_metrics
 from dualenc.export import export_encoders
-from dualenc.files import write_json_atomic
+from dualenc.files import atomic_file, write_json_atomic
 from dualenc.feature_cache import CachedFeatures, cached_features, tower_fingerprint
 from dualenc.model import CAPTION_FEATURES, IMAGE_FEATURES, TOKENS, DualEncoder, build_dual_encoder
 from dualenc.preprocessing import build_text_preprocessor
@@ -45,30 +47,28 @@ INSTANCES_PER_IDENTITY = 4
 BACKUP_METADATA = "training_metadata.json"
 
 
-def pick_split(manifest: dict, preferred: tuple[str, ...], data_dir: Path) -> str:
+def pick_split(manifest: Manifest, preferred: tuple[str, ...], data_dir: Path) -> str:
     """The first of `preferred` that the dataset has with at least one pair."""
     for split in preferred:
-        if manifest["splits"].get(split, {}).get("pairs"):
+        if split in manifest.splits and manifest.splits[split].pairs:
             return split
     raise DualEncError(f"{data_dir} has no non-empty split among {', '.join(preferred)}; pack one (e.g. --holdout-images)")
 
 
-def resolve_config(config: configs.TrainConfig, manifest: dict, paths: RunPaths) -> configs.TrainConfig:
+def resolve_config(config: configs.TrainConfig, manifest: Manifest, paths: RunPaths) -> configs.TrainConfig:
     """Fill what depends on the data and the run directory: CMPC's class count, the vocabulary path."""
     model = config.model
     if losses.needs_class_weights(model.loss):
-        model = dataclasses.replace(model, num_classes=int(manifest["splits"][TRAIN_SPLIT]["ids"]))
+        model = dataclasses.replace(model, num_classes=manifest.split(TRAIN_SPLIT, config.data).ids)
     if model.text.tower == "bilstm" and model.text.vocabulary is None:
         model = dataclasses.replace(model, text=dataclasses.replace(model.text, vocabulary=str(paths.vocabulary)))
     return dataclasses.replace(config, model=model)
 
 
-def check_data(config: configs.TrainConfig, data_dir: Path) -> dict:
+def check_data(config: configs.TrainConfig, data_dir: Path) -> Manifest:
     """The manifest, after checking splits, checksums (every split used) and that one batch fits the training split."""
-    manifest = read_manifest(data_dir)
-    pairs = manifest["splits"].get(TRAIN_SPLIT, {}).get("pairs", 0)
-    if not pairs:
-        raise DualEncError(f"{data_dir} has no pairs in split {TRAIN_SPLIT!r}; valid splits: {', '.join(manifest['splits'])}")
+    manifest = load_manifest(data_dir)
+    pairs = manifest.split(TRAIN_SPLIT, data_dir).pairs
     if config.batch_size > pairs:
         raise DualEncError(f"--batch-size {config.batch_size} is larger than the {pairs} training pairs in {data_dir}; lower it")
     # The test split too: a damaged one would otherwise fail only after the last epoch.
@@ -248,13 +248,11 @@ def trim_log(log_csv: Path, epochs: int) -> None:
         reader = csv.DictReader(stream)
         fields = reader.fieldnames
         rows = [row for row in reader if int(row["epoch"]) < epochs]
-    staging = log_csv.with_name(log_csv.name + ".tmp")
-    with open(staging, "w", newline="") as stream:
+    with atomic_file(log_csv) as staging, open(staging, "w", newline="") as stream:
         if rows:
             writer = csv.DictWriter(stream, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-    staging.replace(log_csv)
 
 
 def learn_vocabulary(data_dir: Path, text: configs.TextConfig) -> None:
@@ -263,10 +261,7 @@ def learn_vocabulary(data_dir: Path, text: configs.TextConfig) -> None:
     if path.is_file():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    captions = (
-        caption.decode("utf-8")
-        for caption in record_dataset(data_dir, TRAIN_SPLIT).map(lambda record: parse_example(record)[CAPTION]).as_numpy_iterator()
-    )
+    captions = split_captions(data_dir, TRAIN_SPLIT).captions
     learn_wordpiece_vocabulary(captions, text.vocab_size, path)
 
 

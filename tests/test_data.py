@@ -11,7 +11,8 @@ import tensorflow as tf
 from PIL import Image
 from test_pack_images import HEIGHT, WIDTH, write_image
 
-from dualenc.data import pair_dataset, read_manifest, verify_checksums
+from dualenc.data import pair_dataset, verify_checksums
+from dualenc.manifest import load_manifest
 from dualenc.images import decode_image
 from dualenc.errors import DualEncError
 from tfrecords_tools.writer import ImageEntry, pack
@@ -130,7 +131,7 @@ def test_bad_datasets_raise_one_line(packed, tmp_path, damage, message):
         manifest["splits"]["valid"] = {"pairs": 0, "images": 0, "ids": 0, "shards": [], "sha256": {}}
         (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DualEncError, match=message) as raised:
-        read_manifest(copy)
+        load_manifest(copy)
         pair_dataset(copy, "valid", image_size=(8, 8))
     assert "\n" not in str(raised.value)
 
