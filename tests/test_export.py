@@ -72,6 +72,13 @@ class ColourWordEncoder(keras.layers.Layer):
         return tf.reduce_sum(rows, axis=1) + 1e-6  # never exactly zero: unknown words still normalise
 
 
+def colour_word_encoder() -> ColourWordEncoder:
+    """A built `ColourWordEncoder` (an export tracks built layers only)."""
+    encoder = ColourWordEncoder()
+    encoder(tf.constant(["build"]))
+    return encoder
+
+
 def encode_png(pixels: np.ndarray, image_format: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=image_format)
@@ -123,7 +130,7 @@ def make_colour_run(root: Path) -> Path:
     run_dir = root / "runs" / "20250101-000000"
     run_dir.mkdir(parents=True)
     export_encoders(
-        run_dir, encode_images=mean_colour_encoder(), encode_texts=ColourWordEncoder(), image_size=IMAGE_SIZE
+        run_dir, encode_images=mean_colour_encoder(), encode_texts=colour_word_encoder(), image_size=IMAGE_SIZE
     )
     run_config.save(run_config.TrainConfig(data=str(data_dir)), run_dir / "config.json")
     (root / "runs" / "latest").symlink_to(run_dir.name)

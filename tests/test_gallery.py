@@ -126,7 +126,7 @@ def test_packed_embeds_each_readable_image_once_with_its_first_caption(packed):
     assert meta["captions"] == ["a red square", "a green square", "a blue square"]
     assert meta["labels"] == [0, 1, 3] and meta["paths"] is None
     assert meta["skipped"] == [{"image_id": "broken.png", "reason": meta["skipped"][0]["reason"]}]
-    assert "cannot decode image" in meta["skipped"][0]["reason"]
+    assert "TensorFlow cannot decode the image" in meta["skipped"][0]["reason"]
     assert embedded == 3 and embeddings.dtype == np.float32
     np.testing.assert_allclose(embeddings, [COLOURS["red"], COLOURS["green"], COLOURS["blue"]])
     assert "skipping unreadable image broken.png" in log.getvalue()

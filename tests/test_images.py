@@ -412,7 +412,8 @@ def test_twins_through_packing(twin_folder, vision_run, twins, tmp_path):
 
 
 def test_twins_through_a_folder_gallery(twin_folder, vision_run, twins):
-    from dualenc.index import FolderGallery, open_index
+    from dualenc.gallery import FolderGallery
+    from dualenc.index import open_index
 
     log = io.StringIO()
     index = open_index(vision_run, FolderGallery(twin_folder), log=log)
