@@ -90,11 +90,11 @@ def _make_demo(params: dict) -> dict:
     annotations, images = raw / REID_RAW_NAME, raw / IMAGES_DIR
     packed = Path(params["root"]) / "packed"
     manifest = pack_with_tools("cuhk-pedes", annotations, images, packed, workers=1)
-    pairs = sum(split["pairs"] for split in manifest["splits"].values())
+    pairs = sum(split.pairs for split in manifest.splits.values())
     import tensorflow as tf  # already loaded by the packer; its version describes the machine
 
     return {"annotations": str(annotations), "images": str(images), "packed": str(packed), "pairs": pairs,
-            "train_pairs": manifest["splits"]["train"]["pairs"], "format": "cuhk-pedes",
+            "train_pairs": manifest.splits["train"].pairs, "format": "cuhk-pedes",
             "tensorflow": tf.__version__}
 
 

@@ -76,6 +76,6 @@ def measure(variant: str, params: dict) -> dict:
     workers = os.cpu_count() or 1
     with ChildMemoryMonitor() as monitor, Stopwatch() as clock:
         manifest = pack_with_tools(params["format"], annotations, images, out, workers)
-    pairs = sum(split["pairs"] for split in manifest["splits"].values())
+    pairs = sum(split.pairs for split in manifest.splits.values())
     return {"seconds": clock.seconds, "pairs": pairs, "pairs_per_s": pairs / clock.seconds,
             "workers": workers, "workers_mb": monitor.peak_mb}
