@@ -39,12 +39,14 @@ def measure(variant: str, params: dict) -> dict:
     """Train `params["epochs"]` epochs; per-epoch seconds and the 30-epoch extrapolation."""
     import keras
 
-    from dualenc.training import build_model, feature_caches, pair_batches
+    from dualenc.preprocessing import build_text_preprocessor
+    from dualenc.training import build_model, feature_caches, model_inputs, pair_batches
 
     config = _config(params)
     data_dir = Path(params["data_dir"])
     keras.utils.set_random_seed(config.seed)
     model = build_model(config)
+    text_preprocessor = build_text_preprocessor(config.model.text)
     epoch_seconds: list[float] = []
 
     class EpochClock(keras.callbacks.Callback):
@@ -56,8 +58,12 @@ def measure(variant: str, params: dict) -> dict:
 
     with tempfile.TemporaryDirectory(dir=params["scratch"]) as cache_dir:
         with Stopwatch() as cache_clock:
-            caches = feature_caches(model, config, data_dir, ["train"], Path(cache_dir)) if variant == "ours" else {}
-        batches = pair_batches(data_dir, "train", config, caches, training=True)
+            caches = (
+                feature_caches(model, config, text_preprocessor, data_dir, ["train"], Path(cache_dir))
+                if variant == "ours"
+                else {}
+            )
+        batches = model_inputs(pair_batches(data_dir, "train", config, text_preprocessor, caches, training=True))
         model.fit(batches, epochs=config.epochs, shuffle=False, callbacks=[EpochClock()], verbose=0)
     later = sorted(epoch_seconds[1:])
     later_median = later[len(later) // 2] if len(later) % 2 else (later[len(later) // 2 - 1] + later[len(later) // 2]) / 2
