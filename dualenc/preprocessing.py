@@ -95,13 +95,6 @@ def build_text_preprocessor(config: TextConfig) -> WordPieceTokenizer | HubBertP
     return WordPieceTokenizer(tokens, config.max_tokens)
 
 
-def token_spec(config: TextConfig) -> tf.TensorSpec | dict[str, tf.TensorSpec]:
-    """The signature of the text tower's input: what `build_text_preprocessor` returns, batched."""
-    if config.tower == "bert":
-        return {name: tf.TensorSpec([None, None], tf.int32, name=name) for name in BERT_INPUTS}
-    return tf.TensorSpec([None, config.max_tokens], tf.int32, name="token_ids")
-
-
 def dummy_tokens(config: TextConfig, batch: int = 2) -> tf.Tensor | dict[str, tf.Tensor]:
     """All-padding token inputs for `batch` captions (with [CLS]/[START]-like first ids of 1),
     used to build the text tower before any data is read."""

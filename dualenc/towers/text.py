@@ -65,7 +65,7 @@ def _build_bilstm_tower(config: TextConfig) -> keras.Model:
 
 
 def build_text_tower(config: TextConfig) -> keras.Model:
-    """Build the text tower: token inputs (see `dualenc.preprocessing.token_spec`) → ``[B, F]`` float32.
+    """Build the text tower: token inputs (what `dualenc.preprocessing.build_text_preprocessor` returns) → ``[B, F]`` float32.
 
     ``bert``: F = the encoder's hidden size (512 for small BERT L-4 H-512); the handle is a TF-Hub
     URL or a local SavedModel directory, see `dualenc.hub.resolve_handle`. ``bilstm``:
