@@ -6,11 +6,12 @@ Queries are processed `chunk_size` at a time, so peak memory is a (chunk_size, G
 the (Q, G) matrix: a 100k × 100k evaluation with chunks of 1024 holds a few 0.4 GB blocks
 (float32) at a time.
 
-Ranking and ties: gallery items are ordered by descending similarity, and equal similarities
-by ascending gallery index (the order a stable sort of ``-similarity`` gives). Ranks are
-counted directly — item r's 0-based rank is ``#{g: s_g > s_r} + #{g < r: s_g = s_r}`` — which
-costs O(G) per query like ``np.argpartition`` but, unlike it, gives the same answer whatever
-the ties. Results are percentages (0–100) as plain python floats.
+Ranking and ties follow `dualenc.ranking`, the rule exact search also uses: gallery items are
+ordered by descending similarity, and equal similarities by ascending gallery index (the order
+a stable sort of ``-similarity`` gives). Ranks are counted directly — item r's 0-based rank is
+``#{g: s_g > s_r} + #{g < r: s_g = s_r}`` — which costs O(G) per query like
+``np.argpartition`` but, unlike it, gives the same answer whatever the ties. Results are
+percentages (0–100) as plain python floats.
 
 A `k` larger than the gallery is an error rather than clamped: recall "at 100" on a gallery of
 50 would be a trivial 100 and easy to misread.
@@ -23,6 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dualenc.errors import DualEncError
+from dualenc.ranking import ahead_mask, ranks_of
 
 
 def _unit_rows(embeddings: np.ndarray) -> np.ndarray:
@@ -64,20 +66,6 @@ def _chunks(count: int, chunk_size: int) -> Iterator[slice]:
         yield slice(start, min(start + chunk_size, count))
 
 
-def _ranks_of(similarities: np.ndarray, item_indices: np.ndarray) -> np.ndarray:
-    """0-based rank of gallery item item_indices[i] in row i of similarities (Q', G).
-
-    rank = #{g: s_g > s_item} + #{g < item: s_g = s_item}, i.e. ties go to the lower index.
-    """
-    rows = np.arange(len(item_indices))
-    item_scores = similarities[rows, item_indices][:, None]
-    ahead = np.count_nonzero(similarities > item_scores, axis=1)
-    tied_before = np.count_nonzero(
-        (similarities == item_scores) & (np.arange(similarities.shape[1])[None, :] < item_indices[:, None]), axis=1
-    )
-    return ahead + tied_before
-
-
 def recall_at_k(
     query_embeddings: np.ndarray,
     gallery_embeddings: np.ndarray,
@@ -103,7 +91,7 @@ def recall_at_k(
         # argmax returns the first maximum, so among equally similar relevant items it picks the
         # lowest index: the one that comes first under the tie rule.
         best_relevant = np.argmax(np.where(relevant, similarities, -np.inf), axis=1)
-        ranks = _ranks_of(similarities, best_relevant)
+        ranks = ranks_of(similarities, best_relevant)
         best_ranks[rows] = np.where(relevant.any(axis=1), ranks, len(gallery))
     return {k: 100.0 * float(np.mean(best_ranks < k)) for k in ks}
 
@@ -130,17 +118,12 @@ def mean_average_precision(
     gallery_labels = _check_length("gallery_labels", gallery_labels, len(gallery))
     precision_sum = np.zeros(len(queries))
     relevant_count = np.zeros(len(queries))
-    gallery_positions = np.arange(len(gallery))[None, :]
     for rows in _chunks(len(queries), chunk_size):
         similarities = queries[rows] @ gallery.T
         relevant = gallery_labels[None, :] == query_labels[rows, None]
         pair_rows, pair_items = np.nonzero(relevant)
         for pairs in _chunks(len(pair_rows), chunk_size):
-            row_similarities = similarities[pair_rows[pairs]]
-            item_scores = row_similarities[np.arange(len(row_similarities)), pair_items[pairs]][:, None]
-            ahead = (row_similarities > item_scores) | (
-                (row_similarities == item_scores) & (gallery_positions < pair_items[pairs, None])
-            )
+            ahead = ahead_mask(similarities[pair_rows[pairs]], pair_items[pairs])
             rank = np.count_nonzero(ahead, axis=1)
             relevant_ahead = np.count_nonzero(ahead & relevant[pair_rows[pairs]], axis=1)
             query_index = pair_rows[pairs] + rows.start
@@ -171,5 +154,5 @@ def top_k_accuracy(
     k = _check_k(k, len(gallery))
     hits = 0
     for rows in _chunks(len(queries), chunk_size):
-        hits += int(np.count_nonzero(_ranks_of(queries[rows] @ gallery.T, true_indices[rows]) < k))
+        hits += int(np.count_nonzero(ranks_of(queries[rows] @ gallery.T, true_indices[rows]) < k))
     return 100.0 * hits / len(queries)

@@ -4,9 +4,10 @@ Gallery rows are L2-normalised once, when the index is built, so a query's cosin
 to every image is one matrix product, ``scores = Q · Gᵀ`` with ``Q: (q, D)``, ``G: (N, D)``;
 nothing about the gallery is recomputed per query (seed 003 re-normalised it every time).
 
-The top k of each row comes from ``np.argpartition`` (O(N)) followed by sorting only those k
-(O(k log k)), instead of sorting all N scores. Approximate search uses FAISS (imported only
-when asked for): HNSW graphs or an inverted file (IVF), both with inner-product metric.
+The top k of each row comes from `dualenc.ranking.top_k`: a partition (O(N)) and a sort of only
+those k (O(k log k)), never all N scores, with equal scores in ascending gallery order (the
+rule the metrics rank by). Approximate search uses FAISS (imported only when asked for): HNSW
+graphs or an inverted file (IVF), both with inner-product metric.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dualenc.errors import DualEncError
+from dualenc.ranking import top_k
 
 ANN_CHOICES = ("auto", "exact", "hnsw", "ivf")
 
@@ -50,7 +52,7 @@ def exact_search(
 
     `gallery_embeddings` ``(N, D)`` must already be unit-norm (the index stores it so);
     queries ``(Q, D)`` are normalised here. Returns ``(scores, indices)``, each ``(Q, min(k, N))``,
-    scores float32 in descending order per row.
+    scores float32 in descending order per row, equal scores in ascending gallery order.
     """
     queries = normalise_rows(np.atleast_2d(query_embeddings))
     gallery = np.asarray(gallery_embeddings, dtype=np.float32)
@@ -64,16 +66,8 @@ def exact_search(
     all_indices = np.empty((len(queries), k), np.int64)
     for start in range(0, len(queries), QUERY_BATCH):
         scores = queries[start : start + QUERY_BATCH] @ gallery.T  # (q, D) · (D, N) -> (q, N)
-        if k < len(gallery):
-            # The k largest, partitioned in place of negating (a full (q, N) copy per batch).
-            candidates = np.sort(np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:], axis=1)
-        else:
-            candidates = np.broadcast_to(np.arange(len(gallery)), scores.shape)
-        candidate_scores = np.take_along_axis(scores, candidates, axis=1)
-        # Stable sort so equal scores keep ascending gallery order after the partition.
-        order = np.argsort(-candidate_scores, axis=1, kind="stable")
-        all_indices[start : start + len(scores)] = np.take_along_axis(candidates, order, axis=1)
-        all_scores[start : start + len(scores)] = np.take_along_axis(candidate_scores, order, axis=1)
+        rows = slice(start, start + len(scores))
+        all_scores[rows], all_indices[rows] = top_k(scores, k)
     return all_scores, all_indices
 
 
