@@ -215,10 +215,9 @@ def test_round_trip_in_fresh_process_matches_in_memory(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(loaded["vision"], axis=1), 1.0, atol=1e-5)
 
 
-def test_bound_method_and_tfsm_bert_text_tower(tmp_path):
+def test_bound_method_and_tfsm_bert_text_tower(tmp_path, tiny_bert):
     """A TF-Hub-style BERT inside keras.layers.TFSMLayer, exported via a bound method."""
-    bert_fixture = pytest.importorskip("bert_fixture")
-    preprocessor_dir, encoder_dir = bert_fixture.make_tiny_bert(tmp_path / "hub")
+    preprocessor_dir, encoder_dir = tiny_bert
 
     from dualenc.config import TextConfig
     from dualenc.towers.text import build_text_tower

@@ -22,13 +22,12 @@ import pytest
 from PIL import Image
 
 import train
-from train_fixtures import (
+from tests.support.training import (
     FROZEN_VISION,
     TINY_FLAGS,
     copy_dataset,
     csv_rows,
     file_stamps,
-    packed_demo_dir,
     subprocess_env,
     train_command,
     write_json,
@@ -50,11 +49,6 @@ class TrainedRun:
     run_dir: Path
     model: object
     exit_code: int
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    return packed_demo_dir(tmp_path_factory)
 
 
 def _train_in_process(workdir: Path, cache_dir: Path, flags: list[str]) -> TrainedRun:
