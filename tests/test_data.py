@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-from test_pack_images import HEIGHT, WIDTH, write_image
 
 from dualenc.data import decode_image, pair_dataset, read_manifest, verify_checksums
 from dualenc.errors import DualEncError
+from tests.support.images import HEIGHT, WIDTH, write_image
 from tfrecords_tools.writer import ImageEntry, pack
 
 KINDS = ["png", "bmp", "palette_png", "rgba_png", "grey_jpeg", "jpeg", "png", "bmp", "png", "jpeg"]
