@@ -13,7 +13,7 @@ import tensorflow as tf
 from dualenc.export import export_vision_encoder, load_encoder
 from dualenc.index import FolderGallery, PackedGallery, open_index, read_gallery_images
 from dualenc.records import parse_example
-from test_export import COLOURS, IMAGE_SIZE, encode_png, make_colour_run, mean_colour_encoder, solid_image
+from tests.support.colour_run import COLOURS, IMAGE_SIZE, encode_png, make_colour_run, mean_colour_encoder, solid_image
 
 
 @pytest.fixture(scope="module")
