@@ -30,7 +30,7 @@ def _two_device_measurements() -> dict:
 
     from dualenc.config import ModelConfig
     from dualenc.model import DualEncoder, build_dual_encoder
-    from test_model import factory_config, matching_batch, stand_in_towers
+    from tests.support.stand_ins import factory_config, matching_batch, stand_in_towers
 
     results = {}
     labels = np.array([0, 1, 2, 3, 0, 1, 2, 5])  # repeated labels: the same-label rule matters
@@ -105,8 +105,8 @@ def measured() -> dict:
         "import sys, json, tensorflow as tf\n"
         "tf.config.set_logical_device_configuration(tf.config.list_physical_devices('CPU')[0], "
         "[tf.config.LogicalDeviceConfiguration()] * 2)\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "import test_placement\n"
+        f"sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
+        "from tests import test_placement\n"
         "print('RESULTS ' + json.dumps(test_placement._two_device_measurements()))\n"
     )
     done = subprocess.run(
