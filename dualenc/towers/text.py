@@ -5,7 +5,7 @@ take plain strings. Two towers:
 
 - ``bert`` (seed 003): a TF-Hub BERT preprocessor and encoder, each a SavedModel loaded as a
   `keras.layers.TFSMLayer` on its ``__call__`` endpoint — the Reusable SavedModel API both
-  TF-Hub's BERTs and `tests/bert_fixture.py` implement. (An encoder's ``serving_default``
+  TF-Hub's BERTs and `tests/support/tiny_bert.py` implement. (An encoder's ``serving_default``
   signature takes the three id tensors as keyword arguments, which TFSMLayer cannot pass, and
   has no ``training`` switch.)
   Features are the encoder's ``pooled_output``, F = the encoder's hidden size.
