@@ -121,6 +121,7 @@ def measured() -> dict:
     return json.loads(line[len("RESULTS "):])
 
 
+@pytest.mark.slow
 def test_split_runs_each_tower_and_head_on_its_own_device(measured):
     split = measured["split"]
     assert split["kind"] == "split"
@@ -130,16 +131,19 @@ def test_split_runs_each_tower_and_head_on_its_own_device(measured):
     assert np.isfinite(split["fit_loss"])
 
 
+@pytest.mark.slow
 def test_factory_creates_each_tower_on_its_device(measured):
     placed = measured["factory_split"]
     assert placed["text_weight_devices"] and all(device.endswith("CPU:0") for device in placed["text_weight_devices"])
     assert placed["vision_weight_devices"] and all(device.endswith("CPU:1") for device in placed["vision_weight_devices"])
 
 
+@pytest.mark.slow
 def test_exported_encoder_graph_carries_no_device_strings(measured):
     assert measured["split"]["encode_images_op_devices"] == [""]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["clip", "cmpm+cmpc"])
 def test_mirrored_step_matches_single_device_on_the_global_batch(measured, loss):
     assert measured["num_replicas"] == 2
@@ -154,6 +158,7 @@ def test_mirrored_step_matches_single_device_on_the_global_batch(measured, loss)
     assert result["max_weight_difference"] < 1e-5
 
 
+@pytest.mark.slow
 def test_unknown_device_is_a_one_line_error(measured):
     message = measured["unknown_device_error"]
     assert "'/cpu:7'" in message and "CPU:1" in message and "\n" not in message
