@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MIN_FREE_MB := 3000
 
-.PHONY: demo test test-latest lock clean check-python
+.PHONY: demo test test-fast test-latest lock clean check-python
 
 check-python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 13) else 1)' 2>/dev/null || \
@@ -26,8 +26,13 @@ demo: check-python $(STAMP)
 	$(BIN)/python train.py --epochs 30
 	$(BIN)/python search.py "a woman in a red coat" --grid runs/latest/search.png
 
+# The whole suite, slow tests included (training runs, the quick benchmark).
 test: check-python $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# For development: leaves out the tests marked slow (over ~20 s each; see setup.cfg).
+test-fast: check-python $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Unpinned: what a fresh `pip install` would get today. Run `make lock` after it passes.
 test-latest: check-python

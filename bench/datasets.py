@@ -6,7 +6,7 @@
   edges and grain, so they compress like photos (~40–70 kB each) and cost what a COCO image
   costs to decode and resize; `captions_per_image` captions each, as a folder caption table
   (``captions.jsonl``), raw and packed.
-- ``bert``: the tiny TF-Hub-format BERT of the test fixtures (`tests/bert_fixture.py`), as a
+- ``bert``: the tiny TF-Hub-format BERT of the test fixtures (`tests/support/tiny_bert.py`), as a
   frozen text tower that needs no download.
 - ``encoder``: a small vision encoder (frozen MobileNetV2, random weights, + Dense(256)), saved
   both as a Keras model (how seed 003 saves its encoders) and exported with
@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from bench.common import REPO_ROOT
 
 COCO_SIZE = (640, 480)  # width, height: a typical COCO train2014 image
 COCO_JPEG_QUALITY = 90
@@ -107,8 +104,7 @@ def _make_coco(params: dict) -> dict:
 
 
 def _make_bert(params: dict) -> dict:
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from bert_fixture import make_tiny_bert
+    from tests.support.tiny_bert import make_tiny_bert  # the worker runs from REPO_ROOT
 
     preprocessor, encoder = make_tiny_bert(Path(params["root"]))
     return {"preprocessor": str(preprocessor), "encoder": str(encoder)}

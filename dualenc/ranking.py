@@ -61,11 +61,11 @@ def _keep_lowest_ties(scores: np.ndarray, candidates: np.ndarray) -> None:
     """In place: each row of `candidates` ``(Q, k)``, whose first column holds the k-th best
     item, keeps its items scoring above the k-th score and takes the lowest-indexed items tied
     with it. Only rows with more tied items than places are rewritten (none, without ties)."""
-    kth_scores = scores[np.arange(len(scores)), candidates[:, 0]]
-    candidate_scores = np.take_along_axis(scores, candidates, axis=1)
-    tied_places = np.count_nonzero(candidate_scores == kth_scores[:, None], axis=1)
-    tied_items = np.count_nonzero(scores == kth_scores[:, None], axis=1)
-    for row in np.flatnonzero(tied_items > tied_places):
-        above = candidates[row][candidate_scores[row] > kth_scores[row]]
-        lowest_tied = np.flatnonzero(scores[row] == kth_scores[row])[: tied_places[row]]
-        candidates[row] = np.concatenate([above, lowest_tied])
+    for row_scores, row_candidates in zip(scores, candidates):
+        kth_score = row_scores[row_candidates[0]]
+        candidate_scores = row_scores[row_candidates]
+        tied_places = np.count_nonzero(candidate_scores == kth_score)
+        # Row by row: count_nonzero over a 1-d mask is several times faster than with `axis`.
+        if np.count_nonzero(row_scores == kth_score) > tied_places:
+            above = row_candidates[candidate_scores > kth_score]
+            row_candidates[:] = np.concatenate([above, np.flatnonzero(row_scores == kth_score)[:tied_places]])

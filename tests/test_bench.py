@@ -86,6 +86,7 @@ def test_reference_packer_writes_one_record_per_pair(tmp_path):
         (b"one", b"first image bytes"), (b"two", b"first image bytes"), (b"three", b"second")]
 
 
+@pytest.mark.slow
 def test_quick_run_reports_positive_numbers_for_every_benchmark(tmp_path):
     output = tmp_path / "report.json"
     completed = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(output)],

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-from test_pack_images import HEIGHT, WIDTH, write_image
 
 from dualenc.data import pair_dataset, verify_checksums
 from dualenc.manifest import load_manifest
 from dualenc.images import decode_image
 from dualenc.errors import DualEncError
+from tests.support.images import HEIGHT, WIDTH, write_image
 from tfrecords_tools.writer import ImageEntry, pack
 
 KINDS = ["png", "bmp", "palette_png", "rgba_png", "grey_jpeg", "jpeg", "png", "bmp", "png", "jpeg"]

@@ -14,14 +14,9 @@ from dualenc.data import record_dataset, sha256_of_file
 from dualenc.images import decode_image
 from dualenc.feature_cache import CachedFeatures, cached_features, tower_fingerprint
 from dualenc.records import CAPTION, IMAGE, IMAGE_ID, parse_example
-from train_fixtures import copy_dataset, packed_demo_dir
+from tests.support.training import copy_dataset
 
 IMAGE_SIZE = (128, 64)
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    return packed_demo_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

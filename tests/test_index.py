@@ -14,7 +14,7 @@ from dualenc.export import export_vision_encoder, load_encoder
 from dualenc.gallery import FolderGallery, PackedGallery
 from dualenc.index import open_index
 from dualenc.records import parse_example
-from test_export import (
+from tests.support.colour_run import (
     COLOURS,
     IMAGE_SIZE,
     encode_png,

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from test_pack_cuhk_pedes import read_records
-from test_pack_images import write_image
 
+from tests.support.images import write_image
+from tests.support.packed import read_records
 from tfrecords_tools.__main__ import main
 
 IMAGE_IDS = [391, 57, 8, 1024, 77, 5]  # COCO ids, deliberately unsorted

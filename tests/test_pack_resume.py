@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_pack_cuhk_pedes import make_cuhk_pedes, pack
 
+from tests.support.cuhk_pedes import make_cuhk_pedes, pack
 from tfrecords_tools import writer
 
 

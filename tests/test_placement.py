@@ -30,7 +30,7 @@ def _two_device_measurements() -> dict:
 
     from dualenc.config import ModelConfig
     from dualenc.model import DualEncoder, build_dual_encoder
-    from test_model import factory_config, matching_batch, stand_in_towers
+    from tests.support.stand_ins import factory_config, matching_batch, stand_in_towers
 
     results = {}
     labels = np.array([0, 1, 2, 3, 0, 1, 2, 5])  # repeated labels: the same-label rule matters
@@ -107,8 +107,8 @@ def measured() -> dict:
         "import sys, json, tensorflow as tf\n"
         "tf.config.set_logical_device_configuration(tf.config.list_physical_devices('CPU')[0], "
         "[tf.config.LogicalDeviceConfiguration()] * 2)\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "import test_placement\n"
+        f"sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
+        "from tests import test_placement\n"
         "print('RESULTS ' + json.dumps(test_placement._two_device_measurements()))\n"
     )
     done = subprocess.run(
@@ -123,6 +123,7 @@ def measured() -> dict:
     return json.loads(line[len("RESULTS "):])
 
 
+@pytest.mark.slow
 def test_split_runs_each_tower_and_head_on_its_own_device(measured):
     split = measured["split"]
     assert split["kind"] == "split"
@@ -132,16 +133,19 @@ def test_split_runs_each_tower_and_head_on_its_own_device(measured):
     assert np.isfinite(split["fit_loss"])
 
 
+@pytest.mark.slow
 def test_factory_creates_each_tower_on_its_device(measured):
     placed = measured["factory_split"]
     assert placed["text_weight_devices"] and all(device.endswith("CPU:0") for device in placed["text_weight_devices"])
     assert placed["vision_weight_devices"] and all(device.endswith("CPU:1") for device in placed["vision_weight_devices"])
 
 
+@pytest.mark.slow
 def test_exported_encoder_graph_carries_no_device_strings(measured):
     assert measured["split"]["encode_images_op_devices"] == [""]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["clip", "cmpm+cmpc"])
 def test_mirrored_step_matches_single_device_on_the_global_batch(measured, loss):
     assert measured["num_replicas"] == 2
@@ -156,6 +160,7 @@ def test_mirrored_step_matches_single_device_on_the_global_batch(measured, loss)
     assert result["max_weight_difference"] < 1e-5
 
 
+@pytest.mark.slow
 def test_unknown_device_is_a_one_line_error(measured):
     message = measured["unknown_device_error"]
     assert "'/cpu:7'" in message and "CPU:1" in message and "\n" not in message

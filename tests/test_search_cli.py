@@ -19,7 +19,7 @@ from dualenc import config as run_config
 from dualenc import metrics
 from dualenc.export import export_vision_encoder, load_encoder
 from dualenc.records import parse_example
-from test_export import (
+from tests.support.colour_run import (
     COLOURS,
     IMAGE_SIZE,
     colour_records,

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bert_fixture import HIDDEN_SIZE, SEQ_LENGTH, make_tiny_bert
 from dualenc import hub
 from dualenc.config import TextConfig
 from dualenc.errors import DualEncError
 from dualenc.preprocessing import build_text_preprocessor
 from dualenc.towers import build_text_tower
 from dualenc.vocabulary import RESERVED_TOKENS, learn_wordpiece_vocabulary, read_vocabulary
+from tests.support.tiny_bert import HIDDEN_SIZE, SEQ_LENGTH
 
 CAPTIONS = [
     "A man in a red shirt is walking a dog.",
@@ -23,11 +23,6 @@ CAPTIONS = [
     "A man riding a bike down the street.",
     "The woman is holding an umbrella in the rain.",
 ] * 6
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="module")

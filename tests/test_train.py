@@ -22,13 +22,12 @@ import pytest
 from PIL import Image
 
 import train
-from train_fixtures import (
+from tests.support.training import (
     FROZEN_VISION,
     TINY_FLAGS,
     copy_dataset,
     csv_rows,
     file_stamps,
-    packed_demo_dir,
     subprocess_env,
     train_command,
     write_json,
@@ -50,11 +49,6 @@ class TrainedRun:
     run_dir: Path
     model: object
     exit_code: int
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    return packed_demo_dir(tmp_path_factory)
 
 
 def _train_in_process(workdir: Path, cache_dir: Path, flags: list[str]) -> TrainedRun:
@@ -97,6 +91,7 @@ def uncached_run(tmp_path_factory, demo_data) -> TrainedRun:
     return _train_in_process(base / "work", base / "cache", flags)
 
 
+@pytest.mark.slow
 def test_demo_run_writes_config_encoders_curves_metrics_and_log(cached_run):
     assert cached_run.exit_code == 0
     run_dir = cached_run.run_dir
@@ -128,6 +123,7 @@ def test_demo_run_writes_config_encoders_curves_metrics_and_log(cached_run):
     assert not (run_dir / "backup").exists()
 
 
+@pytest.mark.slow
 def test_finished_run_is_refused_and_left_untouched(cached_run, demo_data, capsys):
     runs = cached_run.workdir / "runs"
     before = file_stamps(runs)
@@ -143,6 +139,7 @@ def test_finished_run_is_refused_and_left_untouched(cached_run, demo_data, capsy
     assert file_stamps(runs) == before
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_features_give_the_same_training_curves(cached_run, uncached_run):
     assert cached_run.exit_code == 0 and uncached_run.exit_code == 0
     # Only the cached run stored features (train and validation splits).
@@ -189,6 +186,7 @@ def _test_pairs(data_dir: Path) -> tuple[list[bytes], list[str]]:
     return images, captions
 
 
+@pytest.mark.slow
 def test_exported_encoders_match_the_trained_towers_in_a_fresh_process(cached_run, demo_data, tmp_path):
     import tensorflow as tf
 
@@ -327,6 +325,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, cached_run, demo_data, tmp_path, capsys):
     make_flags, expected = BAD_INPUTS[case]
@@ -359,6 +358,7 @@ RESUME_EPOCHS = 4
 EPOCH_LINE = re.compile(rf"epoch (\d+)/{RESUME_EPOCHS} \|")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_redoing_finished_epochs(demo_data, tmp_path):
     env = subprocess_env(tmp_path / "cache")
     command = train_command("--data", str(demo_data), "--epochs", str(RESUME_EPOCHS), "--batch-size", "8")

@@ -1,7 +1,6 @@
-"""Shared helpers for the training tests: the tiny packed demo, configs, CSV and file snapshots.
+"""Helpers for the training tests: tiny flags and configs, dataset copies, CSV and file snapshots.
 
-The packed demo is built under pytest's session base directory; `packed_demo` reuses a
-complete copy, so every test module that asks for it after the first pays only a check.
+The packed demo they train on is the session fixture `demo_data` in `tests/conftest.py`.
 """
 
 from __future__ import annotations
@@ -13,22 +12,12 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO_ROOT / "train.py"
-DEMO_IDENTITIES = 12
 # Small enough for a 2-core CPU: batches of 8 from ~80 training pairs.
 TINY_FLAGS = ["--batch-size", "8", "--quiet"]
 # The vision tower frozen (its features cacheable), the BiLSTM text tower still trained.
 FROZEN_VISION = {"model": {"vision": {"trainable": False}}}
-
-
-def packed_demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The packed demo with `DEMO_IDENTITIES` identities, built once per session."""
-    from tfrecords_tools.demo_cache import packed_demo
-
-    return packed_demo(cache_dir=tmp_path_factory.getbasetemp() / "demo-cache", identities=DEMO_IDENTITIES)
 
 
 def copy_dataset(source: Path, destination: Path) -> Path:

@@ -1,0 +1,1 @@
+"""The test suite, as a package so that test modules import shared builders as `tests.support`."""
