@@ -13,8 +13,8 @@ from pathlib import Path
 
 from dualenc import config as run_config
 from dualenc.errors import DualEncError
+from dualenc.query import check_query, result_dicts
 
-MAX_QUERY_CHARS = 10_000
 DEFAULT_RUN = "runs/latest"
 
 EXAMPLES = """examples:
@@ -52,20 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--float16", action="store_true", help="store the index in half precision")
     parser.add_argument("--evaluate", action="store_true", help="measure retrieval on a packed split instead of searching")
     return parser
-
-
-def check_query(query: str) -> str:
-    """The query with its ends stripped, or a `DualEncError` saying what is wrong with it."""
-    try:
-        query.encode("utf-8")
-    except UnicodeEncodeError:
-        # Python passes undecodable argv bytes through as lone surrogates (surrogateescape).
-        raise DualEncError("the query is not valid UTF-8 text; check your terminal's encoding") from None
-    if not query.strip():
-        raise DualEncError("the query is empty; describe what to look for, e.g. \"a red car\"")
-    if len(query) > MAX_QUERY_CHARS:
-        raise DualEncError(f"the query has {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
-    return query.strip()
 
 
 def check_run(run_dir: Path) -> Path:
@@ -129,17 +115,7 @@ def _query_embedding(args: argparse.Namespace, run_dir: Path):
 def search(args: argparse.Namespace, run_dir: Path, index) -> list[dict]:
     """The top-k results as dicts: rank, score, image_id, path, caption, label."""
     scores, rows = index.search(_query_embedding(args, run_dir), args.k, ann=args.ann)
-    results = []
-    for rank, (score, row) in enumerate(zip(scores[0], rows[0]), start=1):
-        results.append({
-            "rank": rank,
-            "score": round(float(score), 6),
-            "image_id": index.image_ids[row],
-            "path": index.paths[row] if index.paths is not None else None,
-            "caption": index.captions[row] if index.captions is not None else None,
-            "label": index.labels[row] if index.labels is not None else None,
-        })
-    return results
+    return result_dicts(index, scores[0], rows[0])
 
 
 def print_results(results: list[dict], query_text: str) -> None:
