@@ -26,7 +26,7 @@ MAX_REQUEST_HEAD_BYTES = 256 * 2**10
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port), or a `DualEncError` saying why it cannot be."""
+    """A TCP socket listening on (host, port), or a `DualEncError` saying why it cannot."""
     if not 0 <= port <= 65535:
         raise DualEncError(f"--port {port} is not a TCP port; pass 1-65535, or 0 for any free port")
     try:
@@ -37,6 +37,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind(address)
+        # Listening now queues connections made as soon as the startup line names the URL,
+        # before uvicorn has started accepting them.
+        listener.listen(socket.SOMAXCONN)
     except OSError as exc:
         listener.close()
         raise DualEncError(f"cannot listen on {host} port {port} ({exc.strerror}); pass another --port") from None
