@@ -515,8 +515,9 @@ def chromium_and_driver() -> tuple[str, str]:
     return browser, driver
 
 
-def test_page_in_headless_chromium_shows_nine_loaded_images(served, tmp_path):
+def test_page_in_headless_chromium_shows_nine_loaded_images(served, query_png, tmp_path):
     browser_path, driver_path = chromium_and_driver()
+    (tmp_path / "query.png").write_bytes(query_png)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -540,6 +541,11 @@ def test_page_in_headless_chromium_shows_nine_loaded_images(served, tmp_path):
         assert "9 results for" in driver.find_element(By.ID, "status").text
         screenshot = tmp_path / "search-page.png"
         driver.save_screenshot(str(screenshot))
+
+        driver.find_element(By.ID, "image").send_keys(str(tmp_path / "query.png"))
+        WebDriverWait(driver, 60).until(lambda d: "results for image query.png" in d.find_element(By.ID, "status").text)
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(loaded) == 9)
+        assert driver.execute_script("return document.getElementById('query-image').naturalWidth") > 0
     finally:
         driver.quit()
     with Image.open(screenshot) as image:

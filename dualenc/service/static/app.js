@@ -90,8 +90,16 @@ async function describeService() {
     const health = await answer(await fetch("/api/health"));
     document.getElementById("model").textContent = health.model;
     document.getElementById("gallery").textContent = `${health.gallery}: ${health.images} images, ${health.index} search`;
-    for (const option of [...kSelect.options]) {
-      option.disabled = Number(option.value) > health.images;
+    const fitting = [...kSelect.options].filter((option) => Number(option.value) <= health.images);
+    if (!fitting.length) {
+      fitting.push(new Option(String(health.images)));
+      kSelect.add(fitting[0]);
+    }
+    for (const option of kSelect.options) {
+      option.disabled = !fitting.includes(option);
+    }
+    if (kSelect.selectedOptions[0].disabled) {
+      kSelect.value = fitting[fitting.length - 1].value;
     }
   } catch (error) {
     showError(error);
