@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from dualenc import config as run_config
-from dualenc.errors import DualEncError
+from dualenc.errors import DualEncError, first_line
+from dualenc.query import check_query, result_dicts
 
-MAX_QUERY_CHARS = 10_000
 DEFAULT_RUN = "runs/latest"
 
 EXAMPLES = """examples:
@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   python search.py --image query.jpg --gallery ~/photos    image → image
   python search.py --build-index --data data/coco --split val --ann hnsw
   python search.py --evaluate                              R@1/5/10, mAP, top-100 accuracy
+  python search.py --serve                                 a search page at http://127.0.0.1:8000/
 """
 
 
@@ -51,21 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--build-index", action="store_true", help="(re)build the gallery index; no query needed")
     parser.add_argument("--float16", action="store_true", help="store the index in half precision")
     parser.add_argument("--evaluate", action="store_true", help="measure retrieval on a packed split instead of searching")
+    parser.add_argument("--serve", action="store_true", help="serve a search page and JSON API over the gallery")
+    parser.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (default 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="--serve: port (default 8000; 0 picks a free one)")
     return parser
-
-
-def check_query(query: str) -> str:
-    """The query with its ends stripped, or a `DualEncError` saying what is wrong with it."""
-    try:
-        query.encode("utf-8")
-    except UnicodeEncodeError:
-        # Python passes undecodable argv bytes through as lone surrogates (surrogateescape).
-        raise DualEncError("the query is not valid UTF-8 text; check your terminal's encoding") from None
-    if not query.strip():
-        raise DualEncError("the query is empty; describe what to look for, e.g. \"a red car\"")
-    if len(query) > MAX_QUERY_CHARS:
-        raise DualEncError(f"the query has {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
-    return query.strip()
 
 
 def check_run(run_dir: Path) -> Path:
@@ -127,17 +117,7 @@ def _query_embedding(args: argparse.Namespace, run_dir: Path):
 def search(args: argparse.Namespace, run_dir: Path, index) -> list[dict]:
     """The top-k results as dicts: rank, score, image_id, path, caption, label."""
     scores, rows = index.search(_query_embedding(args, run_dir), args.k, ann=args.ann)
-    results = []
-    for rank, (score, row) in enumerate(zip(scores[0], rows[0]), start=1):
-        results.append({
-            "rank": rank,
-            "score": round(float(score), 6),
-            "image_id": index.image_ids[row],
-            "path": index.paths[row] if index.paths is not None else None,
-            "caption": index.captions[row] if index.captions is not None else None,
-            "label": index.labels[row] if index.labels is not None else None,
-        })
-    return results
+    return result_dicts(index, scores[0], rows[0])
 
 
 def print_results(results: list[dict], query_text: str) -> None:
@@ -199,8 +179,10 @@ def run(args: argparse.Namespace) -> int:
     searching = args.query is not None or args.image is not None
     if args.evaluate and searching:
         raise DualEncError("--evaluate measures the whole split; drop the QUERY/--image")
-    if not (searching or args.build_index or args.evaluate):
-        raise DualEncError("nothing to do: give a QUERY, --image FILE, --build-index or --evaluate (see --help)")
+    if args.serve and (searching or args.evaluate or args.json or args.grid is not None):
+        raise DualEncError("--serve answers queries over HTTP; drop the QUERY/--image/--evaluate/--json/--grid")
+    if not (searching or args.build_index or args.evaluate or args.serve):
+        raise DualEncError("nothing to do: give a QUERY, --image FILE, --build-index, --evaluate or --serve (see --help)")
     if args.query is not None:
         args.query = check_query(args.query)
     if args.evaluate and args.gallery is not None:
@@ -236,7 +218,18 @@ def run(args: argparse.Namespace) -> int:
             print_results(results, query_text)
         if args.grid is not None:
             draw_grid(args.grid, results, gallery, query_text)
+    if args.serve:
+        serve(run_dir, gallery, index=index, host=args.host, port=args.port, ann=args.ann)
     return 0
+
+
+def serve(run_dir: Path, gallery, **options) -> None:
+    """`dualenc.service.server.serve`, or a `DualEncError` naming the extra it needs."""
+    try:
+        from dualenc.service.server import serve as serve_forever
+    except ImportError as exc:
+        raise DualEncError(f"--serve needs FastAPI and uvicorn ({first_line(exc)}); pip install 'dualenc[serve]'") from None
+    serve_forever(run_dir, gallery, **options)
 
 
 def main(argv: list[str] | None = None) -> int:

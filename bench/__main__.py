@@ -3,7 +3,8 @@
 Five benchmarks (packing, input pipeline, frozen-backbone training, index build, query
 latency) each run the reference approach (``ref``, a faithful re-implementation of the keras.io
 example's code) and ours on the same data in the same run, interleaved, every measurement in
-its own process (see `bench.common`). Prints a table of medians, ratios (> 1: ours is faster)
+its own process (see `bench.common`). A sixth, the search service under concurrent clients,
+has no reference (the seed has no service): its rows leave ``ref`` and the ratio empty. Prints a table of medians, ratios (> 1: ours is faster)
 and peak memory, and writes everything, with the machine's description, as JSON.
 """
 
@@ -27,6 +28,7 @@ QUICK = {
     "training_batch": 16, "training_image_size": (32, 32), "training_epochs": 2, "training_repeats": 1,
     "index_batch": 16, "index_image_size": (32, 32), "index_repeats": 1,
     "query_sizes": (2_000,), "query_count": 10, "bandwidth_megabytes": 16,
+    "service_clients": (1, 8, 32), "service_queries_per_client": 3,
 }
 FULL = {
     "repeats": 3, "demo_identities": 150, "coco_images": 800, "captions_per_image": 2, "pack_coco": True,
@@ -34,6 +36,7 @@ FULL = {
     "training_batch": 32, "training_image_size": (224, 224), "training_epochs": 3, "training_repeats": 1,
     "index_batch": 32, "index_image_size": (224, 224), "index_repeats": 2,
     "query_sizes": (10_000, 100_000, 1_000_000), "query_count": 200, "bandwidth_megabytes": 1024,
+    "service_clients": (1, 8, 32), "service_queries_per_client": 25,
 }
 TABLE_COLUMNS = [
     ("benchmark", "benchmark"), ("metric", "metric"), ("ref", "ref (seed 003)"), ("ours", "ours"),
@@ -145,6 +148,20 @@ def bench_query(sizes: dict) -> tuple[dict, list[dict]]:
     return results, rows
 
 
+def bench_service(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[dict]]:
+    """The search service on loopback: queries/s and p50/p99 latency per number of concurrent clients."""
+    params = {"data_dir": inputs["demo"]["packed"], "scratch": str(scratch), "clients": list(sizes["service_clients"]),
+              "queries_per_client": sizes["service_queries_per_client"]}
+    result = common.run_isolated("service", "ours", params)
+    rows = [{"benchmark": f"service ({result['images']} images, loopback)", "metric": f"qps_{level['clients']}_clients",
+             "ref": None, "ours": level["qps"], "ratio": None, "ref_peak_mb": None,
+             "ours_peak_mb": result["server_peak_mb"],
+             "note": f"p50 {level['p50_ms']:.3g} ms, p99 {level['p99_ms']:.3g} ms, "
+                     f"{level['requests']} requests, {level['errors']} errors; peak = server"}
+            for level in result["levels"]]
+    return result, rows
+
+
 def prepare_inputs(sizes: dict, scratch: Path) -> dict:
     """Build the shared datasets, tiny BERT and exported encoder, each in a child process."""
     return {
@@ -170,6 +187,7 @@ def run_all(quick: bool, scratch: Path) -> dict:
         ("training", lambda: bench_training(sizes, inputs, scratch)),
         ("index", lambda: bench_index(sizes, inputs)),
         ("query", lambda: bench_query(sizes)),
+        ("service", lambda: bench_service(sizes, inputs, scratch)),
     ]
     for name, step in steps:
         print(f"running {name} ...", file=sys.stderr, flush=True)

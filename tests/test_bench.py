@@ -13,7 +13,7 @@ from bench import common, packing, query
 from dualenc import retrieval
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("packing", "pipeline", "training", "index", "query")
+BENCHMARKS = ("packing", "pipeline", "training", "index", "query", "service")
 
 
 def test_percentile_matches_numpy_linear_interpolation():
@@ -99,10 +99,18 @@ def test_quick_run_reports_positive_numbers_for_every_benchmark(tmp_path):
     assert report["quick"] is True
     assert set(report["benchmarks"]) == set(BENCHMARKS)
     covered = {row["benchmark"].split(" (")[0].split(" N=")[0] for row in report["table"]}
-    assert covered == {"packing", "input pipeline", "training", "index build", "query"}
+    assert covered == {"packing", "input pipeline", "training", "index build", "query", "service"}
     for row in report["table"]:
-        for key in ("ref", "ours", "ratio", "ref_peak_mb", "ours_peak_mb"):
+        # The service has no reference: the seed has no server.
+        keys = ("ours", "ours_peak_mb") if row["benchmark"].startswith("service") else (
+            "ref", "ours", "ratio", "ref_peak_mb", "ours_peak_mb")
+        for key in keys:
             assert row[key] > 0, (row["benchmark"], key, row[key])
+    levels = report["benchmarks"]["service"]["levels"]
+    assert [level["clients"] for level in levels] == [1, 8, 32]
+    for level in levels:
+        assert level["errors"] == 0 and level["requests"] == 3 * level["clients"]
+        assert 0 < level["p50_ms"] <= level["p99_ms"]
     assert report["benchmarks"]["query"]["read_bandwidth_gb_s"] > 0
     for size in report["benchmarks"]["query"]["sizes"].values():
         assert size["bound_ms"] > 0 and 0 <= size["faiss"]["recall_at_10"] <= 1

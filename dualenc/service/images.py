@@ -1,0 +1,144 @@
+"""Gallery images by id, for the page's result grid: read safely, shrunk, and cached in memory.
+
+Only ids in the index are served; a request never names a path. A folder gallery's file is
+read only if its real path (links followed) is still inside the gallery folder, so a symbolic
+link that leads out of it serves nothing. A packed split is read at the offsets of its
+records, found once when the service starts (one pass over the shards, no TensorFlow ops): a
+later request reads one record, not the whole split. Thumbnails are re-encoded by Pillow, so
+what goes out is always a JPEG made from decoded pixels, never a file's raw bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import struct
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import tensorflow as tf
+from PIL import Image
+
+from dualenc.gallery import FolderGallery, Gallery
+from dualenc.manifest import load_manifest
+from dualenc.records import IMAGE, IMAGE_ID
+
+THUMBNAIL_SIDE = 256
+THUMBNAIL_QUALITY = 85
+THUMBNAIL_CACHE_ENTRIES = 2048
+# A TFRecord is framed as: uint64 length, uint32 CRC of the length, data, uint32 CRC of the data.
+RECORD_HEADER = struct.Struct("<QI")
+RECORD_FOOTER_BYTES = 4
+
+
+class ImageUnavailable(Exception):
+    """An image id the service does not serve: not in the gallery, unreadable, or leading out of it."""
+
+
+class FolderImages:
+    """Files of a folder gallery, by index id (the path relative to the folder)."""
+
+    def __init__(self, directory: Path, image_ids: Iterable[str]):
+        self.root = Path(directory).resolve()
+        self.image_ids = frozenset(image_ids)
+
+    def read(self, image_id: str) -> bytes:
+        if image_id not in self.image_ids:
+            raise ImageUnavailable(f"no image {image_id[:200]!r} in this gallery")
+        try:
+            path = (self.root / image_id).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise ImageUnavailable(f"gallery image {image_id!r} is no longer readable") from None
+        if not path.is_relative_to(self.root):
+            raise ImageUnavailable(f"gallery image {image_id!r} is a link out of the gallery folder; it is not served")
+        try:
+            return path.read_bytes()
+        except OSError:
+            raise ImageUnavailable(f"gallery image {image_id!r} is no longer readable") from None
+
+
+def _records(shard: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(offset of the data, its length, the data) of every record in an uncompressed TFRecord file."""
+    with open(shard, "rb") as stream:
+        while header := stream.read(RECORD_HEADER.size):
+            length, _ = RECORD_HEADER.unpack(header)
+            offset = stream.tell()
+            data = stream.read(length)
+            stream.seek(RECORD_FOOTER_BYTES, io.SEEK_CUR)
+            yield offset, length, data
+
+
+class PackedImages:
+    """Images of one packed split, by image id, each read from its first record."""
+
+    def __init__(self, data_dir: Path, split: str, image_ids: Iterable[str]):
+        wanted = set(image_ids)
+        self.locations: dict[str, tuple[Path, int, int]] = {}
+        for name in load_manifest(data_dir).split(split, data_dir).shards:
+            shard = Path(data_dir) / name
+            for offset, length, data in _records(shard):
+                image_id = tf.train.Example.FromString(data).features.feature[IMAGE_ID].bytes_list.value[0].decode("utf-8")
+                if image_id in wanted and image_id not in self.locations:
+                    self.locations[image_id] = (shard, offset, length)
+
+    def read(self, image_id: str) -> bytes:
+        location = self.locations.get(image_id)
+        if location is None:
+            raise ImageUnavailable(f"no image {image_id[:200]!r} in this gallery")
+        shard, offset, length = location
+        try:
+            with open(shard, "rb") as stream:
+                stream.seek(offset)
+                data = stream.read(length)
+            return tf.train.Example.FromString(data).features.feature[IMAGE].bytes_list.value[0]
+        except (OSError, IndexError, ValueError):
+            raise ImageUnavailable(f"gallery image {image_id!r} is no longer readable") from None
+
+
+def gallery_images(gallery: Gallery, image_ids: Iterable[str]) -> FolderImages | PackedImages:
+    """The reader for `gallery`, serving exactly `image_ids` (the index's rows).
+
+    The one place the service tells galleries apart: serving needs what `Gallery.read_images`
+    does not give, a containment check for folders and record offsets for packed splits.
+    """
+    if isinstance(gallery, FolderGallery):
+        return FolderImages(gallery.directory, image_ids)
+    return PackedImages(gallery.data_dir, gallery.split, image_ids)
+
+
+def make_thumbnail(image_bytes: bytes, max_side: int = THUMBNAIL_SIDE) -> bytes:
+    """An RGB JPEG of the image, its longer side at most `max_side` (never enlarged)."""
+    with Image.open(io.BytesIO(image_bytes)) as image:
+        image.draft("RGB", (max_side, max_side))  # JPEG: let libjpeg decode at a reduced scale
+        thumbnail = image.convert("RGB")
+    thumbnail.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, "JPEG", quality=THUMBNAIL_QUALITY)
+    return buffer.getvalue()
+
+
+class Thumbnails:
+    """Thumbnails of gallery images by id: made on first request, the latest `capacity` kept."""
+
+    def __init__(self, images: FolderImages | PackedImages, capacity: int = THUMBNAIL_CACHE_ENTRIES):
+        self.images = images
+        self.capacity = capacity
+        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, image_id: str) -> bytes:
+        with self._lock:
+            if image_id in self._cache:
+                self._cache.move_to_end(image_id)
+                return self._cache[image_id]
+        image_bytes = self.images.read(image_id)
+        try:
+            thumbnail = make_thumbnail(image_bytes)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            raise ImageUnavailable(f"gallery image {image_id!r} cannot be decoded") from None
+        with self._lock:
+            self._cache[image_id] = thumbnail
+            if len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return thumbnail
