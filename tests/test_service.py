@@ -549,3 +549,22 @@ def test_page_in_headless_chromium_shows_nine_loaded_images(served, query_png, t
     if artefacts:
         Path(artefacts).mkdir(parents=True, exist_ok=True)
         shutil.copy(screenshot, Path(artefacts) / screenshot.name)
+
+
+def test_thumbnails_use_the_shared_decoder_for_16_bit_and_exif_rotated_photos():
+    from dualenc.service.images import make_thumbnail
+
+    grey = np.full((20, 10), 128 * 257, np.uint16)  # mid-grey in 16 bits
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, "PNG")
+    pixels = np.asarray(Image.open(io.BytesIO(make_thumbnail(buffer.getvalue()))))
+    assert abs(pixels.astype(int).mean() - 128) <= 2  # not clipped to white
+
+    upright = np.zeros((30, 10, 3), np.uint8)
+    upright[:10] = 255  # white top, black below: tall
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated; viewers turn it 90° clockwise
+    buffer = io.BytesIO()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(buffer, "JPEG", exif=exif, quality=95)
+    shown = Image.open(io.BytesIO(make_thumbnail(buffer.getvalue())))
+    assert shown.size == (10, 30)

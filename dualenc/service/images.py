@@ -21,6 +21,7 @@ import tensorflow as tf
 from PIL import Image
 
 from dualenc.gallery import FolderGallery, Gallery
+from dualenc.images import ImageProblem, decode_rgb
 from dualenc.manifest import load_manifest
 from dualenc.records import IMAGE, IMAGE_ID
 
@@ -108,10 +109,12 @@ def gallery_images(gallery: Gallery, image_ids: Iterable[str]) -> FolderImages |
 
 
 def make_thumbnail(image_bytes: bytes, max_side: int = THUMBNAIL_SIDE) -> bytes:
-    """An RGB JPEG of the image, its longer side at most `max_side` (never enlarged)."""
-    with Image.open(io.BytesIO(image_bytes)) as image:
-        image.draft("RGB", (max_side, max_side))  # JPEG: let libjpeg decode at a reduced scale
-        thumbnail = image.convert("RGB")
+    """An RGB JPEG of the image, its longer side at most `max_side` (never enlarged).
+
+    Decoded by the one shared decoder (`dualenc.images.decode_rgb`: EXIF orientation, 16-bit,
+    palettes), so the page shows the pixels that were embedded.
+    """
+    thumbnail = Image.fromarray(decode_rgb(image_bytes))
     thumbnail.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     thumbnail.save(buffer, "JPEG", quality=THUMBNAIL_QUALITY)
@@ -135,7 +138,7 @@ class Thumbnails:
         image_bytes = self.images.read(image_id)
         try:
             thumbnail = make_thumbnail(image_bytes)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        except ImageProblem:
             raise ImageUnavailable(f"gallery image {image_id!r} cannot be decoded") from None
         with self._lock:
             self._cache[image_id] = thumbnail
