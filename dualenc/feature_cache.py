@@ -23,9 +23,9 @@ import numpy as np
 import tensorflow as tf
 
 from dualenc.files import atomic_directory
+from dualenc.images import decode_image
 from dualenc.manifest import load_manifest
 from dualenc.packed import distinct_records
-from dualenc.images import decode_image
 from dualenc.records import CAPTION, IMAGE, IMAGE_ID, parse_example
 
 FEATURES_FILE = "features.npy"

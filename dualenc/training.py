@@ -24,17 +24,17 @@ from dualenc import config as configs
 from dualenc import losses
 from dualenc.curves import plot_curves
 from dualenc.data import TEST_SPLITS, VALIDATION_SPLITS, verify_checksums
-from dualenc.manifest import Manifest, load_manifest
-from dualenc.packed import record_dataset, split_captions
-from dualenc.images import decode_image
 from dualenc.errors import DualEncError
 from dualenc.evaluation import embed_split, retrieval_metrics
 from dualenc.export import export_encoders
-from dualenc.files import atomic_file, write_json_atomic
 from dualenc.feature_cache import CachedFeatures, cached_features, tower_fingerprint
+from dualenc.files import atomic_file, write_json_atomic
+from dualenc.images import decode_image
+from dualenc.manifest import Manifest, load_manifest
 from dualenc.model import CAPTION_FEATURES, IMAGE_FEATURES, TOKENS, DualEncoder, build_dual_encoder
-from dualenc.preprocessing import build_text_preprocessor
+from dualenc.packed import record_dataset, split_captions
 from dualenc.placement import make_placement
+from dualenc.preprocessing import build_text_preprocessor
 from dualenc.records import CAPTION, IMAGE, IMAGE_ID, LABEL, parse_example
 from dualenc.runs import RunPaths, cache_root
 from dualenc.sampling import identity_batches
