@@ -1,0 +1,60 @@
+"""Import TensorFlow without its C++ start-up chatter on the user's terminal.
+
+TensorFlow's native libraries write several lines straight to file descriptor 2 while they load
+and while the first device is created (the absl "before InitializeLog" warning, oneDNN and CUDA
+stub notices, CPU feature hints). `TF_CPP_MIN_LOG_LEVEL` does not silence all of them, and they
+bury the one `error:` line a command prints. `import_tensorflow` loads TensorFlow and creates its
+devices with descriptor 2 pointed at a temporary file, then puts it back: the chatter is dropped,
+or replayed when the import fails, when `verbose` is asked for, or when the environment variable
+`DUALENC_TF_LOG=1` is set. Command-line tools call it before importing any module that imports
+TensorFlow, and only after checking what they can check without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from types import ModuleType
+
+LOG_ENV = "DUALENC_TF_LOG"
+
+
+def import_tensorflow(verbose: bool = False) -> ModuleType:
+    """TensorFlow, imported with its devices created; start-up chatter dropped unless `verbose`
+    or `DUALENC_TF_LOG=1`."""
+    if verbose or os.environ.get(LOG_ENV, "") not in ("", "0"):
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()
+        return tf
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _stderr_captured():
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()
+    return tf
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[None]:
+    """Point descriptor 2 at a temporary file for the block; replay what it caught if the block
+    raises, so a failed import still explains itself."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            sink.seek(0)
+            os.write(2, sink.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
