@@ -3,7 +3,10 @@
 Each packer writes ``{split}-{index}-of-{count}.tfrecord`` shards and ``manifest.json`` into
 ``--out``. Re-running the same command resumes an interrupted run (or does nothing when it
 finished); an ``--out`` holding another dataset is refused unless ``--overwrite`` is given.
-Heavy modules are imported inside the subcommands, so worker processes and ``--help`` start fast.
+Heavy modules are imported inside the subcommands, so worker processes and ``--help`` start fast,
+and TensorFlow only after the annotations, flags and ``--out`` were checked: a mistake there is
+reported within a second, and TensorFlow's start-up chatter stays off the terminal unless
+``--verbose`` (or ``DUALENC_TF_LOG=1``) asks for it (`dualenc.startup`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def _pack(splits_and_skipped: tuple, args: argparse.Namespace, source: dict) -> 
 
     splits, skipped = splits_and_skipped
     pack(splits, _absolute(args.out), source, skipped=skipped, resize=args.resize,
-         shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite)
+         shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite, verbose=args.verbose)
     return 0
 
 
@@ -80,9 +83,15 @@ def _run_folder(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
+    from dualenc.manifest import load_manifest
+    from dualenc.startup import import_tensorflow
+
+    data_dir = _absolute(args.data_dir)
+    load_manifest(data_dir)  # a missing or broken manifest is reported before TensorFlow loads
+    import_tensorflow(args.verbose)
     from tfrecords_tools.stats import write_stats
 
-    write_stats(_absolute(args.data_dir))
+    write_stats(data_dir)
     return 0
 
 
@@ -113,6 +122,12 @@ def _packer_flags(parser: argparse.ArgumentParser) -> None:
                         help="processes reading images (default: all %(default)s cores)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a different dataset already packed in --out")
+    _verbose_flag(parser)
+
+
+def _verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's native log lines (also: DUALENC_TF_LOG=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = commands.add_parser("stats", help="count a packed dataset and chart it")
     stats.add_argument("data_dir", metavar="DIR")
+    _verbose_flag(stats)
     stats.set_defaults(run=_run_stats)
 
     demo = commands.add_parser("make-demo", help="generate the small synthetic CUHK-PEDES-layout demo")
