@@ -10,8 +10,8 @@ One `tf.train.Example` per image-caption pair:
 Shards are named ``{split}-{index:05d}-of-{count:05d}.tfrecord`` and described by
 ``manifest.json`` in the same directory (`dualenc.manifest`); `dualenc.packed` reads them.
 
-Serialisation is deterministic (features in key order), so equal input gives byte-identical
-shards and manifest checksums in any process. TensorFlow is imported on first use, not with this
+Serialisation is deterministic (features in key order, written here), so equal input gives
+byte-identical shards and manifest checksums in any process. TensorFlow is imported on first use, not with this
 module, so the packers can check annotation files and flags before paying for that import.
 """
 
@@ -29,6 +29,10 @@ LABEL = "label"
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+# Field numbers of tf.train.Feature's value kinds (tensorflow/core/example/feature.proto).
+BYTES_LIST = 1
+INT64_LIST = 3
+UINT64_MASK = (1 << 64) - 1
 
 
 def _feature_spec() -> dict:
@@ -60,22 +64,40 @@ def normalise_caption(caption: str) -> str:
     return " ".join(caption.split())
 
 
+def _varint(value: int) -> bytes:
+    """`value` as a protobuf base-128 varint (a negative int64 as its 64-bit two's complement)."""
+    value &= UINT64_MASK
+    encoded = bytearray()
+    while value > 0x7F:
+        encoded.append(value & 0x7F | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2): tag, length, payload."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
 def serialize_example(caption: str, image: bytes, image_id: str, label: int) -> bytes:
-    """One pair as a serialised `tf.train.Example` in the format above, its features in key
-    order: protobuf writes a map in hash order, which differs between processes."""
-    import tensorflow as tf
+    """One pair as a serialised `tf.train.Example` in the format above.
 
-    def _bytes(value: bytes) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
+    Written in protobuf's wire format here, with the features in key order: protobuf itself
+    writes a map in a per-process hash order (or, asked to be deterministic, in an order of its
+    implementation's choosing), so equal input gave different bytes and shard checksums. Fields:
+    Example.features (1) → Features.feature (1), a map entry of key (1) and Feature (2) →
+    Feature.bytes_list (1) or int64_list (3) → value (1; int64 packed).
+    """
     features = {
-        CAPTION: _bytes(normalise_caption(caption).encode("utf-8")),
-        IMAGE: _bytes(image),
-        IMAGE_ID: _bytes(image_id.encode("utf-8")),
-        LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        CAPTION: _field(BYTES_LIST, _field(1, normalise_caption(caption).encode("utf-8"))),
+        IMAGE: _field(BYTES_LIST, _field(1, image)),
+        IMAGE_ID: _field(BYTES_LIST, _field(1, image_id.encode("utf-8"))),
+        LABEL: _field(INT64_LIST, _field(1, _varint(int(label)))),
     }
-    example = tf.train.Example(features=tf.train.Features(feature=features))
-    return example.SerializeToString(deterministic=True)
+    entries = b"".join(_field(1, _field(1, key.encode("utf-8")) + _field(2, feature))
+                       for key, feature in sorted(features.items()))
+    return _field(1, entries)
 
 
 def parse_example(serialized: tf.Tensor) -> dict:
