@@ -138,6 +138,15 @@ def test_coco_holdout_keeps_train_labels_within_the_classifier(tmp_path):
     assert sorted(valid) == [5, 6, 7]
 
 
+def test_a_gap_in_the_train_labels_is_warned_about(tmp_path, capsys):
+    rows = _good_images(tmp_path, 3)
+    (tmp_path / "images" / "broken.png").write_bytes(b"not an image")
+    table = _folder(tmp_path, [rows[0], ("broken.png", "a broken file"), *rows[1:]])
+    assert _pack_folder(tmp_path, table, tmp_path / "out") == 0  # labels 0, 1 (skipped), 2, 3
+    assert ("warning: the 3 identities of split 'train' have labels up to 3, not 0..2"
+            in capsys.readouterr().err)
+
+
 # 6: two COCO images with one id.
 
 def test_a_repeated_coco_image_id_is_refused_naming_it(tmp_path, capsys):

@@ -407,11 +407,31 @@ def _finalise_split(out_dir: Path, split: str, journal: dict) -> None:
             move_into_place(done, out_dir / shard["name"])
 
 
+def _skip_reasons(split_state: dict) -> dict[int, str]:
+    """Position → reason of each image of a finished split that was skipped."""
+    return {skip["image"]: skip["reason"]
+            for skips in [shard["skipped"] for shard in split_state["shards"]] + [split_state["tail_skipped"]]
+            for skip in skips}
+
+
+def _label_gap_warning(entries: list[ImageEntry], split_state: dict) -> str | None:
+    """A warning when the stored labels of the finished train split are not 0..n-1, else None.
+
+    The packers number labels so, but an unreadable image leaves a gap, as can a table's own
+    labels; `train.py --loss cmpc` sizes its classifier to the n identities and cannot use them.
+    """
+    reasons = _skip_reasons(split_state)
+    labels = {label for position, entry in enumerate(entries) if position not in reasons for _, label in entry.pairs}
+    if labels == set(range(len(labels))):
+        return None
+    return (f"warning: the {len(labels)} identities of split {TRAIN_SPLIT!r} have labels up to {max(labels)}, "
+            f"not 0..{len(labels) - 1} (skipped images or the annotations' own labels leave gaps); "
+            "`train.py --loss cmpc` cannot train on them: renumber the labels from 0 without gaps")
+
+
 def _split_summary(entries: list[ImageEntry], split_state: dict) -> tuple[SplitSummary, list[dict]]:
     """The manifest entry of a finished split and its skipped images."""
-    reasons = {skip["image"]: skip["reason"]
-               for skips in [shard["skipped"] for shard in split_state["shards"]] + [split_state["tail_skipped"]]
-               for skip in skips}
+    reasons = _skip_reasons(split_state)
     kept = [entry for position, entry in enumerate(entries) if position not in reasons]
     pairs = sum(len(entry.pairs) for entry in kept)
     written = sum(shard["pairs"] for shard in split_state["shards"])
@@ -559,4 +579,8 @@ def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
         shards = {name for summary in summaries.values() for name in summary.shards}
         _remove_packer_files(out_dir, keep=shards | {manifest_path(out_dir).name})
     _report(out_dir, manifest)
+    if TRAIN_SPLIT in splits:
+        warning = _label_gap_warning(splits[TRAIN_SPLIT], journal["splits"][TRAIN_SPLIT])
+        if warning is not None:
+            print(warning, file=sys.stderr)
     return manifest
