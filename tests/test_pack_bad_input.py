@@ -289,7 +289,7 @@ def test_a_full_disk_gives_one_line_and_leaves_no_partial_shard(tmp_path, capsys
 def _read_only(directory: Path):
     """`directory` made unwritable: by its mode, or for root (whom modes do not stop) by the
     immutable attribute; skips the test where neither is possible."""
-    directory.mkdir()
+    directory.mkdir(exist_ok=True)
     immutable = os.geteuid() == 0
     if immutable:
         if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
@@ -305,11 +305,21 @@ def _read_only(directory: Path):
             directory.chmod(0o755)
 
 
-def test_a_read_only_out_gives_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["folder", "stats", "make-demo"])
+def test_a_read_only_out_gives_one_line(tmp_path, capsys, command):
     table = _folder(tmp_path, _good_images(tmp_path, 1))
-    with _read_only(tmp_path / "out"):
-        assert _pack_folder(tmp_path, table, tmp_path / "out") == 2
-    assert f"cannot write to {tmp_path / 'out'}" in _one_error_line(capsys)
+    out = tmp_path / "out"
+    if command == "stats":
+        assert _pack_folder(tmp_path, table, out) == 0
+        capsys.readouterr()
+    with _read_only(out):
+        if command == "folder":
+            assert _pack_folder(tmp_path, table, out) == 2
+        elif command == "stats":
+            assert main(["stats", str(out)]) == 2
+        else:
+            assert main(["make-demo", "--out", str(out / "demo"), "--identities", "10"]) == 2
+    assert f"cannot write to {'--out ' if command != 'folder' else ''}{out}" in _one_error_line(capsys)
 
 
 # 12, 18: a second packer into the same --out, and kill -9 of a packer with workers.

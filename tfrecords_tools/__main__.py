@@ -12,13 +12,18 @@ reported within a second, and TensorFlow's start-up chatter stays off the termin
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from dualenc.errors import DualEncError
 
 DEFAULT_COCO_DOWNLOAD = Path("data") / "coco"
+# What writing into a read-only, forbidden or full place raises: the user's to fix, not a bug.
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
 
 
 def _absolute(path: str) -> Path:
@@ -30,6 +35,18 @@ def _existing(flag: str, path: Path, kind: str) -> Path:
     if not checks[kind]():
         raise DualEncError(f"{flag} {path}: no such {kind}")
     return path
+
+
+@contextlib.contextmanager
+def _writing(flag: str, path: Path) -> Iterator[None]:
+    """Turn a failure to write under `path` (read-only, no permission, disk full) into one line."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in UNWRITABLE:
+            raise
+        raise DualEncError(f"cannot write to {flag} {path} ({error.strerror}); "
+                           f"choose a writable {flag} with free space") from None
 
 
 def _pack(splits_and_skipped: tuple, args: argparse.Namespace, source: dict) -> int:
@@ -91,7 +108,9 @@ def _run_stats(args: argparse.Namespace) -> int:
     import_tensorflow(args.verbose)
     from tfrecords_tools.stats import write_stats
 
-    write_stats(data_dir)
+    out_dir = _absolute(args.out) if args.out else data_dir / "stats"
+    with _writing("--out", out_dir):
+        write_stats(data_dir, out_dir)
     return 0
 
 
@@ -103,7 +122,8 @@ def _run_make_demo(args: argparse.Namespace) -> int:
     options = {"seed": args.seed}
     if args.identities is not None:
         options["identities"] = args.identities
-    made = make_demo(_absolute(args.out), **options)
+    with _writing("--out", _absolute(args.out)):
+        made = make_demo(_absolute(args.out), **options)
     counts = json.loads((made / MARKER_NAME).read_text(encoding="utf-8"))["counts"]
     for split, split_counts in counts.items():
         print(f"{split}: " + ", ".join(f"{value} {name}" for name, value in split_counts.items()))
@@ -163,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = commands.add_parser("stats", help="count a packed dataset and chart it")
     stats.add_argument("data_dir", metavar="DIR")
+    stats.add_argument("--out", metavar="DIR", help="where charts and stats.json go (default: DIR/stats)")
     _verbose_flag(stats)
     stats.set_defaults(run=_run_stats)
 
