@@ -5,7 +5,8 @@ One `tf.train.Example` per image-caption pair:
 - ``caption``  bytes: UTF-8, whitespace-normalised, original case kept
 - ``image``    bytes: the encoded image (JPEG, PNG or BMP)
 - ``image_id`` bytes: the image's path relative to the source's image root
-- ``label``    int64: the identity (0-based) for CUHK-PEDES, the image's index otherwise
+- ``label``    int64: the identity (0-based) for CUHK-PEDES, one per image otherwise; the
+  packers number the ``train`` split's identities 0..n-1 first, as the CMPC classifier is sized
 
 Shards are named ``{split}-{index:05d}-of-{count:05d}.tfrecord`` and described by
 ``manifest.json`` in the same directory (`dualenc.manifest`); `dualenc.packed` reads them.

@@ -345,8 +345,8 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or not hasattr(os, "mkfifo"),
-                    reason="needs Linux's /proc and named pipes")
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()
+                    or not hasattr(os, "mkfifo"), reason="needs Linux's /proc children lists and named pipes")
 def test_a_second_packer_is_told_the_holder_and_kill_9_leaves_no_process(tmp_path):
     rows = _good_images(tmp_path)
     os.mkfifo(tmp_path / "images" / "stuck.png")  # a worker reading it waits until it is killed
