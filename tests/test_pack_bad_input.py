@@ -185,6 +185,14 @@ def test_a_caption_longer_than_the_csv_field_limit_packs(tmp_path, suffix):
     assert record["caption"].decode() == long_caption.strip()
 
 
+def test_a_csv_saved_with_a_byte_order_mark_packs(tmp_path):
+    rows = _good_images(tmp_path, 1)
+    table = _folder(tmp_path, rows)
+    table.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())  # as Excel saves "CSV UTF-8"
+    assert _pack_folder(tmp_path, table, tmp_path / "out") == 0
+    assert [record["caption"] for record in read_records(tmp_path / "out", "train")] == [b"picture 0"]
+
+
 # 5: a label TFRecord cannot store is refused while reading the table, before any image.
 
 @pytest.mark.parametrize("suffix, label", [(".jsonl", 2**63), (".csv", 2**63), (".jsonl", -1)])

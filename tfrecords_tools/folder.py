@@ -122,7 +122,7 @@ def load(captions: Path, images: Path) -> tuple[dict[str, list[ImageEntry]], lis
     if captions.suffix.lower() not in readers:
         raise DualEncError(f"--captions {captions}: expected a .csv or .jsonl file")
     try:
-        with open(captions, encoding="utf-8", newline="") as stream:
+        with open(captions, encoding="utf-8-sig", newline="") as stream:  # -sig: a BOM, as Excel writes
             rows = list(readers[captions.suffix.lower()](captions, stream))
     except FileNotFoundError:
         raise DualEncError(f"captions file {captions} not found") from None
