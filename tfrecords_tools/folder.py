@@ -128,6 +128,8 @@ def load(captions: Path, images: Path) -> tuple[dict[str, list[ImageEntry]], lis
         raise DualEncError(f"captions file {captions} not found") from None
     except UnicodeDecodeError as error:
         raise DualEncError(f"{captions} is not UTF-8 text ({error.reason})") from None
+    except OSError as error:
+        raise DualEncError(f"cannot read captions file {captions} ({error.strerror or error})") from None
     with_label = bool(rows) and "label" in rows[0][1]
     first_label_line = rows[0][0] if rows else 0
     pairs, skipped = [], []
