@@ -68,6 +68,9 @@ BYTES_SHOWN = 8
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (PNG_SIGNATURE, "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
               (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"))
 READS_IN_FLIGHT_PER_WORKER = 4  # bounds the image bytes waiting in memory
+# From this many images on, `tensorflow_problems` decodes in parallel: one by one costs ~0.6 ms
+# of overhead per image, a tf.data map ~0.2 s per call (measured on 2 busy cores).
+PARALLEL_DECODE_MIN = 256
 # TensorFlow's error text around the kernel's own message: "{{function_node ...}} " before it,
 # " [Op:DecodeJpeg] name: " after it.
 TENSORFLOW_NOISE = re.compile(r"^\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", re.S)
@@ -332,14 +335,15 @@ def _decode_pixels(image_bytes: tf.Tensor) -> tf.Tensor:
 def tensorflow_problems(images: Sequence[bytes]) -> list[str | None]:
     """Per image, None when the decoder training runs (`decode_image`) decodes it, else why not.
 
-    The images are decoded in parallel in a `tf.data` map that drops failures; only the images
-    that failed are decoded again, one by one, for TensorFlow's reason. The reason names the
-    format and quotes the kernel's own message, never its "Graph execution error" preamble.
+    A few images are decoded one by one; more in parallel in a `tf.data` map that drops
+    failures (building it costs a fixed ~0.2 s), and only the failed ones again, for their reason.
+    The reason names the format and quotes the kernel's own message, never TensorFlow's "Graph
+    execution error" preamble.
     """
     import tensorflow as tf
 
-    if not images:
-        return []
+    if len(images) < PARALLEL_DECODE_MIN:
+        return [_tensorflow_problem(data) for data in images]
     decoded = (
         tf.data.Dataset.from_tensor_slices(tf.constant(list(images), tf.string))
         .enumerate()
@@ -348,17 +352,16 @@ def tensorflow_problems(images: Sequence[bytes]) -> list[str | None]:
         .ignore_errors()
     )
     decodable = {int(position) for position, _ in decoded.as_numpy_iterator()}
-    return [None if position in decodable else _tensorflow_reason(data) for position, data in enumerate(images)]
+    return [None if position in decodable else _tensorflow_problem(data) for position, data in enumerate(images)]
 
 
-def _tensorflow_reason(data: bytes) -> str:
-    """Why TensorFlow cannot decode `data`: its kernel's message, without the node names."""
+def _tensorflow_problem(data: bytes) -> str | None:
+    """None when TensorFlow decodes `data`, else its kernel's message without the node names."""
     import tensorflow as tf
 
-    name = _signature_format(data) or "image"
     try:
         _decode_pixels(tf.constant(data))
     except tf.errors.OpError as error:
         message = TENSORFLOW_NOISE.sub("", error.message.strip()) or type(error).__name__
-        return f"corrupt {name}: TensorFlow's decoder refuses it ({message})"
-    return f"corrupt {name}: TensorFlow's decoder refuses it"
+        return f"corrupt {_signature_format(data) or 'image'}: TensorFlow's decoder refuses it ({message})"
+    return None

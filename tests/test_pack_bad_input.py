@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dualenc.images import decode_image
+from dualenc.images import PARALLEL_DECODE_MIN, decode_image, tensorflow_problems
 from dualenc.records import serialize_example
 from tests.support.images import write_image
 from tests.support.packed import read_records
@@ -106,6 +106,18 @@ def test_an_image_tensorflow_cannot_decode_is_skipped_with_tensorflows_reason(tm
     assert [record["image_id"].decode() for record in records] == ["good0.png", "good1.png"]
     for record in records:  # as training decodes them
         assert decode_image(tf.constant(record["image"]), (16, 8)).shape == (16, 8, 3)
+
+
+def test_tensorflow_problems_in_parallel_name_the_same_images_as_one_by_one():
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(buffer, "PNG")
+    good, damaged = buffer.getvalue(), _pillow_yes_tensorflow_no()
+    images = [good] * PARALLEL_DECODE_MIN
+    images[7], images[100] = damaged, b"GIF89a cut"
+    problems = tensorflow_problems(images)  # many: the parallel tf.data map
+    assert [position for position, problem in enumerate(problems) if problem] == [7, 100]
+    assert problems[7] == tensorflow_problems([damaged])[0]  # few: one by one
+    assert problems[100].startswith("corrupt GIF: TensorFlow's decoder refuses it (")
 
 
 # 2: the train split's labels are 0..n-1, as the CMPC classifier is sized (manifest "ids").

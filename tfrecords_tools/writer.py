@@ -59,9 +59,9 @@ if TYPE_CHECKING:
 DEFAULT_SHARD_SIZE = 2000  # seed 003's shards held 2,000 images
 IMAGES_PER_TASK = 8
 TASKS_IN_FLIGHT_PER_WORKER = 4  # bounds the image bytes waiting in memory
-# Images TensorFlow decodes per check: each check costs a fixed ~0.1 s (building the tf.data
-# map), so a few hundred images amortise it while their bytes stay a few tens of MB.
-TENSORFLOW_CHECK_IMAGES = 512
+# Images TensorFlow decodes per check (in parallel, `tensorflow_problems`): enough to amortise
+# building the tf.data map, few enough that their bytes stay a few tens of MB.
+TENSORFLOW_CHECK_IMAGES = 1024
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SKIPS_SHOWN = 5
 PATH_KEYS = ("annotations", "images", "karpathy")
