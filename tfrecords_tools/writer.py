@@ -61,7 +61,7 @@ IMAGES_PER_TASK = 8
 TASKS_IN_FLIGHT_PER_WORKER = 4  # bounds the image bytes waiting in memory
 # Images TensorFlow decodes per check (in parallel, `tensorflow_problems`): enough to amortise
 # building the tf.data map, few enough that their bytes stay a few tens of MB.
-TENSORFLOW_CHECK_IMAGES = 1024
+TENSORFLOW_CHECK_IMAGES = 512
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SKIPS_SHOWN = 5
 PATH_KEYS = ("annotations", "images", "karpathy")
