@@ -3,15 +3,27 @@
 A run directory holds ``config.json`` (the resolved `TrainConfig`, written first) and, once
 the run has finished, ``metrics.json``. A directory with a config but no metrics is an
 unfinished run: the same command resumes it (Keras' BackupAndRestore state lives in
-``backup/``). ``runs/latest`` is a symbolic link to the newest run, replaced atomically.
+``backup/``). ``runs/latest`` is a symbolic link to the newest run that started, replaced
+atomically.
+
+A training process holds an exclusive ``fcntl.flock`` on ``RUN/.lock`` (`claim_run_dir`), which
+names it (pid, host): a second process aimed at the same directory is refused in one line
+instead of interleaving its log with the first. The kernel drops the lock when its process
+dies, so the file a killed run leaves behind blocks nobody. A claim on a new run that fails
+before training starts removes what it created, so a bad start leaves no stray directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
+import json
 import os
-from collections.abc import Callable
+import shutil
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dualenc import config as configs
@@ -21,6 +33,7 @@ CONFIG_FILE = "config.json"
 DEFAULT_CACHE = Path("~") / ".cache" / "dualenc"
 METRICS_FILE = "metrics.json"
 LATEST = "latest"
+LOCK_FILE = ".lock"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -66,6 +79,41 @@ class RunPaths:
         return configs.load(configs.TrainConfig, self.config) if self.config.is_file() else None
 
 
+def check_writable(path: str | Path, label: str) -> None:
+    """`DualEncError` unless this process may create files in `path` (or, while `path` does not
+    exist, in its nearest existing parent): checked before a run starts, not mid-way."""
+    path = Path(path)
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DualEncError(f"{label} {path}: {existing} is a file, not a directory; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DualEncError(f"cannot write {label} {path}: {existing} is read-only (or not yours); choose a writable directory")
+
+
+def _holds_only_lock(root: Path) -> bool:
+    return all(entry.name == LOCK_FILE for entry in root.iterdir())
+
+
+def check_out(out: str | Path) -> tuple[RunPaths, bool]:
+    """The run directory `--out` names and whether it holds an unfinished run, after refusing a
+    file, a read-only place, a finished run and a directory holding something else. Needs no
+    TensorFlow, so train.py calls it before importing it."""
+    paths = RunPaths(Path(out).resolve())
+    if paths.root.exists() and not paths.root.is_dir():
+        raise DualEncError(f"--out {out} is a file; pass a directory")
+    if paths.root.is_dir() and not _holds_only_lock(paths.root):
+        if not paths.config.is_file():
+            raise DualEncError(f"--out {out} is not empty and holds no dualenc run; choose a new directory")
+        if paths.finished:
+            raise DualEncError(f"--out {out} holds a finished run; choose a new directory to keep it")
+        check_writable(paths.root, "--out")
+        return paths, True
+    check_writable(paths.root, "--out")
+    return paths, False
+
+
 def choose_run_dir(out: str | Path | None, runs_root: Path, resolved: Callable[["RunPaths"], configs.TrainConfig]) -> tuple[RunPaths, bool]:
     """The run directory for this command and whether it resumes an unfinished run there.
 
@@ -76,22 +124,13 @@ def choose_run_dir(out: str | Path | None, runs_root: Path, resolved: Callable[[
     config matches; otherwise a new `runs_root/<timestamp>` starts.
     """
     if out is not None:
-        paths = RunPaths(Path(out).resolve())
-        if paths.root.exists() and not paths.root.is_dir():
-            raise DualEncError(f"--out {out} is a file; pass a directory")
-        if paths.root.is_dir() and any(paths.root.iterdir()):
-            saved = paths.saved_config()
-            if saved is None:
-                raise DualEncError(f"--out {out} is not empty and holds no dualenc run; choose a new directory")
-            if paths.finished:
-                raise DualEncError(f"--out {out} holds a finished run; choose a new directory to keep it")
-            if saved != resolved(paths):
-                raise DualEncError(
-                    f"--out {out} holds an unfinished run with a different configuration; "
-                    "rerun with its settings to resume it, or choose a new directory"
-                )
-            return paths, True
-        return paths, False
+        paths, unfinished = check_out(out)
+        if unfinished and paths.saved_config() != resolved(paths):
+            raise DualEncError(
+                f"--out {out} holds an unfinished run with a different configuration; "
+                "rerun with its settings to resume it, or choose a new directory"
+            )
+        return paths, unfinished
     latest = runs_root / LATEST
     if latest.is_dir():
         paths = RunPaths(latest.resolve())
@@ -104,6 +143,76 @@ def choose_run_dir(out: str | Path | None, runs_root: Path, resolved: Callable[[
         suffix += 1
         root = runs_root / f"{stamp}-{suffix}"
     return RunPaths(root.resolve()), False
+
+
+@dataclasses.dataclass
+class RunClaim:
+    """A run directory this process holds the lock of; `started()` marks the moment training
+    begins, after which a failure keeps the directory (for a resume)."""
+
+    root: Path
+    fresh: bool
+    created: bool
+    has_started: bool = False
+
+    def started(self) -> None:
+        self.has_started = True
+
+    def discard(self) -> None:
+        """Remove what this claim added to a new run that never started."""
+        if self.created:
+            shutil.rmtree(self.root, ignore_errors=True)
+        elif self.fresh:
+            for entry in self.root.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
+def _holder(lock_path: Path) -> str:
+    """Who holds the lock, as the lock file names them."""
+    try:
+        holder = json.loads(lock_path.read_text(encoding="utf-8"))
+        return f"pid {int(holder['pid'])} on host {holder['host']}, since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"
+
+
+@contextlib.contextmanager
+def claim_run_dir(root: Path, label: str = "run directory") -> Iterator[RunClaim]:
+    """Create `root` if needed and hold an exclusive lock on it for the block.
+
+    Another live process holding it: `DualEncError` naming its pid and host. A block that raises
+    before `RunClaim.started()` on a directory that was new or empty leaves it as it was.
+    """
+    created = not root.exists()
+    lock_path = root / LOCK_FILE
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        stream = open(lock_path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise DualEncError(f"cannot write {label} {root} ({exc.strerror}); choose a writable directory") from None
+    with stream:
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DualEncError(
+                f"{label} {root} is in use by another training process ({_holder(lock_path)}); "
+                "wait for it to finish, or choose another --out"
+            ) from None
+        since = datetime.datetime.now().isoformat(timespec="seconds")
+        stream.seek(0)
+        stream.truncate()
+        stream.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}) + "\n")
+        stream.flush()
+        claim = RunClaim(root, fresh=_holds_only_lock(root), created=created)
+        try:
+            yield claim
+        except BaseException:
+            if not claim.has_started:
+                claim.discard()
+            raise
 
 
 def point_latest(runs_root: Path, paths: RunPaths) -> None:
