@@ -248,9 +248,8 @@ def read_json(path: str | Path, label: str) -> Any:
     except IsADirectoryError:
         raise DualEncError(f"{label} {path} is a directory; pass a JSON file") from None
     except UnicodeDecodeError as exc:
-        raise DualEncError(
-            f"{label} {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8 JSON"
-        ) from None
+        byte = f"byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+        raise DualEncError(f"{label} {path} is not UTF-8 text ({byte}); save it as UTF-8 JSON") from None
     except OSError as exc:
         raise DualEncError(f"cannot read {label} {path} ({exc.strerror})") from None
     try:

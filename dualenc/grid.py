@@ -30,7 +30,9 @@ def check_grid_path(path: Path) -> None:
     if not path.parent.is_dir():
         raise DualEncError(f"cannot write grid {path}: directory {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise DualEncError(f"cannot write grid {path}: directory {path.parent} is read-only (or not yours); choose another place")
+        raise DualEncError(
+            f"cannot write grid {path}: directory {path.parent} is read-only (or not yours); choose another place"
+        )
 
 
 def save_result_grid(path: Path, images: list[np.ndarray], titles: list[str], suptitle: str) -> None:

@@ -89,7 +89,9 @@ def check_writable(path: str | Path, label: str) -> None:
     if not existing.is_dir():
         raise DualEncError(f"{label} {path}: {existing} is a file, not a directory; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise DualEncError(f"cannot write {label} {path}: {existing} is read-only (or not yours); choose a writable directory")
+        raise DualEncError(
+            f"cannot write {label} {path}: {existing} is read-only (or not yours); choose a writable directory"
+        )
 
 
 def _holds_only_lock(root: Path) -> bool:
