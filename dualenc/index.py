@@ -132,9 +132,15 @@ def _write_index(index_dir: Path, meta: dict, embeddings: np.ndarray, float16: b
     """Write the index folder atomically (the old one, ANN files included, is replaced)."""
     stored = embeddings.astype(np.float16 if float16 else np.float32)
     meta["embeddings_sha256"] = embeddings_sha256(stored)
-    with atomic_directory(index_dir) as building:
-        np.save(building / EMBEDDINGS_NAME, stored)
-        (building / META_NAME).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        with atomic_directory(index_dir) as building:
+            np.save(building / EMBEDDINGS_NAME, stored)
+            (building / META_NAME).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as error:  # a read-only or full run directory: nothing half-written is left
+        raise DualEncError(
+            f"cannot write the gallery index {index_dir} ({error.strerror or error}); "
+            "make the run directory writable, or copy the run somewhere writable and pass --model"
+        ) from None
 
 
 def _loaded(index_dir: Path, meta: dict, embeddings: np.ndarray, embedded: int) -> GalleryIndex:

@@ -352,3 +352,17 @@ def test_embeddings_swapped_for_another_models_are_detected_and_rebuilt(colour_r
     np.testing.assert_allclose(np.load(our_file), expected, atol=1e-6)
     status, _, err = run_cli(capsys, "red", "--model", str(ours), "--gallery", str(folder), "-k", "1")
     assert status == 0 and "rebuilding" not in err
+
+
+def test_run_directory_that_is_read_only_is_one_line(colour_root, tmp_path):
+    run_copy = tmp_path / "run"
+    shutil.copytree(colour_root / "runs/latest", run_copy, ignore=shutil.ignore_patterns("index"))
+    with read_only(run_copy) as prefix:
+        completed = subprocess.run(
+            [*prefix, sys.executable, str(REPO / "search.py"), "red", "--model", str(run_copy), "-k", "1"],
+            cwd=colour_root, env=_plain_env(), capture_output=True, text=True, timeout=180, check=False,
+        )
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert completed.stderr.startswith(f"error: cannot write the gallery index {run_copy / 'index'}/")
+    assert completed.stderr.count("\n") == 1 and "make the run directory writable" in completed.stderr
+    assert not (run_copy / "index").exists()
