@@ -141,7 +141,7 @@ def train(args: argparse.Namespace, config: configs.TrainConfig) -> tuple[runs.R
         return resolve_config(config, manifest, candidate)
 
     paths, _ = runs.choose_run_dir(args.out, RUNS_ROOT, resolved)
-    with runs.claim_run_dir(paths.root, "--out" if args.out is not None else "run directory") as claim:
+    with runs.claim_run_dir(paths.root) as claim:
         # Decided again under the lock: another process may have used the directory meanwhile.
         paths, resume = runs.choose_run_dir(paths.root, RUNS_ROOT, resolved)
 

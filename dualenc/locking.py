@@ -2,9 +2,10 @@
 
 Two processes writing the same output directory (two identical packer commands, say) would
 interleave their files. `directory_lock` takes an advisory `flock` on a hidden file in the
-directory and writes the holder's process id into it; a second process fails at once with a
-`DualEncError` naming that pid. The kernel drops the lock when its holder dies, even by
-``kill -9``, so a stale lock file never blocks a re-run. POSIX only (``fcntl``).
+directory and writes the holder's process id and host into it; a second process fails at once
+with a `DualEncError` naming them (the host matters on a shared file system). The kernel drops
+the lock when its holder dies, even by ``kill -9``, so a stale lock file never blocks a re-run.
+POSIX only (``fcntl``).
 """
 
 from __future__ import annotations
@@ -12,19 +13,24 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from dualenc.errors import DualEncError
 
 LOCK_NAME = ".lock"
-PID_BYTES = 32
+# "<pid> <host>\n": a host name has at most 253 characters.
+HOLDER_BYTES = 300
 
 
 def _holder(descriptor: int) -> str:
-    """The process id written in the lock file, as text ("unknown" while it is being written)."""
-    written = os.pread(descriptor, PID_BYTES, 0).decode("ascii", "replace").strip()
-    return written if written.isdigit() else "unknown"
+    """The holder the lock file names: "process 123 on host-a" ("process unknown" while it is
+    being written)."""
+    written = os.pread(descriptor, HOLDER_BYTES, 0).decode("utf-8", "replace").split()
+    if len(written) == 2 and written[0].isdigit():
+        return f"process {written[0]} on {written[1]}"
+    return "process unknown"
 
 
 def _same_file(descriptor: int, path: Path) -> bool:
@@ -58,14 +64,14 @@ def directory_lock(directory: Path, purpose: str) -> Iterator[None]:
         except BlockingIOError:
             holder = _holder(descriptor)
             os.close(descriptor)
-            raise DualEncError(f"{directory} is in use by another {purpose} (process {holder}); "
+            raise DualEncError(f"{directory} is in use by another {purpose} ({holder}); "
                                "wait for it to finish or choose another directory") from None
         if _same_file(descriptor, path):
             break
         os.close(descriptor)
     try:
         os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode("ascii"), 0)
+        os.pwrite(descriptor, f"{os.getpid()} {socket.gethostname()}\n".encode("utf-8"), 0)
         yield
     finally:
         # Removed while still locked, so a newcomer either sees our lock or makes a fresh file.

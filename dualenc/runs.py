@@ -6,11 +6,11 @@ unfinished run: the same command resumes it (Keras' BackupAndRestore state lives
 ``backup/``). ``runs/latest`` is a symbolic link to the newest run that started, replaced
 atomically.
 
-A training process holds an exclusive ``fcntl.flock`` on ``RUN/.lock`` (`claim_run_dir`), which
-names it (pid, host): a second process aimed at the same directory is refused in one line
-instead of interleaving its log with the first. The kernel drops the lock when its process
-dies, so the file a killed run leaves behind blocks nobody. A claim on a new run that fails
-before training starts removes what it created, so a bad start leaves no stray directory.
+A training process holds the run directory's lock (`claim_run_dir`, on `dualenc.locking`),
+which names it (pid, host): a second process aimed at the same directory is refused in one line
+instead of interleaving its log with the first; the lock dies with its process, so a killed
+run blocks nobody. A claim on a new run that fails before training starts removes what it
+created, so a bad start leaves no stray directory.
 """
 
 from __future__ import annotations
@@ -18,22 +18,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import fcntl
-import json
 import os
 import shutil
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dualenc import config as configs
 from dualenc.errors import DualEncError
+from dualenc.locking import LOCK_NAME, directory_lock
 
 CONFIG_FILE = "config.json"
 DEFAULT_CACHE = Path("~") / ".cache" / "dualenc"
 METRICS_FILE = "metrics.json"
 LATEST = "latest"
-LOCK_FILE = ".lock"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -95,7 +92,7 @@ def check_writable(path: str | Path, label: str) -> None:
 
 
 def _holds_only_lock(root: Path) -> bool:
-    return all(entry.name == LOCK_FILE for entry in root.iterdir())
+    return all(entry.name == LOCK_NAME for entry in root.iterdir())
 
 
 def check_out(out: str | Path) -> tuple[RunPaths, bool]:
@@ -149,8 +146,8 @@ def choose_run_dir(out: str | Path | None, runs_root: Path, resolved: Callable[[
 
 @dataclasses.dataclass
 class RunClaim:
-    """A run directory this process holds the lock of; `started()` marks the moment training
-    begins, after which a failure keeps the directory (for a resume)."""
+    """A run directory this process holds the lock of (`claim_run_dir`); `started()` marks the
+    moment training begins, after which a failure keeps the directory for a resume."""
 
     root: Path
     fresh: bool
@@ -164,55 +161,36 @@ class RunClaim:
         """Remove what this claim added to a new run that never started."""
         if self.created:
             shutil.rmtree(self.root, ignore_errors=True)
-        elif self.fresh:
-            for entry in self.root.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-
-
-def _holder(lock_path: Path) -> str:
-    """Who holds the lock, as the lock file names them."""
-    try:
-        holder = json.loads(lock_path.read_text(encoding="utf-8"))
-        return f"pid {int(holder['pid'])} on host {holder['host']}, since {holder['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has not written its name yet"
+            return
+        for entry in self.root.iterdir():
+            if entry.name == LOCK_NAME:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def claim_run_dir(root: Path, label: str = "run directory") -> Iterator[RunClaim]:
-    """Create `root` if needed and hold an exclusive lock on it for the block.
+def claim_run_dir(root: Path) -> Iterator[RunClaim]:
+    """Create `root` if needed and hold its `dualenc.locking.directory_lock` for the block.
 
-    Another live process holding it: `DualEncError` naming its pid and host. A block that raises
-    before `RunClaim.started()` on a directory that was new or empty leaves it as it was.
+    Another live process holding it: `DualEncError` naming its pid and host. When the block
+    raises before `RunClaim.started()`, a directory that was new is removed and one that was
+    empty is emptied again, so a failed start leaves no stray run behind.
     """
     created = not root.exists()
-    lock_path = root / LOCK_FILE
     try:
         root.mkdir(parents=True, exist_ok=True)
-        stream = open(lock_path, "a+", encoding="utf-8")
-    except OSError as exc:
-        raise DualEncError(f"cannot write {label} {root} ({exc.strerror}); choose a writable directory") from None
-    with stream:
-        try:
-            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DualEncError(
-                f"{label} {root} is in use by another training process ({_holder(lock_path)}); "
-                "wait for it to finish, or choose another --out"
-            ) from None
-        since = datetime.datetime.now().isoformat(timespec="seconds")
-        stream.seek(0)
-        stream.truncate()
-        stream.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}) + "\n")
-        stream.flush()
+    except OSError as error:
+        raise DualEncError(f"cannot create run directory {root} ({error.strerror or error}); "
+                           "choose a writable directory") from None
+    with directory_lock(root, "training process"):
         claim = RunClaim(root, fresh=_holds_only_lock(root), created=created)
         try:
             yield claim
         except BaseException:
-            if not claim.has_started:
+            if claim.fresh and not claim.has_started:
                 claim.discard()
             raise
 

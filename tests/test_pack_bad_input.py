@@ -13,6 +13,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -388,7 +389,8 @@ def test_a_second_packer_is_told_the_holder_and_kill_9_leaves_no_process(tmp_pat
         second = subprocess.run([*command, "--workers", "1"], cwd=REPO, env=CHILD_ENV,
                                 capture_output=True, text=True, timeout=PROCESS_WAIT_S)
         assert second.returncode == 2
-        assert second.stderr == (f"error: {tmp_path / 'out'} is in use by another packer (process {first.pid}); "
+        assert second.stderr == (f"error: {tmp_path / 'out'} is in use by another packer "
+                                 f"(process {first.pid} on {socket.gethostname()}); "
                                  "wait for it to finish or choose another directory\n")
 
         first.send_signal(signal.SIGKILL)

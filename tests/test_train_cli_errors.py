@@ -20,7 +20,8 @@ import pytest
 
 import train
 from dualenc import config as configs
-from dualenc.runs import LOCK_FILE, claim_run_dir
+from dualenc.locking import LOCK_NAME
+from dualenc.runs import claim_run_dir
 from tests.support.read_only import read_only
 from tests.support.training import REPO_ROOT, TRAIN_SCRIPT, TINY_FLAGS, copy_dataset, file_stamps, write_json
 
@@ -190,13 +191,14 @@ def test_second_training_into_a_held_directory_names_the_holder(workdir, demo_da
         capsys.readouterr()
         exit_code = train.main(["--data", str(demo_data), "--out", str(out), "--epochs", "1", *TINY_FLAGS])
         err = capsys.readouterr().err
+        # Nothing but the holder's lock file: no config, no log, no vocabulary from the refused run.
+        assert sorted(os.listdir(out)) == [LOCK_NAME]
     finally:
         holder.kill()
         holder.wait()
     assert exit_code == 2 and err.count("\n") == 1, err
-    assert f"is in use by another training process (pid {holder.pid} on host {socket.gethostname()}" in err
-    # Nothing but the holder's lock file: no config, no log, no vocabulary from the refused run.
-    assert sorted(os.listdir(out)) == [LOCK_FILE]
+    assert err == (f"error: {out} is in use by another training process (process {holder.pid} on "
+                   f"{socket.gethostname()}); wait for it to finish or choose another directory\n")
 
 
 def test_lock_of_a_dead_process_does_not_block(tmp_path):
@@ -204,10 +206,11 @@ def test_lock_of_a_dead_process_does_not_block(tmp_path):
     holder = _lock_holder(run_dir)
     holder.kill()
     holder.wait()
-    assert str(holder.pid) in (run_dir / LOCK_FILE).read_text()
+    assert (run_dir / LOCK_NAME).read_text().split()[0] == str(holder.pid)
     with claim_run_dir(run_dir) as claim:
         assert claim.fresh
-        assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert (run_dir / LOCK_NAME).read_text().split()[0] == str(os.getpid())
+    assert list(run_dir.iterdir()) == []
 
 
 @pytest.mark.parametrize("target", ["--out", "runs folder"])
