@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,6 +113,17 @@ def model_inputs(batches: tf.data.Dataset) -> tf.data.Dataset:
     return batches.map(lambda batch: {key: value for key, value in batch.items() if key not in (CAPTION, IMAGE_ID)})
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of one epoch: a function of the run's seed and the epoch alone, so a
+    run resumed at `epoch` shuffles it as the uninterrupted run did."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _known_length(batches: tf.data.Dataset, count: int) -> tf.data.Dataset:
+    """`batches` with its length stated: Keras averages an epoch of unknown length over one step too many."""
+    return batches.apply(tf.data.experimental.assert_cardinality(count))
+
+
 def pair_batches(
     data_dir: Path,
     split: str,
@@ -121,29 +132,48 @@ def pair_batches(
     caches: dict[str, CachedFeatures],
     *,
     training: bool,
+    epochs: range = range(1),
 ) -> tf.data.Dataset:
-    """Batches of pairs of `split` with the model's inputs: shuffled (seeded) when training, in order otherwise.
+    """Batches of pairs of `split` with the model's inputs, of known length (Keras' means need it).
 
+    Training: the batches of `epochs` one after the other, each epoch shuffled by `epoch_seed`
+    and exactly `len(batches) / len(epochs)` batches long (fit it with that `steps_per_epoch`).
     Losses that learn from identities (CMPM, CMPC) train on P identities x K pairs per batch;
-    the others on plain shuffled batches. Batches also carry "caption" and "image_id" strings,
-    which evaluation uses (`model_inputs` drops them for Keras).
+    the others on plain shuffled batches, the last partial batch dropped. Otherwise: every
+    pair once, in order. Batches also carry "caption" and "image_id" strings, which
+    evaluation uses (`model_inputs` drops them for Keras).
     """
     image_size = config.model.vision.image_size
-    records = record_dataset(data_dir, split, shuffle=training, seed=config.seed)
+    pairs = load_manifest(data_dir).split(split, data_dir).pairs
+    seeds = [epoch_seed(config.seed, epoch) for epoch in epochs]
     if training and losses.needs_labels(config.model.loss):
         # Light elements (encoded bytes) are grouped by identity, then decoded per batch.
+        records = record_dataset(data_dir, split)
         light = records.map(_pair_parser(image_size, caches, decode=False), num_parallel_calls=tf.data.AUTOTUNE)
         batches = identity_batches(
-            light, max(1, config.batch_size // INSTANCES_PER_IDENTITY), INSTANCES_PER_IDENTITY, seed=config.seed
+            light, max(1, config.batch_size // INSTANCES_PER_IDENTITY), INSTANCES_PER_IDENTITY, epoch_seeds=seeds
         )
         if "image" not in caches:
             decode = lambda images: tf.map_fn(  # noqa: E731
                 lambda image: decode_image(image, image_size), images, fn_output_signature=tf.uint8
             )
             batches = batches.map(lambda batch: {**batch, IMAGE: decode(batch[IMAGE])}, num_parallel_calls=tf.data.AUTOTUNE)
+    elif training:
+        parse = _pair_parser(image_size, caches, decode=True)
+        one_epoch = [
+            _known_length(
+                record_dataset(data_dir, split, shuffle=True, seed=seed)
+                .map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(config.batch_size, drop_remainder=True),
+                pairs // config.batch_size,
+            )
+            for seed in seeds
+        ]
+        batches = functools.reduce(tf.data.Dataset.concatenate, one_epoch)
     else:
-        pairs = records.map(_pair_parser(image_size, caches, decode=True), num_parallel_calls=tf.data.AUTOTUNE)
-        batches = pairs.batch(config.batch_size, drop_remainder=training)
+        pairs_dataset = record_dataset(data_dir, split).map(_pair_parser(image_size, caches, decode=True),
+                                                            num_parallel_calls=tf.data.AUTOTUNE)
+        batches = _known_length(pairs_dataset.batch(config.batch_size), -(-pairs // config.batch_size))
     batches = batches.map(_with_tokens(text_preprocessor, caches), num_parallel_calls=tf.data.AUTOTUNE)
     return batches.prefetch(tf.data.AUTOTUNE)
 
@@ -356,17 +386,18 @@ def run_training(
         if use_feature_cache
         else {}
     )
-    train_batches = pair_batches(data_dir, TRAIN_SPLIT, config, text_preprocessor, caches, training=True)
+    first_epoch = backed_up_epochs(paths.backup) if resume else 0
+    epochs = range(first_epoch, config.epochs)
     validation_batches = pair_batches(data_dir, validation_split, config, text_preprocessor, caches, training=False)
-    with warnings.catch_warnings():
-        # Epoch length is unknown until the first epoch ends (identity batches vary in number);
-        # Keras reports that end as "input ran out of data", which here is expected.
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
+    if epochs:
+        train_batches = pair_batches(data_dir, TRAIN_SPLIT, config, text_preprocessor, caches, training=True, epochs=epochs)
         model.fit(
             model_inputs(train_batches),
             validation_data=model_inputs(validation_batches),
             epochs=config.epochs,
-            shuffle=False,  # the pipeline shuffles, seeded
+            # One pass over the stream is the whole run, each epoch in its own seeded order.
+            steps_per_epoch=int(train_batches.cardinality()) // len(epochs),
+            shuffle=False,
             callbacks=_callbacks(paths, config, RetrievalValidation(validation_batches, caches), verbose),
             verbose=verbose,
         )
