@@ -2,8 +2,13 @@
 
 `run_training` is what `train.py` calls once it has built a `TrainConfig` from flags. It
 writes everything into a run directory (see `dualenc.runs`): the resolved config first, then
-logs and checkpoints per epoch, and at the end the two exported encoders, ``curves.png``
-and ``metrics.json`` (retrieval on the test split; writing it marks the run finished).
+per epoch the log, the best weights and a backup (`dualenc.selection`), and at the end the two
+encoders exported from the best epoch, ``curves.png`` and ``metrics.json`` (retrieval on the
+test split; writing it marks the run finished, and only then does the backup go).
+
+Every epoch's batches have a known length and their own seed, so logged means are true means
+and a resumed run sees the epochs an uninterrupted one would. Validation never uses the test
+split: without a validation split, part of the training identities is held out.
 """
 
 from __future__ import annotations
