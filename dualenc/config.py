@@ -133,7 +133,7 @@ class ModelConfig:
 class TrainConfig:
     """One training run: data, model, optimisation and devices.
 
-    `monitor` is what ReduceLROnPlateau, EarlyStopping and the best checkpoint follow: seed
+    `monitor` is what the plateau schedule, early stopping and the best epoch follow: seed
     003's ``val_loss``, or a validation retrieval score (higher is better), which tracks what
     search needs more closely when the loss keeps drifting while recall still improves.
     `validation` is filled in when the run resolves its data (`dualenc.training.resolve_config`):

@@ -315,8 +315,8 @@ class DualEncoder(keras.Model):
             scaled_loss = self.optimizer.scale_loss(loss * replica_loss_scale())
         variables = self.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
-        # Built on every variable first so EMA slots line up with `trainable_weights` at the end
-        # of fit even when a cached-feature batch leaves a tower without gradients.
+        # Built on every variable first, so the optimiser's slots match `trainable_variables` (what
+        # a backup is restored into) even when a cached-feature batch leaves a tower without gradients.
         if not self.optimizer.built:
             self.optimizer.build(variables)
         reached = [(gradient, variable) for gradient, variable in zip(gradients, variables) if gradient is not None]

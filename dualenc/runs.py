@@ -2,8 +2,8 @@
 
 A run directory holds ``config.json`` (the resolved `TrainConfig`, written first) and, once
 the run has finished, ``metrics.json``. A directory with a config but no metrics is an
-unfinished run: the same command resumes it (Keras' BackupAndRestore state lives in
-``backup/``). ``runs/latest`` is a symbolic link to the newest run, replaced atomically.
+unfinished run: the same command resumes it from its newest backup in ``backup/``
+(`dualenc.selection`). ``runs/latest`` is a symbolic link to the newest run, replaced atomically.
 """
 
 from __future__ import annotations

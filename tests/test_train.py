@@ -119,7 +119,7 @@ def test_demo_run_writes_config_encoders_curves_metrics_and_log(cached_run):
     assert [row["epoch"] for row in rows] == [str(epoch) for epoch in range(EPOCHS)]
     for column in ["loss", "val_loss"] + [f"val_{name}" for name in METRIC_NAMES]:
         assert all(np.isfinite(float(row[column])) for row in rows), column
-    # BackupAndRestore's state goes once the run has finished.
+    # The backup goes once the run has finished.
     assert not (run_dir / "backup").exists()
 
 
