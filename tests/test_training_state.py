@@ -246,3 +246,30 @@ def test_without_a_validation_split_training_identities_are_held_out_and_test_sc
     np.testing.assert_array_equal(np.sort(validation_labels), np.sort(train_labels[np.isin(train_labels, holdout.labels)]))
     assert not np.isin(seen_in_training, holdout.labels).any()
     assert len(seen_in_training) == 3 * ((len(train_labels) - holdout.pairs) // config.batch_size) * config.batch_size
+
+
+def test_identity_batches_for_cmpm_have_a_known_length_leave_held_out_identities_out_and_resume_in_step(demo_data):
+    import tensorflow as tf
+
+    from dualenc.manifest import load_manifest
+    from dualenc.training import choose_holdout, pair_batches
+
+    config = _tiny_config(demo_data, seed=5)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, loss="cmpm"))
+    holdout = choose_holdout(demo_data, load_manifest(demo_data), config.seed)
+    count_words = tf.strings.length  # a stand-in text preprocessor: the batches' strings, not the model, matter here
+
+    def batches(epochs: range) -> list[dict]:
+        stream = pair_batches(demo_data, "train", config, count_words, {}, training=True, epochs=epochs, holdout=holdout)
+        found = [{key: batch[key].numpy() for key in ("label", "image_id")} for batch in stream]
+        assert int(stream.cardinality()) == len(found)
+        return found
+
+    whole_run, resumed = batches(range(3)), batches(range(1, 3))
+    assert len(whole_run) % 3 == 0 and len(whole_run) > 0
+    for batch in whole_run:
+        labels = batch["label"]
+        assert len(set(labels.tolist())) == config.batch_size // 4 and not np.isin(labels, holdout.labels).any()
+    assert len(resumed) == 2 * len(whole_run) // 3
+    for alone, in_run in zip(resumed, whole_run[len(whole_run) // 3 :]):
+        np.testing.assert_array_equal(alone["image_id"], in_run["image_id"])
