@@ -146,9 +146,12 @@ class ModelConfig:
 class TrainConfig:
     """One training run: data, model, optimisation and devices.
 
-    `monitor` is what ReduceLROnPlateau, EarlyStopping and the best checkpoint follow: seed
+    `monitor` is what the plateau schedule, early stopping and the best epoch follow: seed
     003's ``val_loss``, or a validation retrieval score (higher is better), which tracks what
     search needs more closely when the loss keeps drifting while recall still improves.
+    `validation` is filled in when the run resolves its data (`dualenc.training.resolve_config`):
+    the split it validates on, or "train-holdout" when the data has no validation split and a
+    tenth of the training identities (or images) are held out instead.
     """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -161,6 +164,7 @@ class TrainConfig:
     mixed_precision: bool = False
     seed: int = 0
     monitor: str = "val_loss"
+    validation: str | None = None
 
     def __post_init__(self) -> None:
         _choice("placement", self.placement, PLACEMENTS)

@@ -2,9 +2,9 @@
 
 A run directory holds ``config.json`` (the resolved `TrainConfig`, written first) and, once
 the run has finished, ``metrics.json``. A directory with a config but no metrics is an
-unfinished run: the same command resumes it (Keras' BackupAndRestore state lives in
-``backup/``). ``runs/latest`` is a symbolic link to the newest run that started, replaced
-atomically.
+unfinished run: the same command resumes it from its newest backup in ``backup/``
+(`dualenc.selection`). ``runs/latest`` is a symbolic link to the newest run that started,
+replaced atomically.
 
 A training process holds the run directory's lock (`claim_run_dir`, on `dualenc.locking`),
 which names it (pid, host): a second process aimed at the same directory is refused in one line
