@@ -98,6 +98,9 @@ def build_config(args: argparse.Namespace) -> configs.TrainConfig:
         model_changes["loss"] = args.loss
     if args.temperature is not None:
         model_changes["temperature"] = args.temperature
+    elif args.loss == "siglip":
+        # SigLIP learns its temperature from the paper's starting point.
+        model_changes.update(temperature=configs.SIGLIP_TEMPERATURE, learn_temperature=True)
     if "cmpc" in model_changes.get("loss", model.loss):
         model_changes.setdefault("num_classes", max(model.num_classes, 1))
     changes = {"model": dataclasses.replace(model, **model_changes)}

@@ -18,7 +18,11 @@ from dualenc.files import write_json_atomic
 
 VISION_BACKBONES = ("small_cnn", "xception", "mobilenet", "mobilenet_v2", "resnet50", "efficientnet_v2_b0")
 TEXT_TOWERS = ("bilstm", "bert")
-LOSSES = ("soft_target", "clip", "cmpm", "cmpc", "cmpm+cmpc")
+LOSSES = ("soft_target", "clip", "cmpm", "cmpc", "cmpm+cmpc", "siglip", "sdm", "sdm+cmpc")
+# SigLIP's initial temperature T = 1 / exp(t') and logit bias b (Zhai et al. 2023, section 3.2:
+# t' = log 10, b = -10); `--loss siglip` starts from them.
+SIGLIP_TEMPERATURE = 0.1
+SIGLIP_BIAS = -10.0
 PLACEMENTS = ("single", "split", "mirrored")
 # Epoch-end values that learning-rate reduction, early stopping and checkpoints may follow.
 MONITORS = ("val_loss", "val_t2i_r1", "val_t2i_r10", "val_i2t_r1", "val_i2t_r10", "val_t2i_map", "val_i2t_map")

@@ -115,6 +115,15 @@ class DualEncoder(keras.Model):
                 initializer=keras.initializers.Constant(math.log(config.temperature)),
                 dtype="float32",
             )
+        self.logit_bias = None
+        if losses.needs_bias(config.loss):
+            # SigLIP's learnable bias b, started at the paper's -10.
+            self.logit_bias = self.add_weight(
+                name="logit_bias",
+                shape=(),
+                initializer=keras.initializers.Constant(losses.SIGLIP_BIAS),
+                dtype="float32",
+            )
         self.class_weights = None
         if losses.needs_class_weights(config.loss):
             self.class_weights = self.add_weight(
@@ -146,9 +155,11 @@ class DualEncoder(keras.Model):
         inside `placement.scope()` for "mirrored" so the optimizer is created there too.
         """
         super().compile(optimizer=optimizer, **kwargs)
-        if self.log_temperature is not None:
+        # Nor on SigLIP's bias, which decay would pull towards 0 (every pair a likely match).
+        scalars = [weight for weight in (self.log_temperature, self.logit_bias) if weight is not None]
+        if scalars:
             inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-            inner.exclude_from_weight_decay(var_list=[self.log_temperature])
+            inner.exclude_from_weight_decay(var_list=scalars)
 
     def build(self, input_shape: Any) -> None:
         """Nothing up front: the towers and heads build on the first call, inside `call`.
@@ -271,6 +282,7 @@ class DualEncoder(keras.Model):
             labels=labels,
             temperature=self.temperature,
             class_weights=self.class_weights,
+            bias=self.logit_bias,
         )
         self.loss_tracker.update_state(loss)
         self.r1_t2i_tracker.update_state(in_batch_recall_at_1(caption_embeddings, image_embeddings, labels, labels))
