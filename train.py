@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vision", choices=configs.VISION_BACKBONES, help="vision backbone")
     parser.add_argument("--vision-weights", help='"imagenet", "none" or a local weights file')
     parser.add_argument("--text", choices=configs.TEXT_TOWERS, help="text tower")
+    parser.add_argument("--vision-preset", help="keras-hub preset (handle or local dir) for --vision clip|siglip")
+    parser.add_argument("--text-preset",
+                        help="keras-hub preset (handle or local dir) for --text clip|siglip|bert (bert without it: TF Hub)")
+    parser.add_argument("--projection", choices=configs.PROJECTIONS,
+                        help="heads: dualenc's heads on pooled features; preset: keep the CLIP/SigLIP projection")
     parser.add_argument("--text-preprocessor", help="TF Hub handle or local SavedModel dir of the BERT preprocessor")
     parser.add_argument("--text-encoder", help="TF Hub handle or local SavedModel dir of the BERT encoder")
     parser.add_argument("--train-backbones", action=argparse.BooleanOptionalAction, default=None,
@@ -81,11 +86,15 @@ def build_config(args: argparse.Namespace) -> configs.TrainConfig:
     config = configs.from_dict(configs.TrainConfig, values, args.config or "preset")
     model, vision, text = config.model, config.model.vision, config.model.text
     if args.vision:
-        vision = configs.VisionConfig(args.vision, weights=vision.weights, trainable=vision.trainable)
+        vision = configs.VisionConfig(args.vision, weights=vision.weights, trainable=vision.trainable, preset=args.vision_preset)
+    elif args.vision_preset:
+        vision = dataclasses.replace(vision, preset=args.vision_preset)
     if args.vision_weights:
         vision = dataclasses.replace(vision, weights=None if args.vision_weights.lower() == "none" else args.vision_weights)
     if args.text:
-        text = dataclasses.replace(text, tower=args.text)
+        text = dataclasses.replace(text, tower=args.text, preset=args.text_preset)
+    elif args.text_preset:
+        text = dataclasses.replace(text, preset=args.text_preset)
     if args.text_preprocessor:
         text = dataclasses.replace(text, preprocessor=args.text_preprocessor)
     if args.text_encoder:
@@ -96,6 +105,8 @@ def build_config(args: argparse.Namespace) -> configs.TrainConfig:
     model_changes = {"vision": vision, "text": text}
     if args.loss:
         model_changes["loss"] = args.loss
+    if args.projection:
+        model_changes["projection"] = args.projection
     if args.temperature is not None:
         model_changes["temperature"] = args.temperature
     elif args.loss == "siglip":
@@ -117,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         from dualenc.manifest import load_manifest
         from dualenc.runs import choose_run_dir, point_latest
 
+        from dualenc.towers.keras_hub import resolve_model_config
+
         config = build_config(args)
+        # Image size, sequence length and projection width of keras-hub presets.
+        config = dataclasses.replace(config, model=resolve_model_config(config.model))
         if config.data is None:
             if args.preset != "demo":
                 raise DualEncError(f"--preset {args.preset} needs --data DIR (a directory packed with `python -m tfrecords_tools`)")

@@ -101,9 +101,14 @@ class DualEncoder(keras.Model):
         self.placement = placement if placement is not None else Placement()
         self.vision_tower = vision_tower
         self.text_tower = text_tower
-        head_arguments = (config.projection_dim, config.projection_layers, config.dropout)
-        self.image_head = ProjectionHead(*head_arguments, name="image_head")
-        self.caption_head = ProjectionHead(*head_arguments, name="caption_head")
+        if config.projection == "preset":
+            # The keras-hub towers already end in their preset's joint-space projection.
+            self.image_head = keras.layers.Identity(name="image_head")
+            self.caption_head = keras.layers.Identity(name="caption_head")
+        else:
+            head_arguments = (config.projection_dim, config.projection_layers, config.dropout)
+            self.image_head = ProjectionHead(*head_arguments, name="image_head")
+            self.caption_head = ProjectionHead(*head_arguments, name="caption_head")
         # L2Normalize computes in float32, so the loss sees float32 even under mixed precision.
         self.l2_normalize = L2Normalize(name="l2_normalize")
         self.log_temperature = None
@@ -336,9 +341,9 @@ def build_dual_encoder(config: ModelConfig, placement: Placement | None = None) 
     batch = _dummy_batch(config)
     with placement.scope():
         with on_device(placement.vision_device):
-            vision_tower = build_vision_tower(config.vision)
+            vision_tower = build_vision_tower(config.vision, config.projection)
         with on_device(placement.text_device):
-            text_tower = build_text_tower(config.text)
+            text_tower = build_text_tower(config.text, config.projection)
         for name, tower, raw in (("vision", vision_tower, batch[IMAGE]), ("text", text_tower, batch[TOKENS])):
             features = tower(raw, training=False)
             if features.shape.rank != 2:
