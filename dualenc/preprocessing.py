@@ -105,12 +105,13 @@ class KerasHubTextPreprocessor(tf.Module):
         import keras_hub
 
         from dualenc.errors import first_line
+        from dualenc.towers.keras_hub import keras_hub_preset
 
         self.family = family
         preprocessor_class = getattr(keras_hub.models, KERAS_HUB_PREPROCESSORS[family])
         options = {} if family == "bert" else {"image_converter": None}
         try:
-            self.preprocessor = preprocessor_class.from_preset(preset, **options)
+            self.preprocessor = preprocessor_class.from_preset(keras_hub_preset(preset), **options)
         except Exception as exc:  # a preset without (usable) tokenizer assets
             raise DualEncError(f"--text-preset {preset} has no usable {family} tokenizer ({first_line(exc)[:200]})") from None
         self.sequence_length = int(self.preprocessor.sequence_length)

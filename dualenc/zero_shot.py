@@ -40,7 +40,7 @@ def preset_model_config(preset: str) -> configs.ModelConfig:
     """Frozen preset towers with their own projection: the model CLIP or SigLIP ships as."""
     from dualenc.towers.keras_hub import preset_family, resolve_model_config
 
-    family = preset_family(preset, "vision")
+    family = preset_family(preset, "--model")
     if family not in configs.KERAS_HUB_VISION_BACKBONES:
         raise DualEncError(f"--model {preset} holds a {family} model with no image tower; pass a CLIP or SigLIP preset")
     model = configs.ModelConfig(

@@ -32,8 +32,12 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def keras_hub_presets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """{"clip": dir, "siglip": dir}: tiny random-weight presets saved by keras-hub (`tests.support.keras_hub_presets`)."""
-    from tests.support.keras_hub_presets import make_clip_preset, make_siglip_preset
+    """{"clip", "siglip", "bert": dir}: tiny random-weight presets saved by keras-hub (`tests.support.keras_hub_presets`)."""
+    from tests.support.keras_hub_presets import make_bert_preset, make_clip_preset, make_siglip_preset
 
     root = tmp_path_factory.mktemp("keras_hub_presets")
-    return {"clip": make_clip_preset(root / "clip"), "siglip": make_siglip_preset(root / "siglip")}
+    return {
+        "clip": make_clip_preset(root / "clip"),
+        "siglip": make_siglip_preset(root / "siglip"),
+        "bert": make_bert_preset(root / "bert"),
+    }

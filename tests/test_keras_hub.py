@@ -110,6 +110,7 @@ print(json.dumps(out))
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_zero_shot_evaluation_equals_the_in_memory_keras_hub_model(keras_hub_presets, demo_data, tmp_path, capsys, monkeypatch):
     import search
     from dualenc.evaluation import SplitEmbeddings, retrieval_report
@@ -175,3 +176,116 @@ def test_one_epoch_from_siglip_preset_trains_and_serves_in_a_fresh_process(keras
     assert not served["keras_hub_imported"]
     for rows in (served["images"], served["captions"]):
         np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-5)
+
+
+def test_keras_hub_bert_text_tower_gives_keras_hub_pooled_output(keras_hub_presets):
+    import keras_hub
+    import tensorflow as tf
+
+    from dualenc.preprocessing import build_text_preprocessor
+    from dualenc.towers import build_text_tower
+    from dualenc.towers.keras_hub import resolve_model_config
+
+    preset = str(keras_hub_presets["bert"])
+    config = resolve_model_config(ModelConfig(text=TextConfig("bert", preset=preset))).text
+    tower = build_text_tower(config)
+    tokens = next(iter(tf.data.Dataset.from_tensor_slices(CAPTIONS).batch(3).map(build_text_preprocessor(config))))
+    backbone = keras_hub.models.Backbone.from_preset(preset)
+    reference = backbone(keras_hub.models.BertTextClassifierPreprocessor.from_preset(preset)(CAPTIONS))["pooled_output"]
+    np.testing.assert_allclose(tower(tokens).numpy(), np.asarray(reference), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_search_a_folder_straight_from_a_preset(keras_hub_presets, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    import search
+    from dualenc.images import decode_image
+
+    gallery = tmp_path / "photos"
+    gallery.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("red", "green", "blue", "grey"):
+        Image.fromarray(rng.integers(0, 256, size=(40, 24, 3), dtype=np.uint8)).save(gallery / f"{name}.png")
+    monkeypatch.chdir(tmp_path)
+    preset = keras_hub_presets["siglip"]
+    assert search.main([CAPTIONS[0], "--model", str(preset), "--gallery", str(gallery), "-k", "4", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+
+    _, embed_pixels, embed_captions = _keras_hub_reference(preset, "siglip")
+    paths = sorted(gallery.iterdir())
+    pixels = np.stack([decode_image((path).read_bytes(), IMAGE_SIZE).numpy() for path in paths])
+    scores = embed_pixels(pixels) @ embed_captions([CAPTIONS[0]])[0]
+    expected = [paths[row].name for row in np.argsort(-scores)]
+    assert [result["path"].rsplit("/", 1)[-1] for result in results] == expected
+    np.testing.assert_allclose([result["score"] for result in results], np.sort(scores)[::-1], atol=1e-5)
+
+
+def _bad_input_cases(presets, tmp_path):
+    not_a_preset = tmp_path / "not_a_preset"
+    not_a_preset.mkdir()
+    (not_a_preset / "config.json").write_text('{"hidden_size": 8}')
+    clip, siglip = str(presets["clip"]), str(presets["siglip"])
+    wrong_size = tmp_path / "wrong_size.json"
+    wrong_size.write_text(json.dumps({"model": {"vision": {"backbone": "clip", "preset": clip, "image_size": [64, 64]}}}))
+    unreachable = "kaggle://dualenc-tests/none/keras/none"
+    return {
+        "unreachable handle": (["--vision", "clip", "--vision-preset", unreachable], [unreachable, "--vision-preset DIR"]),
+        "not a preset": (["--text", "clip", "--text-preset", str(not_a_preset)], [str(not_a_preset), "not a keras-hub preset"]),
+        "wrong family": (["--vision", "siglip", "--vision-preset", clip], ["holds a clip model", "--vision clip"]),
+        "projection widths": (
+            ["--vision", "clip", "--vision-preset", clip, "--text", "siglip", "--text-preset", siglip, "--projection", "preset"],
+            ["projects to 8 dimensions", "16", "--projection heads"],
+        ),
+        "image size": (["--config", str(wrong_size)], ["takes 32x32 images, not 64x64"]),
+        "missing preset": (["--vision", "clip"], ["--vision-preset HANDLE_OR_DIR"]),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["unreachable handle", "not a preset", "wrong family", "projection widths", "image size", "missing preset"]
+)
+def test_bad_presets_exit_2_with_one_line(case, keras_hub_presets, demo_data, tmp_path, capsys):
+    import train
+
+    flags, words = _bad_input_cases(keras_hub_presets, tmp_path)[case]
+    assert train.main([*flags, "--data", str(demo_data), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error, error
+    for word in words:
+        assert word in error, (word, error)
+    assert not (tmp_path / "run").exists()
+
+
+def test_search_with_an_unreachable_preset_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    import search
+
+    monkeypatch.chdir(tmp_path)
+    assert search.main(["a dog", "--model", "kaggle://dualenc-tests/none/keras/none", "--gallery", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "kaggle://dualenc-tests/none/keras/none" in error and "DIR" in error
+
+
+@pytest.mark.parametrize("name, loss", [("cuhk-pedes-clip", "sdm+cmpc"), ("coco-clip", "clip")])
+def test_clip_presets_run_from_a_local_preset_directory(name, loss, keras_hub_presets):
+    import train
+    from dualenc.towers.keras_hub import resolve_model_config
+
+    clip = str(keras_hub_presets["clip"])
+    config = train.build_config(train.parse_args(["--preset", name, "--vision-preset", clip, "--text-preset", clip]))
+    model = resolve_model_config(config.model)
+    assert (model.loss, model.projection, model.vision.preset, model.text.preset) == (loss, "preset", clip, clip)
+    # Image size, sequence length and embedding width come from the preset found.
+    assert (model.vision.image_size, model.text.max_tokens, model.projection_dim) == (IMAGE_SIZE, SEQUENCE_LENGTH, 8)
+
+
+def test_model_with_preset_towers_saves_and_loads_as_a_keras_file(keras_hub_presets, tmp_path):
+    import keras
+
+    from dualenc.model import build_dual_encoder
+
+    model = build_dual_encoder(_zero_shot_config(keras_hub_presets["clip"], "clip"))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    pixels = np.random.default_rng(2).integers(0, 256, size=(2, *IMAGE_SIZE, 3), dtype=np.uint8)
+    np.testing.assert_allclose(loaded.encode_images(pixels).numpy(), model.encode_images(pixels).numpy(), atol=1e-6)

@@ -42,38 +42,41 @@ def _is_local(preset: str) -> bool:
     return "://" not in preset and (Path(preset).expanduser().exists() or "/" in preset or preset.startswith((".", "~")))
 
 
+def keras_hub_preset(preset: str) -> str:
+    """What to hand keras-hub: a local directory as an absolute path, so that a directory named
+    like a built-in preset (``clip_vit_base_patch16``) is read, not downloaded."""
+    return str(Path(preset).expanduser().resolve()) if _is_local(preset) else preset
+
+
 def _flag(modality: str) -> str:
     return f"--{modality}-preset"
 
 
-def preset_family(preset: str, modality: str) -> str:
-    """"clip", "siglip" or "bert": which backbone the preset holds (downloads its config if a handle)."""
+def preset_family(preset: str, flag: str) -> str:
+    """"clip", "siglip" or "bert": which backbone the preset holds (downloads its config if a handle).
+
+    `flag` names the option the preset came from, for the error messages.
+    """
     from keras_hub.src.utils.preset_utils import check_config_class, get_preset_loader
 
-    flag = _flag(modality)
     if _is_local(preset):
         directory = Path(preset).expanduser()
         if not directory.is_dir():
             raise DualEncError(f"{flag} {preset}: no such directory; pass a keras-hub preset directory or handle")
-        config_file = directory / PRESET_CONFIG
         try:
-            registered = "registered_name" in json.loads(config_file.read_text())
-        except (OSError, ValueError):
-            registered = False
-        if not registered:
+            backbone_class = check_config_class(json.loads((directory / PRESET_CONFIG).read_text())).__name__
+        except (OSError, ValueError, KeyError, TypeError):  # missing, not JSON, or not a serialised keras-hub object
             raise DualEncError(
-                f"{flag} {preset} is not a keras-hub preset directory (no {PRESET_CONFIG} of a keras-hub "
-                "backbone); write one with keras_hub.models.Backbone.from_preset(HANDLE).save_to_preset(DIR)"
-            )
-        backbone_class = check_config_class(json.loads(config_file.read_text())).__name__
+                f"{flag} {preset} is not a keras-hub preset directory (no {PRESET_CONFIG} of a keras-hub backbone); "
+                "save one with keras-hub's save_to_preset (see README, 'Starting from CLIP or SigLIP')"
+            ) from None
     else:
         try:
             backbone_class = get_preset_loader(preset).check_backbone_class().__name__
         except Exception as exc:  # requests, kagglehub, huggingface_hub and keras-hub errors all mean "not reachable"
             raise DualEncError(
-                f"cannot reach keras-hub preset {preset!r} ({first_line(exc)[:160]}); where there is network, save it "
-                f"with keras_hub.models.Backbone.from_preset({preset!r}).save_to_preset(DIR) and its preprocessor "
-                f"likewise, then pass {flag} DIR"
+                f"cannot reach keras-hub preset {preset!r} ({type(exc).__name__}: {first_line(exc)[:80]}); copy the "
+                f"preset directory from a machine with network (see README, 'Starting from CLIP or SigLIP') and pass {flag} DIR"
             ) from None
     for family, name in BACKBONE_CLASSES.items():
         if name == backbone_class:
@@ -82,7 +85,7 @@ def preset_family(preset: str, modality: str) -> str:
 
 
 def _check_family(preset: str, modality: str, expected: str) -> None:
-    family = preset_family(preset, modality)
+    family = preset_family(preset, _flag(modality))
     if family != expected:
         raise DualEncError(f"{_flag(modality)} {preset} holds a {family} model, not {expected}; pass --{modality} {family}")
 
@@ -91,7 +94,7 @@ def _load_backbone(preset: str, modality: str, load_weights: bool = True) -> Any
     import keras_hub
 
     try:
-        return keras_hub.models.Backbone.from_preset(preset, load_weights=load_weights)
+        return keras_hub.models.Backbone.from_preset(keras_hub_preset(preset), load_weights=load_weights)
     except Exception as exc:  # a damaged or partial preset: missing weights, bad JSON, wrong shapes
         raise DualEncError(f"cannot load {_flag(modality)} {preset} ({first_line(exc)[:200]}); re-save the preset") from None
 
@@ -100,7 +103,7 @@ def _load_image_converter(preset: str) -> Any:
     import keras_hub
 
     try:
-        return keras_hub.layers.ImageConverter.from_preset(preset)
+        return keras_hub.layers.ImageConverter.from_preset(keras_hub_preset(preset))
     except Exception as exc:
         raise DualEncError(f"--vision-preset {preset} has no usable image converter ({first_line(exc)[:200]})") from None
 
@@ -109,6 +112,15 @@ def preset_image_size(backbone: Any) -> tuple[int, int]:
     """The (height, width) the preset's vision encoder was built for (ViT position embeddings fix it)."""
     height, width = backbone.vision_encoder.image_shape[:2]
     return int(height), int(width)
+
+
+def _check_image_size(config: VisionConfig, expected: tuple[int, int]) -> None:
+    if config.image_size is None or tuple(config.image_size) != expected:
+        given = "none" if config.image_size is None else f"{config.image_size[0]}x{config.image_size[1]}"
+        raise DualEncError(
+            f"--vision-preset {config.preset} takes {expected[0]}x{expected[1]} images, not {given}; "
+            f"drop the image_size setting or set it to {list(expected)}"
+        )
 
 
 def _channel_values(value: Any) -> list[float] | float | None:
@@ -162,15 +174,10 @@ def build_vision_tower(config: VisionConfig, projection: str) -> keras.Model:
     _check_family(config.preset, "vision", config.backbone)
     backbone = _load_backbone(config.preset, "vision")
     converter = _load_image_converter(config.preset)
-    expected = preset_image_size(backbone)
-    if tuple(config.image_size) != expected:
-        raise DualEncError(
-            f"--vision-preset {config.preset} takes {expected[0]}x{expected[1]} images, not "
-            f"{config.image_size[0]}x{config.image_size[1]}; drop the image_size setting or set it to {list(expected)}"
-        )
+    _check_image_size(config, preset_image_size(backbone))
     encoder = backbone.vision_encoder
     encoder.trainable = config.trainable
-    pixels = keras.Input(shape=(*expected, 3), name="pixels")
+    pixels = keras.Input(shape=(*config.image_size, 3), name="pixels")
     normalized = PixelNormalization(converter.scale, converter.offset, name="preprocessing")(pixels)
     if config.backbone == "clip":
         features = backbone.vision_pooler(encoder({"images": normalized}))
@@ -241,11 +248,8 @@ def resolve_model_config(model: ModelConfig) -> ModelConfig:
         _check_family(vision.preset, "vision", vision.backbone)
         backbone = _load_backbone(vision.preset, "vision", load_weights=False)
         expected = preset_image_size(backbone)
-        if vision.image_size is not None and tuple(vision.image_size) != expected:
-            raise DualEncError(
-                f"--vision-preset {vision.preset} takes {expected[0]}x{expected[1]} images, not "
-                f"{vision.image_size[0]}x{vision.image_size[1]}; drop the image_size setting or set it to {list(expected)}"
-            )
+        if vision.image_size is not None:
+            _check_image_size(vision, expected)
         vision = dataclasses.replace(vision, image_size=expected)
         widths["vision"] = _projection_width(backbone, vision.backbone, "vision")
     if text.tower in KERAS_HUB_TEXT_TOWERS and text.preset is not None:

@@ -96,3 +96,21 @@ def make_siglip_preset(directory: Path) -> Path:
     backbone.save_to_preset(str(directory))
     preprocessor.save_to_preset(str(directory))
     return directory
+
+
+def make_bert_preset(directory: Path) -> Path:
+    """A tiny keras-hub BERT (text only): WordPiece over `WORDS` and single characters."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(3)
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *CHARACTERS, *(f"##{c}" for c in CHARACTERS)]
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=list(dict.fromkeys(vocabulary)))
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=tokenizer.vocabulary_size(), num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
+        max_sequence_length=SEQUENCE_LENGTH,
+    )
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=SEQUENCE_LENGTH)
+    backbone.save_to_preset(str(directory))
+    preprocessor.save_to_preset(str(directory))
+    return directory
