@@ -289,3 +289,38 @@ def test_model_with_preset_towers_saves_and_loads_as_a_keras_file(keras_hub_pres
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     pixels = np.random.default_rng(2).integers(0, 256, size=(2, *IMAGE_SIZE, 3), dtype=np.uint8)
     np.testing.assert_allclose(loaded.encode_images(pixels).numpy(), model.encode_images(pixels).numpy(), atol=1e-6)
+
+
+def test_keras_hub_configs_round_trip_through_json(keras_hub_presets):
+    from dualenc import config as configs
+
+    clip = str(keras_hub_presets["clip"])
+    config = configs.TrainConfig(
+        model=ModelConfig(vision=VisionConfig("clip", preset=clip), text=TextConfig("clip", preset=clip), projection="preset"),
+        epochs=0,
+    )
+    assert config.model.vision.image_size is None  # until resolve_model_config reads the preset
+    assert configs.from_dict(configs.TrainConfig, json.loads(json.dumps(configs.to_dict(config)))) == config
+
+
+@pytest.mark.slow
+def test_train_with_zero_epochs_exports_the_preset_as_keras_hub_computes_it(keras_hub_presets, demo_data, tmp_path):
+    import train
+    from dualenc.gallery import PackedGallery
+    from dualenc.images import decode_image
+    from dualenc.packed import split_captions
+
+    preset = str(keras_hub_presets["clip"])
+    out = tmp_path / "run"
+    flags = ["--data", str(demo_data), "--out", str(out), "--vision", "clip", "--vision-preset", preset,
+             "--text", "clip", "--text-preset", preset, "--projection", "preset", "--epochs", "0",
+             "--batch-size", "8", "--quiet"]
+    assert train.main(flags) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs_trained"] == 0
+    image_ids = list(dict.fromkeys(split_captions(demo_data, "test").image_ids))[:2]
+    blobs = PackedGallery(demo_data, "test").read_images(image_ids)
+    served = _serve_in_fresh_process(out, [blobs[image_id] for image_id in image_ids])
+    _, embed_pixels, embed_captions = _keras_hub_reference(preset, "clip")
+    pixels = np.stack([decode_image(blobs[image_id], IMAGE_SIZE).numpy() for image_id in image_ids])
+    np.testing.assert_allclose(served["images"], embed_pixels(pixels), atol=1e-5)
+    np.testing.assert_allclose(served["captions"], embed_captions(CAPTIONS), atol=1e-5)
