@@ -24,16 +24,18 @@ ZERO_SHOT_DIR = "zero-shot"
 def looks_like_preset(model: str) -> bool:
     """Whether `--model` names a keras-hub preset rather than a run directory.
 
-    A directory is a preset when its config.json is a serialised keras-hub object; a name that
-    is no local path (``clip_vit_base_patch16``, ``kaggle://…``, ``hf://…``) is taken as a handle.
+    A directory is a preset when its config.json is a serialised keras-hub object; otherwise
+    keras-hub handles (``clip_vit_base_patch16``, ``kaggle://…``, ``hf://…``) are presets.
     """
+    from dualenc.towers.keras_hub import is_handle
+
     path = Path(model).expanduser()
     if path.is_dir():
         try:
             return "registered_name" in json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             return False
-    return "://" in model or not ("/" in model or model.startswith((".", "~")) or path.exists())
+    return is_handle(model)
 
 
 def preset_model_config(preset: str) -> configs.ModelConfig:

@@ -23,6 +23,7 @@ of another family, image sizes or projection widths that do not fit) is a one-li
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,18 @@ BACKBONE_CLASSES = {"clip": "CLIPBackbone", "siglip": "SigLIPBackbone", "bert": 
 PRESET_CONFIG = "config.json"
 
 
+def is_handle(preset: str) -> bool:
+    """Whether `preset` is a keras-hub handle to download: ``scheme://…`` or a built-in preset
+    name (``clip_vit_base_patch16``) with no local path of that name."""
+    from keras_hub.src.utils.preset_utils import BUILTIN_PRESETS
+
+    if Path(preset).expanduser().exists():
+        return False
+    return "://" in preset or preset in BUILTIN_PRESETS
+
+
 def _is_local(preset: str) -> bool:
-    """Whether `preset` names a local path rather than a keras-hub handle."""
-    return "://" not in preset and (Path(preset).expanduser().exists() or "/" in preset or preset.startswith((".", "~")))
+    return not is_handle(preset)
 
 
 def keras_hub_preset(preset: str) -> str:
@@ -240,8 +250,6 @@ def resolve_model_config(model: ModelConfig) -> ModelConfig:
     presets; with ``projection="preset"`` checks that both presets project to one width. A
     config without keras-hub towers comes back unchanged, without importing keras-hub.
     """
-    import dataclasses
-
     vision, text = model.vision, model.text
     widths = {}
     if vision.backbone in KERAS_HUB_VISION_BACKBONES:
