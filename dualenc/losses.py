@@ -157,7 +157,10 @@ def cmpc_loss(image_embeddings: Any, text_embeddings: Any, labels: Any, weights:
         loss = mean CE(image_proj_text·W_norm, labels) + mean CE(text_proj_image·W_norm, labels)
 
     Column-normalising W makes the logits depend on the projection's norm and its angle to each
-    class centre, not on per-class weight scale (norm-softmax in the paper).
+    class centre, not on per-class weight scale (norm-softmax in the paper). The classes are the
+    training identities: a row whose label is outside [0, N) (an identity of the validation or
+    test split, which person-search splits keep apart) has no class to be classified as and is
+    left out of the means; a batch of only such rows gives 0.
     """
     dtype = _compute_dtype(image_embeddings, text_embeddings)
     images = _as_float(image_embeddings, dtype)
@@ -170,9 +173,15 @@ def cmpc_loss(image_embeddings: Any, text_embeddings: Any, labels: Any, weights:
     image_proj_text = tf.reduce_sum(images * unit_texts, axis=-1, keepdims=True) * unit_texts
     text_proj_image = tf.reduce_sum(texts * unit_images, axis=-1, keepdims=True) * unit_images
 
+    classes = tf.shape(class_weights, out_type=tf.int64)[1]
+    known = tf.cast((labels >= 0) & (labels < classes), dtype)
+    # Unknown rows get a valid stand-in class (their term is multiplied by 0), keeping fixed shapes for XLA.
+    class_ids = tf.clip_by_value(labels, 0, classes - 1)
+
     def classification(projection: tf.Tensor) -> tf.Tensor:
         logits = tf.matmul(projection, normalised_weights)
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+        cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=class_ids, logits=logits)
+        return tf.math.divide_no_nan(tf.reduce_sum(known * cross_entropy), tf.reduce_sum(known))
 
     return classification(image_proj_text) + classification(text_proj_image)
 

@@ -196,6 +196,19 @@ def test_cmpc_matches_reference(label_case):
     np.testing.assert_allclose(got.numpy(), reference_cmpc(images, texts, labels, weights), rtol=RTOL)
 
 
+def test_cmpc_leaves_out_identities_it_has_no_class_for():
+    """Validation and test identities lie outside the training classes: no term, no crash."""
+    labels = np.array([0, 2, 5, 1, 7])
+    rng = np.random.default_rng(24)
+    images = _embeddings(rng, len(labels), scale=2.0)
+    texts = _embeddings(rng, len(labels), scale=0.5)
+    weights = rng.normal(size=(8, 3))
+    known = labels < 3
+    got = losses.cmpc_loss(images, texts, labels, weights)
+    np.testing.assert_allclose(got.numpy(), reference_cmpc(images[known], texts[known], labels[known], weights), rtol=RTOL)
+    assert losses.cmpc_loss(images, texts, labels + 10, weights).numpy() == 0.0
+
+
 @pytest.mark.parametrize("label_case", sorted(LABEL_CASES) + [None])
 @pytest.mark.parametrize("temperature, bias", [(losses.SIGLIP_TEMPERATURE, losses.SIGLIP_BIAS), (0.5, 1.5)])
 def test_siglip_matches_reference(label_case, temperature, bias):
