@@ -89,19 +89,19 @@ def test_heads_projection_stops_before_the_preset_projection(keras_hub_presets):
 
 
 def _serve_in_fresh_process(run_dir, image_bytes: list[bytes]) -> dict:
-    """Embeddings from the exported encoders in a process that imports only TF and TF Text."""
+    """Embeddings from the exported encoders in a process that imports only TF and TF Text
+    (the vision encoder only when there are `image_bytes`)."""
     script = f"""
 import json, sys
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  the tokenizers' ops
-vision = tf.saved_model.load({str(run_dir / "vision_encoder")!r})
 text = tf.saved_model.load({str(run_dir / "text_encoder")!r})
+out = {{"captions": text.signatures["serving_default"](captions=tf.constant({CAPTIONS!r}))["embeddings"].numpy().tolist()}}
 images = [bytes.fromhex(h) for h in {[blob.hex() for blob in image_bytes]!r}]
-out = {{
-    "images": vision.signatures["serving_default"](images=tf.constant(images))["embeddings"].numpy().tolist(),
-    "captions": text.signatures["serving_default"](captions=tf.constant({CAPTIONS!r}))["embeddings"].numpy().tolist(),
-    "keras_hub_imported": any(name.startswith("keras_hub") for name in sys.modules),
-}}
+if images:
+    vision = tf.saved_model.load({str(run_dir / "vision_encoder")!r})
+    out["images"] = vision.signatures["serving_default"](images=tf.constant(images))["embeddings"].numpy().tolist()
+out["keras_hub_imported"] = any(name.startswith("keras_hub") for name in sys.modules)
 print(json.dumps(out))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
@@ -178,10 +178,11 @@ def test_one_epoch_from_siglip_preset_trains_and_serves_in_a_fresh_process(keras
         np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-5)
 
 
-def test_keras_hub_bert_text_tower_gives_keras_hub_pooled_output(keras_hub_presets):
+def test_keras_hub_bert_text_tower_gives_keras_hub_pooled_output(keras_hub_presets, tmp_path):
     import keras_hub
     import tensorflow as tf
 
+    from dualenc.export import export_text_encoder
     from dualenc.preprocessing import build_text_preprocessor
     from dualenc.towers import build_text_tower
     from dualenc.towers.keras_hub import resolve_model_config
@@ -193,6 +194,12 @@ def test_keras_hub_bert_text_tower_gives_keras_hub_pooled_output(keras_hub_prese
     backbone = keras_hub.models.Backbone.from_preset(preset)
     reference = backbone(keras_hub.models.BertTextClassifierPreprocessor.from_preset(preset)(CAPTIONS))["pooled_output"]
     np.testing.assert_allclose(tower(tokens).numpy(), np.asarray(reference), atol=1e-5)
+
+    # BERT's WordPiece tokenizer exports too: the text encoder serves strings without keras-hub.
+    export_text_encoder(tower, tmp_path / "text_encoder", preprocessor=build_text_preprocessor(config))
+    served = _serve_in_fresh_process(tmp_path, [])
+    assert not served["keras_hub_imported"]
+    np.testing.assert_allclose(served["captions"], _unit(np.asarray(reference)), atol=1e-5)
 
 
 @pytest.mark.slow
