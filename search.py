@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   python search.py --image query.jpg --gallery ~/photos    image → image
   python search.py --build-index --data data/coco --split val --ann hnsw
   python search.py --evaluate                              R@1/5/10, mAP, top-100 accuracy
+  python search.py --evaluate --model clip_vit_base_patch16 --data data/coco   zero-shot CLIP
   python search.py --serve                                 a search page at http://127.0.0.1:8000/
 """
 
@@ -38,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("query", nargs="?", help="what to look for, in words")
     parser.add_argument("-k", type=int, default=9, help="how many results (default 9)")
-    parser.add_argument("--model", default=DEFAULT_RUN, help=f"training run directory (default {DEFAULT_RUN})")
+    parser.add_argument(
+        "--model", default=DEFAULT_RUN,
+        help=f"training run directory (default {DEFAULT_RUN}), or a keras-hub CLIP/SigLIP preset (handle or local "
+        "directory) to search with zero-shot, exported once into runs/zero-shot/",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--gallery", type=Path, help="a folder of images to search (recursively)")
     source.add_argument("--data", type=Path, help="a packed dataset (default: the one the run trained on)")
@@ -71,6 +76,15 @@ def check_run(run_dir: Path) -> Path:
         if not (run_dir / name / "saved_model.pb").is_file():
             raise DualEncError(f"{run_dir} has no exported {name}; run `python train.py` first or pass --model RUN_DIR")
     return run_dir
+
+
+def model_run(model: str) -> Path:
+    """The run directory `--model` names; a keras-hub preset becomes a zero-shot run (`dualenc.zero_shot`)."""
+    from dualenc.zero_shot import looks_like_preset, zero_shot_run
+
+    if looks_like_preset(model):
+        return zero_shot_run(model, Path(DEFAULT_RUN).parent)
+    return check_run(Path(model))
 
 
 def choose_gallery(args: argparse.Namespace, run_dir: Path):
@@ -201,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     from dualenc.index import open_index
     from dualenc.retrieval import resolve_ann
 
-    run_dir = check_run(Path(args.model))
+    run_dir = model_run(args.model)
     gallery = choose_gallery(args, run_dir)
     index = open_index(run_dir, gallery, rebuild=args.build_index, float16=args.float16)
     if args.build_index:

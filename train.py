@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vision", choices=configs.VISION_BACKBONES, help="vision backbone")
     parser.add_argument("--vision-weights", help='"imagenet", "none" or a local weights file')
     parser.add_argument("--text", choices=configs.TEXT_TOWERS, help="text tower")
+    parser.add_argument("--vision-preset", help="keras-hub preset (handle or local dir) for --vision clip|siglip")
+    parser.add_argument("--text-preset",
+                        help="keras-hub preset (handle or local dir) for --text clip|siglip|bert (bert without it: TF Hub)")
+    parser.add_argument("--projection", choices=configs.PROJECTIONS,
+                        help="heads: dualenc's heads on pooled features; preset: keep the CLIP/SigLIP projection")
     parser.add_argument("--text-preprocessor", help="TF Hub handle or local SavedModel dir of the BERT preprocessor")
     parser.add_argument("--text-encoder", help="TF Hub handle or local SavedModel dir of the BERT encoder")
     parser.add_argument("--train-backbones", action=argparse.BooleanOptionalAction, default=None,
@@ -78,11 +83,15 @@ def build_config(args: argparse.Namespace) -> configs.TrainConfig:
     config = configs.from_dict(configs.TrainConfig, values, args.config or "preset")
     model, vision, text = config.model, config.model.vision, config.model.text
     if args.vision:
-        vision = configs.VisionConfig(args.vision, weights=vision.weights, trainable=vision.trainable)
+        vision = configs.VisionConfig(args.vision, weights=vision.weights, trainable=vision.trainable, preset=args.vision_preset)
+    elif args.vision_preset:
+        vision = dataclasses.replace(vision, preset=args.vision_preset)
     if args.vision_weights:
         vision = dataclasses.replace(vision, weights=None if args.vision_weights.lower() == "none" else args.vision_weights)
     if args.text:
-        text = dataclasses.replace(text, tower=args.text)
+        text = dataclasses.replace(text, tower=args.text, preset=args.text_preset)
+    elif args.text_preset:
+        text = dataclasses.replace(text, preset=args.text_preset)
     if args.text_preprocessor:
         text = dataclasses.replace(text, preprocessor=args.text_preprocessor)
     if args.text_encoder:
@@ -93,8 +102,13 @@ def build_config(args: argparse.Namespace) -> configs.TrainConfig:
     model_changes = {"vision": vision, "text": text}
     if args.loss:
         model_changes["loss"] = args.loss
+    if args.projection:
+        model_changes["projection"] = args.projection
     if args.temperature is not None:
         model_changes["temperature"] = args.temperature
+    elif args.loss == "siglip":
+        # SigLIP learns its temperature from the paper's starting point.
+        model_changes.update(temperature=configs.SIGLIP_TEMPERATURE, learn_temperature=True)
     if "cmpc" in model_changes.get("loss", model.loss):
         model_changes.setdefault("num_classes", max(model.num_classes, 1))
     changes = {"model": dataclasses.replace(model, **model_changes)}
@@ -129,8 +143,11 @@ def train(args: argparse.Namespace, config: configs.TrainConfig) -> tuple[runs.R
 
     import_tensorflow(args.verbose)
     from dualenc.manifest import load_manifest
+    from dualenc.towers.keras_hub import resolve_model_config
     from dualenc.training import resolve_config, run_training
 
+    # Image size, sequence length and projection width of keras-hub presets.
+    config = dataclasses.replace(config, model=resolve_model_config(config.model))
     if config.data is None:
         from tfrecords_tools.demo_cache import packed_demo
 

@@ -20,9 +20,19 @@ from typing import Any
 from dualenc.errors import DualEncError
 from dualenc.files import write_json_atomic
 
-VISION_BACKBONES = ("small_cnn", "xception", "mobilenet", "mobilenet_v2", "resnet50", "efficientnet_v2_b0")
-TEXT_TOWERS = ("bilstm", "bert")
-LOSSES = ("soft_target", "clip", "cmpm", "cmpc", "cmpm+cmpc")
+VISION_BACKBONES = ("small_cnn", "xception", "mobilenet", "mobilenet_v2", "resnet50", "efficientnet_v2_b0", "clip", "siglip")
+TEXT_TOWERS = ("bilstm", "bert", "clip", "siglip")
+# Towers built from keras-hub presets (`dualenc.towers.keras_hub`); "bert" only with a preset.
+KERAS_HUB_VISION_BACKBONES = ("clip", "siglip")
+KERAS_HUB_TEXT_TOWERS = ("clip", "siglip", "bert")
+# "heads": dualenc's projection heads on pooled tower features; "preset": keep the keras-hub
+# presets' own projection into their joint space (zero-shot CLIP/SigLIP), no heads.
+PROJECTIONS = ("heads", "preset")
+LOSSES = ("soft_target", "clip", "cmpm", "cmpc", "cmpm+cmpc", "siglip", "sdm", "sdm+cmpc")
+# SigLIP's initial temperature T = 1 / exp(t') and logit bias b (Zhai et al. 2023, section 3.2:
+# t' = log 10, b = -10); `--loss siglip` starts from them.
+SIGLIP_TEMPERATURE = 0.1
+SIGLIP_BIAS = -10.0
 PLACEMENTS = ("single", "split", "mirrored")
 # Epoch-end values that learning-rate reduction, early stopping and checkpoints may follow.
 MONITORS = ("val_loss", "val_t2i_r1", "val_t2i_r10", "val_i2t_r1", "val_i2t_r10", "val_t2i_map", "val_i2t_map")
@@ -61,20 +71,33 @@ def _positive(field: str, value: float) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """The image tower: a keras.applications backbone (or a small CNN), pooled.
+    """The image tower: a keras.applications backbone (or a small CNN), pooled, or a keras-hub
+    CLIP/SigLIP vision encoder.
 
     `weights` is "imagenet", None (random init) or a local weights file; `trainable=False`
     freezes the backbone (its BatchNorm then stays in inference mode). `image_size` is
-    (height, width) and defaults to the backbone's own size.
+    (height, width) and defaults to the backbone's own size. "clip" and "siglip" take their
+    weights and image size from `preset` (a keras-hub handle or local preset directory):
+    `weights` is not used, and `image_size` stays None until
+    `dualenc.towers.keras_hub.resolve_model_config` reads it from the preset.
     """
 
     backbone: str = "small_cnn"
     weights: str | None = None
     trainable: bool = True
     image_size: tuple[int, int] | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         _choice("vision backbone", self.backbone, VISION_BACKBONES)
+        if self.backbone in KERAS_HUB_VISION_BACKBONES:
+            if not self.preset:
+                raise DualEncError(f"vision backbone {self.backbone!r} needs --vision-preset HANDLE_OR_DIR (a keras-hub preset)")
+            if self.image_size is not None:
+                object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+            return
+        if self.preset is not None:
+            raise DualEncError(f"--vision-preset applies to --vision {' or '.join(KERAS_HUB_VISION_BACKBONES)}, not {self.backbone!r}")
         if self.backbone == "small_cnn" and self.weights == "imagenet":
             raise DualEncError("vision backbone 'small_cnn' has no ImageNet weights; use weights none or a local file")
         if self.image_size is None:
@@ -87,9 +110,13 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """The text tower: a TF-Hub BERT (preprocessor + encoder handles) or a WordPiece BiLSTM.
+    """The text tower: a TF-Hub BERT (preprocessor + encoder handles), a WordPiece BiLSTM, or a
+    keras-hub CLIP, SigLIP or BERT text encoder from `preset`.
 
-    Handles are TF-Hub URLs or local SavedModel directories. For the BiLSTM, `vocabulary` is
+    Handles are TF-Hub URLs or local SavedModel directories. "bert" with a `preset` (keras-hub
+    handle or local preset directory) is keras-hub's BERT, without one TF Hub's; "clip" and
+    "siglip" need a preset, whose sequence length becomes `max_tokens`
+    (`dualenc.towers.keras_hub.resolve_model_config`). For the BiLSTM, `vocabulary` is
     the path of a WordPiece vocabulary file learned from the training captions (train.py writes
     it into the run directory) and `vocab_size` bounds its size when it is learned.
     """
@@ -103,9 +130,14 @@ class TextConfig:
     max_tokens: int = 48
     embedding_dim: int = 128
     lstm_units: int = 128
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         _choice("text tower", self.tower, TEXT_TOWERS)
+        if self.tower in ("clip", "siglip") and not self.preset:
+            raise DualEncError(f"text tower {self.tower!r} needs --text-preset HANDLE_OR_DIR (a keras-hub preset)")
+        if self.preset is not None and self.tower not in KERAS_HUB_TEXT_TOWERS:
+            raise DualEncError(f"--text-preset applies to --text {', '.join(KERAS_HUB_TEXT_TOWERS)}, not {self.tower!r}")
         for field in ("vocab_size", "max_tokens", "embedding_dim", "lstm_units"):
             _positive(field, getattr(self, field))
 
@@ -117,7 +149,8 @@ class ModelConfig:
     Heads follow seed 003: Dense(projection_dim), then `projection_layers` times
     GELU -> Dense -> Dropout -> residual add -> LayerNorm. `temperature` divides the
     similarity logits; with `learn_temperature` it is a trainable scalar initialised there.
-    `num_classes` (identities in the training split) sizes the CMPC classifier.
+    `num_classes` (identities in the training split) sizes the CMPC classifier. `projection`
+    "preset" keeps keras-hub presets' own projections instead of heads (see `PROJECTIONS`).
     """
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
@@ -129,9 +162,18 @@ class ModelConfig:
     temperature: float = 0.05
     learn_temperature: bool = False
     num_classes: int = 0
+    projection: str = "heads"
 
     def __post_init__(self) -> None:
         _choice("loss", self.loss, LOSSES)
+        _choice("projection", self.projection, PROJECTIONS)
+        if self.projection == "preset" and (
+            self.vision.backbone not in KERAS_HUB_VISION_BACKBONES or self.text.tower not in ("clip", "siglip")
+        ):
+            raise DualEncError(
+                "--projection preset keeps a CLIP/SigLIP preset's projection, so it needs --vision clip|siglip and "
+                f"--text clip|siglip (got {self.vision.backbone!r} and {self.text.tower!r}); use --projection heads"
+            )
         _positive("projection_dim", self.projection_dim)
         _positive("temperature", self.temperature)
         if self.projection_layers < 0:
@@ -169,8 +211,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("placement", self.placement, PLACEMENTS)
         _choice("monitor", self.monitor, MONITORS)
-        for field in ("epochs", "batch_size", "learning_rate"):
+        for field in ("batch_size", "learning_rate"):
             _positive(field, getattr(self, field))
+        # 0 epochs: export and score the towers as they start (zero-shot for pretrained presets).
+        if self.epochs < 0:
+            raise DualEncError(f"epochs must be >= 0, got {self.epochs!r}")
         if not 0 <= self.seed <= MAX_SEED:
             raise DualEncError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
 

@@ -11,6 +11,10 @@ cross-entropy ``-Σ_j y_j · log_softmax(logits)_j`` row by row.
 - `cmpm_loss`, `cmpc_loss`: Cross-Modal Projection Matching / Classification (Zhang & Lu,
   "Deep Cross-Modal Projection Learning for Image-Text Matching", ECCV 2018), after seed 000.
 - `identity_constraint_loss`: seed 000's "constraints" term (same-identity compactness).
+- `siglip_loss`: the pairwise sigmoid loss of SigLIP (Zhai et al., "Sigmoid Loss for Language
+  Image Pre-Training", ICCV 2023), with a learnable temperature and bias.
+- `sdm_loss`: IRRA's Similarity Distribution Matching (Jiang & Ye, "Cross-Modal Implicit
+  Relation Reasoning and Aligning for Text-to-Image Person Retrieval", CVPR 2023).
 
 `dual_encoder_loss` picks one of them by the `ModelConfig.loss` name, so the model never
 hard-codes an objective.
@@ -22,9 +26,11 @@ from typing import Any
 
 import tensorflow as tf
 
+from dualenc.config import SIGLIP_BIAS, SIGLIP_TEMPERATURE  # noqa: F401  re-exported: SigLIP's initialisation
 from dualenc.errors import DualEncError
 
-LOSS_NAMES = ("soft_target", "clip", "cmpm", "cmpc", "cmpm+cmpc")
+LOSS_NAMES = ("soft_target", "clip", "cmpm", "cmpc", "cmpm+cmpc", "siglip", "sdm", "sdm+cmpc")
+
 LABEL_NORMS = ("l1", "l2")
 
 
@@ -151,7 +157,10 @@ def cmpc_loss(image_embeddings: Any, text_embeddings: Any, labels: Any, weights:
         loss = mean CE(image_proj_text·W_norm, labels) + mean CE(text_proj_image·W_norm, labels)
 
     Column-normalising W makes the logits depend on the projection's norm and its angle to each
-    class centre, not on per-class weight scale (norm-softmax in the paper).
+    class centre, not on per-class weight scale (norm-softmax in the paper). The classes are the
+    training identities: a row whose label is outside [0, N) (an identity of the validation or
+    test split, which person-search splits keep apart) has no class to be classified as and is
+    left out of the means; a batch of only such rows gives 0.
     """
     dtype = _compute_dtype(image_embeddings, text_embeddings)
     images = _as_float(image_embeddings, dtype)
@@ -164,9 +173,15 @@ def cmpc_loss(image_embeddings: Any, text_embeddings: Any, labels: Any, weights:
     image_proj_text = tf.reduce_sum(images * unit_texts, axis=-1, keepdims=True) * unit_texts
     text_proj_image = tf.reduce_sum(texts * unit_images, axis=-1, keepdims=True) * unit_images
 
+    classes = tf.shape(class_weights, out_type=tf.int64)[1]
+    known = tf.cast((labels >= 0) & (labels < classes), dtype)
+    # Unknown rows get a valid stand-in class (their term is multiplied by 0), keeping fixed shapes for XLA.
+    class_ids = tf.clip_by_value(labels, 0, classes - 1)
+
     def classification(projection: tf.Tensor) -> tf.Tensor:
         logits = tf.matmul(projection, normalised_weights)
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+        cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=class_ids, logits=logits)
+        return tf.math.divide_no_nan(tf.reduce_sum(known * cross_entropy), tf.reduce_sum(known))
 
     return classification(image_proj_text) + classification(text_proj_image)
 
@@ -197,21 +212,91 @@ def identity_constraint_loss(embeddings: Any, labels: Any) -> tf.Tensor:
     return tf.math.divide_no_nan(pair_distance_sum, ordered_pairs)
 
 
+def _match_mask(labels: Any, batch: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """(B, B) 1.0 where rows i and j share an identity; the identity matrix when `labels` is None."""
+    if labels is None:
+        return tf.eye(batch, dtype=dtype)
+    labels = tf.reshape(tf.convert_to_tensor(labels), [-1])
+    return tf.cast(tf.equal(labels[:, None], labels[None, :]), dtype)
+
+
+def siglip_loss(caption_embeddings: Any, image_embeddings: Any, temperature: Any, bias: Any, labels: Any = None) -> tf.Tensor:
+    """SigLIP's sigmoid loss: every caption-image pair is its own binary "match?" decision.
+
+    With Ĉ, Î the L2-normalised caption and image embeddings (B, D), temperature T (SigLIP's
+    t = exp(t') = 1 / T) and bias b::
+
+        logits = Ĉ·Îᵀ / T + b                             (B, D)·(D, B) -> (B, B)
+        z_ij   = +1 if captions i and image j match, else -1
+        loss   = −(1/B) Σ_i Σ_j log σ(z_ij · logits_ij)
+
+    (paper eq. 1 and Algorithm 1). Matches are the diagonal, or with `labels` (B,) every pair
+    of one identity. No softmax couples the rows, so the loss needs no normalisation over the
+    batch; b offsets the heavy imbalance of B positives against B² − B negatives.
+    `temperature` and `bias` may be python floats or trainable scalars.
+    """
+    dtype = _compute_dtype(caption_embeddings, image_embeddings)
+    captions = tf.math.l2_normalize(_as_float(caption_embeddings, dtype), axis=-1)
+    images = tf.math.l2_normalize(_as_float(image_embeddings, dtype), axis=-1)
+    logits = tf.matmul(captions, images, transpose_b=True) / _as_float(temperature, dtype) + _as_float(bias, dtype)
+    batch = tf.shape(logits)[0]
+    signs = 2 * _match_mask(labels, batch, dtype) - 1
+    return -tf.reduce_sum(tf.math.log_sigmoid(signs * logits)) / tf.cast(batch, dtype)
+
+
+def sdm_loss(image_embeddings: Any, text_embeddings: Any, temperature: Any, labels: Any = None, epsilon: float = 1e-8) -> tf.Tensor:
+    """Similarity Distribution Matching: KL(p ‖ q) from scaled cosine similarities to identity matches.
+
+    With Î, T̂ the L2-normalised image and text embeddings (B, D), temperature T (IRRA's
+    1 / logit_scale, 0.02 there) and labels (B,) identity ids (each row its own identity when
+    None)::
+
+        S   = T̂·Îᵀ / T                                 (B, B): text rows, image columns
+        m   = [labels_i == labels_j]                    (B, B)
+        q   = m / Σ_j m_ij                              the true match distribution
+        KL(S) = mean_i Σ_j p_ij (log p_ij − log(q_ij + ε)),   p = softmax(S, axis=-1)
+        loss  = KL(S) + KL(Sᵀ)                          text→image plus image→text
+
+    Unlike CMPM, both sides are cosine similarities, so embedding norms carry no confidence and
+    the temperature alone sets how peaked p may become.
+    """
+    dtype = _compute_dtype(image_embeddings, text_embeddings)
+    images = tf.math.l2_normalize(_as_float(image_embeddings, dtype), axis=-1)
+    texts = tf.math.l2_normalize(_as_float(text_embeddings, dtype), axis=-1)
+    similarities = tf.matmul(texts, images, transpose_b=True) / _as_float(temperature, dtype)
+    match_mask = _match_mask(labels, tf.shape(similarities)[0], dtype)
+    log_target = tf.math.log(match_mask / tf.reduce_sum(match_mask, axis=1, keepdims=True) + tf.cast(epsilon, dtype))
+
+    def distribution_matching(scores: tf.Tensor) -> tf.Tensor:
+        log_predicted = tf.nn.log_softmax(scores, axis=-1)
+        return tf.reduce_mean(tf.reduce_sum(tf.exp(log_predicted) * (log_predicted - log_target), axis=-1))
+
+    # The match mask is symmetric, so one target serves both directions.
+    return distribution_matching(similarities) + distribution_matching(tf.transpose(similarities))
+
+
 def _check_name(name: str) -> None:
     if name not in LOSS_NAMES:
         raise DualEncError(f"unknown loss {name!r}; choose one of: {', '.join(LOSS_NAMES)}")
 
 
 def needs_labels(name: str) -> bool:
-    """Whether loss `name` needs identity labels in each batch (the CMPM/CMPC family)."""
+    """Whether loss `name` needs identity labels in each batch (CMPM/CMPC and SDM: several
+    captions and images of one identity are all positives)."""
     _check_name(name)
-    return name in ("cmpm", "cmpc", "cmpm+cmpc")
+    return name in ("cmpm", "cmpc", "cmpm+cmpc", "sdm", "sdm+cmpc")
 
 
 def needs_class_weights(name: str) -> bool:
     """Whether loss `name` needs a (D, num_classes) classifier weight matrix (CMPC)."""
     _check_name(name)
-    return name in ("cmpc", "cmpm+cmpc")
+    return name in ("cmpc", "cmpm+cmpc", "sdm+cmpc")
+
+
+def needs_bias(name: str) -> bool:
+    """Whether loss `name` needs a learnable logit bias (SigLIP)."""
+    _check_name(name)
+    return name == "siglip"
 
 
 def dual_encoder_loss(
@@ -222,27 +307,38 @@ def dual_encoder_loss(
     labels: Any = None,
     temperature: Any = None,
     class_weights: Any = None,
+    bias: Any = None,
 ) -> tf.Tensor:
     """The scalar training objective named `name` (one of `LOSS_NAMES`, as in `ModelConfig.loss`).
 
-    "soft_target" and "clip" use `temperature`; "cmpm" needs `labels`; "cmpc" needs `labels`
-    and `class_weights` (D, num_classes); "cmpm+cmpc" is their sum. Embeddings are passed on as
-    given. A missing argument the loss needs raises `DualEncError`.
+    "soft_target" and "clip" use `temperature`; "siglip" `temperature` and `bias` (positives
+    from `labels` when given); "cmpm" and "sdm" need `labels` ("sdm" also `temperature`);
+    "cmpc" needs `labels` and `class_weights` (D, num_classes); "cmpm+cmpc" and "sdm+cmpc" are
+    sums. Embeddings are passed on as given. A missing argument the loss needs raises
+    `DualEncError`.
     """
     _check_name(name)
-    if name in ("soft_target", "clip"):
-        if temperature is None:
-            raise DualEncError(f"loss {name!r} needs a temperature")
-        if name == "soft_target":
-            return soft_target_contrastive_loss(caption_embeddings, image_embeddings, temperature)
+    if name in ("soft_target", "clip", "siglip", "sdm", "sdm+cmpc") and temperature is None:
+        raise DualEncError(f"loss {name!r} needs a temperature")
+    if name == "soft_target":
+        return soft_target_contrastive_loss(caption_embeddings, image_embeddings, temperature)
+    if name == "clip":
         return clip_contrastive_loss(caption_embeddings, image_embeddings, temperature)
+    if name == "siglip":
+        if bias is None:
+            raise DualEncError("loss 'siglip' needs a logit bias")
+        return siglip_loss(caption_embeddings, image_embeddings, temperature, bias, labels)
     if labels is None:
         raise DualEncError(f"loss {name!r} needs identity labels in every batch (feature 'label')")
     if needs_class_weights(name) and class_weights is None:
         raise DualEncError(f"loss {name!r} needs class_weights of shape (embedding dim, num_classes)")
     if name == "cmpm":
         return cmpm_loss(image_embeddings, caption_embeddings, labels)
+    if name == "sdm":
+        return sdm_loss(image_embeddings, caption_embeddings, temperature, labels)
     classification = cmpc_loss(image_embeddings, caption_embeddings, labels, class_weights)
     if name == "cmpc":
         return classification
+    if name == "sdm+cmpc":
+        return sdm_loss(image_embeddings, caption_embeddings, temperature, labels) + classification
     return cmpm_loss(image_embeddings, caption_embeddings, labels) + classification

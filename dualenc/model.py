@@ -128,9 +128,14 @@ class DualEncoder(keras.Model):
         self.placement = placement if placement is not None else Placement()
         self.vision_tower = vision_tower
         self.text_tower = text_tower
-        head_arguments = (config.projection_dim, config.projection_layers, config.dropout)
-        self.image_head = ProjectionHead(*head_arguments, name="image_head")
-        self.caption_head = ProjectionHead(*head_arguments, name="caption_head")
+        if config.projection == "preset":
+            # The keras-hub towers already end in their preset's joint-space projection.
+            self.image_head = keras.layers.Identity(name="image_head")
+            self.caption_head = keras.layers.Identity(name="caption_head")
+        else:
+            head_arguments = (config.projection_dim, config.projection_layers, config.dropout)
+            self.image_head = ProjectionHead(*head_arguments, name="image_head")
+            self.caption_head = ProjectionHead(*head_arguments, name="caption_head")
         # L2Normalize computes in float32, so the loss sees float32 even under mixed precision.
         self.l2_normalize = L2Normalize(name="l2_normalize")
         self.log_temperature = None
@@ -141,6 +146,15 @@ class DualEncoder(keras.Model):
                 shape=(),
                 initializer=keras.initializers.Constant(math.log(config.temperature)),
                 constraint=AtLeast(math.log(MIN_TEMPERATURE)),
+                dtype="float32",
+            )
+        self.logit_bias = None
+        if losses.needs_bias(config.loss):
+            # SigLIP's learnable bias b, started at the paper's -10.
+            self.logit_bias = self.add_weight(
+                name="logit_bias",
+                shape=(),
+                initializer=keras.initializers.Constant(losses.SIGLIP_BIAS),
                 dtype="float32",
             )
         self.class_weights = None
@@ -174,9 +188,11 @@ class DualEncoder(keras.Model):
         inside `placement.scope()` for "mirrored" so the optimizer is created there too.
         """
         super().compile(optimizer=optimizer, **kwargs)
-        if self.log_temperature is not None:
+        # Nor on SigLIP's bias, which decay would pull towards 0 (every pair a likely match).
+        scalars = [weight for weight in (self.log_temperature, self.logit_bias) if weight is not None]
+        if scalars:
             inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-            inner.exclude_from_weight_decay(var_list=[self.log_temperature])
+            inner.exclude_from_weight_decay(var_list=scalars)
 
     def build(self, input_shape: Any) -> None:
         """Nothing up front: the towers and heads build on the first call, inside `call`.
@@ -299,6 +315,7 @@ class DualEncoder(keras.Model):
             labels=labels,
             temperature=self.temperature,
             class_weights=self.class_weights,
+            bias=self.logit_bias,
         )
         self.loss_tracker.update_state(loss)
         self.r1_t2i_tracker.update_state(in_batch_recall_at_1(caption_embeddings, image_embeddings, labels, labels))
@@ -352,9 +369,9 @@ def build_dual_encoder(config: ModelConfig, placement: Placement | None = None) 
     batch = _dummy_batch(config)
     with placement.scope():
         with on_device(placement.vision_device):
-            vision_tower = build_vision_tower(config.vision)
+            vision_tower = build_vision_tower(config.vision, config.projection)
         with on_device(placement.text_device):
-            text_tower = build_text_tower(config.text)
+            text_tower = build_text_tower(config.text, config.projection)
         for name, tower, raw in (("vision", vision_tower, batch[IMAGE]), ("text", text_tower, batch[TOKENS])):
             features = tower(raw, training=False)
             if features.shape.rank != 2:

@@ -9,6 +9,10 @@ each exported serving endpoint (`dualenc.export`), so both see exactly the same 
   - ``bilstm``: `WordPieceTokenizer`, strings ``[B]`` → token ids int32 ``[B, max_tokens]``;
   - ``bert``: `HubBertPreprocessor`, the TF-Hub preprocessor SavedModel, strings ``[B]`` →
     ``dict(input_word_ids, input_mask, input_type_ids)``, each int32 ``[B, S]``.
+  - keras-hub presets (``clip``, ``siglip``, ``bert`` with a preset): `KerasHubTextPreprocessor`,
+    the preset's own tokenizer and packer, strings ``[B]`` → token ids int32 ``[B, S]`` (BERT:
+    ``dict(token_ids, segment_ids, padding_mask)``). Their ops are TensorFlow and TF Text ops,
+    so an exported text encoder loads without keras-hub.
 
 Text preprocessors are `tf.Module`s, so an exporter can track their lookup tables.
 """
@@ -80,8 +84,50 @@ class HubBertPreprocessor(tf.Module):
         return {name: tf.cast(outputs[name], tf.int32) for name in BERT_INPUTS}
 
 
-def build_text_preprocessor(config: TextConfig) -> WordPieceTokenizer | HubBertPreprocessor:
+# keras-hub preprocessor class of each text family; CLIP and SigLIP ones also hold an image
+# converter, which is left out (images are decoded and resized by `dualenc.images`).
+KERAS_HUB_PREPROCESSORS = {"clip": "CLIPPreprocessor", "siglip": "SigLIPPreprocessor", "bert": "BertTextClassifierPreprocessor"}
+KERAS_HUB_BERT_INPUTS = ("token_ids", "segment_ids", "padding_mask")
+
+
+class KerasHubTextPreprocessor(tf.Module):
+    """A keras-hub preset's text preprocessing: captions ``[B]`` → what its text encoder takes.
+
+    CLIP (lower-casing, byte-pair tokenizer, start/end tokens, 0-padding) and SigLIP
+    (canonicalised text, SentencePiece, end token, padding) give token ids int32 ``[B, S]``;
+    BERT gives ``dict(token_ids, segment_ids, padding_mask)``, each int32 ``[B, S]``. S is the
+    preset's `sequence_length` (77 for CLIP, 64 for SigLIP). `preset` is a keras-hub handle or
+    a local preset directory; `family` is "clip", "siglip" or "bert".
+    """
+
+    def __init__(self, preset: str, family: str):
+        super().__init__(name=f"{family}_preprocessor")
+        import keras_hub
+
+        from dualenc.errors import first_line
+        from dualenc.towers.keras_hub import keras_hub_preset
+
+        self.family = family
+        preprocessor_class = getattr(keras_hub.models, KERAS_HUB_PREPROCESSORS[family])
+        options = {} if family == "bert" else {"image_converter": None}
+        try:
+            self.preprocessor = preprocessor_class.from_preset(keras_hub_preset(preset), **options)
+        except Exception as exc:  # a preset without (usable) tokenizer assets
+            raise DualEncError(f"--text-preset {preset} has no usable {family} tokenizer ({first_line(exc)[:200]})") from None
+        self.sequence_length = int(self.preprocessor.sequence_length)
+
+    def __call__(self, captions: tf.Tensor) -> tf.Tensor | dict[str, tf.Tensor]:
+        captions = tf.reshape(captions, [-1])
+        if self.family == "bert":
+            outputs = self.preprocessor(captions)
+            return {name: tf.cast(outputs[name], tf.int32) for name in KERAS_HUB_BERT_INPUTS}
+        return tf.cast(self.preprocessor({"prompts": captions, "images": None})["token_ids"], tf.int32)
+
+
+def build_text_preprocessor(config: TextConfig) -> WordPieceTokenizer | HubBertPreprocessor | KerasHubTextPreprocessor:
     """The preprocessor that turns captions into the inputs of `config`'s text tower."""
+    if config.preset is not None:
+        return KerasHubTextPreprocessor(config.preset, config.tower)
     if config.tower == "bert":
         return HubBertPreprocessor(config.preprocessor)
     if config.vocabulary is None:
@@ -98,8 +144,13 @@ def build_text_preprocessor(config: TextConfig) -> WordPieceTokenizer | HubBertP
 def dummy_tokens(config: TextConfig, batch: int = 2) -> tf.Tensor | dict[str, tf.Tensor]:
     """All-padding token inputs for `batch` captions (with [CLS]/[START]-like first ids of 1),
     used to build the text tower before any data is read."""
-    length = config.max_tokens if config.tower == "bilstm" else 8
+    # keras-hub towers take their preset's full sequence length (SigLIP's position ids are fixed).
+    length = config.max_tokens if config.tower == "bilstm" or config.preset is not None else 8
     ids = tf.concat([tf.ones([batch, 2], tf.int32), tf.zeros([batch, length - 2], tf.int32)], axis=1)
+    if config.preset is not None:
+        if config.tower == "bert":
+            return {"token_ids": ids, "segment_ids": tf.zeros_like(ids), "padding_mask": tf.cast(ids > 0, tf.int32)}
+        return ids
     if config.tower == "bert":
         return {"input_word_ids": ids, "input_mask": tf.cast(ids > 0, tf.int32), "input_type_ids": tf.zeros_like(ids)}
     return ids

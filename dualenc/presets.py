@@ -10,12 +10,24 @@
   soft-target loss at T = 0.05, AdamW 1e-3 / 1e-3, batch 256.
 - ``cuhk-pedes``: seed 000 (Zhang & Lu's CMPM/CMPC person search): ImageNet MobileNet V1
   fine-tuned on 384x128 crops, BiLSTM text tower, CMPM + CMPC.
+- ``cuhk-pedes-clip``: IRRA's set-up (Jiang & Ye, CVPR 2023): CLIP ViT-B/16 image and text
+  towers fine-tuned with CLIP's own 512-wide projection, SDM at IRRA's fixed temperature 0.02
+  plus identity classification (CMPC's, standing in for IRRA's ID loss), Adam-style 1e-5 with
+  weight decay 4e-5, batch 64, 60 epochs. Unlike IRRA: the preset's 224x224 input (IRRA
+  interpolates position embeddings for 384x128), one learning rate, no MLM branch.
+- ``coco-clip``: CLIP ViT-B/16 fine-tuned with the CLIP loss and its learned temperature
+  (from 0.01, CLIP's logit scale 100), learning rate 1e-5, weight decay 0.1, batch 128.
+
+The CLIP presets name the keras-hub handle ``clip_vit_base_patch16``; offline, pass the
+downloaded preset directory with ``--vision-preset DIR --text-preset DIR``.
 """
 
 from __future__ import annotations
 
 from dualenc.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
 from dualenc.errors import DualEncError
+
+CLIP_B16 = "clip_vit_base_patch16"
 
 PRESETS = {
     "demo": TrainConfig(
@@ -66,6 +78,38 @@ PRESETS = {
         batch_size=64,
         learning_rate=2e-4,
         weight_decay=4e-5,
+    ),
+    "cuhk-pedes-clip": TrainConfig(
+        model=ModelConfig(
+            vision=VisionConfig("clip", trainable=True, preset=CLIP_B16),
+            text=TextConfig(tower="clip", trainable=True, preset=CLIP_B16),
+            projection="preset",
+            projection_dim=512,
+            loss="sdm+cmpc",
+            temperature=0.02,
+            num_classes=1,
+        ),
+        epochs=60,
+        batch_size=64,
+        learning_rate=1e-5,
+        weight_decay=4e-5,
+        monitor="val_t2i_r1",
+    ),
+    "coco-clip": TrainConfig(
+        model=ModelConfig(
+            vision=VisionConfig("clip", trainable=True, preset=CLIP_B16),
+            text=TextConfig(tower="clip", trainable=True, preset=CLIP_B16),
+            projection="preset",
+            projection_dim=512,
+            loss="clip",
+            temperature=0.01,
+            learn_temperature=True,
+        ),
+        epochs=10,
+        batch_size=128,
+        learning_rate=1e-5,
+        weight_decay=0.1,
+        monitor="val_t2i_r1",
     ),
 }
 

@@ -28,3 +28,16 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from tests.support.tiny_bert import make_tiny_bert
 
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def keras_hub_presets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{"clip", "siglip", "bert": dir}: tiny random-weight presets saved by keras-hub (`tests.support.keras_hub_presets`)."""
+    from tests.support.keras_hub_presets import make_bert_preset, make_clip_preset, make_siglip_preset
+
+    root = tmp_path_factory.mktemp("keras_hub_presets")
+    return {
+        "clip": make_clip_preset(root / "clip"),
+        "siglip": make_siglip_preset(root / "siglip"),
+        "bert": make_bert_preset(root / "bert"),
+    }

@@ -74,6 +74,32 @@ def reference_identity_constraint(embeddings, labels):
     return distances / pairs if pairs else 0.0
 
 
+def _match(labels, batch):
+    if labels is None:
+        return np.eye(batch)
+    return np.array([[float(labels[row] == labels[column]) for column in range(batch)] for row in range(batch)])
+
+
+def reference_siglip(captions, images, temperature, bias, labels=None):
+    batch = len(captions)
+    logits = _unit(captions) @ _unit(images).T / temperature + bias
+    signs = np.where(_match(labels, batch) > 0, 1.0, -1.0)
+    # log σ(x) = −log(1 + e^(−x)), written with logaddexp so large |x| stays finite
+    return -np.sum(-np.logaddexp(0.0, -signs * logits)) / batch
+
+
+def reference_sdm(images, texts, temperature, labels=None, epsilon=1e-8):
+    batch = len(images)
+    match = _match(labels, batch)
+    target = match / match.sum(axis=1, keepdims=True)
+    cosines = _unit(texts) @ _unit(images).T
+    total = 0.0
+    for scores in (cosines / temperature, cosines.T / temperature):
+        log_predicted = _log_softmax(scores)
+        total += np.mean((np.exp(log_predicted) * (log_predicted - np.log(target + epsilon))).sum(axis=1))
+    return total
+
+
 def _embeddings(rng, batch, dim=8, scale=1.0, normalised=False):
     rows = rng.normal(size=(batch, dim)) * scale
     return _unit(rows) if normalised else rows
@@ -170,6 +196,64 @@ def test_cmpc_matches_reference(label_case):
     np.testing.assert_allclose(got.numpy(), reference_cmpc(images, texts, labels, weights), rtol=RTOL)
 
 
+def test_cmpc_leaves_out_identities_it_has_no_class_for():
+    """Validation and test identities lie outside the training classes: no term, no crash."""
+    labels = np.array([0, 2, 5, 1, 7])
+    rng = np.random.default_rng(24)
+    images = _embeddings(rng, len(labels), scale=2.0)
+    texts = _embeddings(rng, len(labels), scale=0.5)
+    weights = rng.normal(size=(8, 3))
+    known = labels < 3
+    got = losses.cmpc_loss(images, texts, labels, weights)
+    np.testing.assert_allclose(got.numpy(), reference_cmpc(images[known], texts[known], labels[known], weights), rtol=RTOL)
+    assert losses.cmpc_loss(images, texts, labels + 10, weights).numpy() == 0.0
+
+
+@pytest.mark.parametrize("label_case", sorted(LABEL_CASES) + [None])
+@pytest.mark.parametrize("temperature, bias", [(losses.SIGLIP_TEMPERATURE, losses.SIGLIP_BIAS), (0.5, 1.5)])
+def test_siglip_matches_reference(label_case, temperature, bias):
+    labels = None if label_case is None else LABEL_CASES[label_case]
+    rng = np.random.default_rng(40 + (0 if labels is None else len(labels)))
+    batch = 5 if labels is None else len(labels)
+    captions = _embeddings(rng, batch, scale=2.0)
+    images = _embeddings(rng, batch, scale=0.3)
+    got = losses.siglip_loss(captions, images, temperature, bias, labels)
+    assert got.dtype == tf.float64
+    np.testing.assert_allclose(got.numpy(), reference_siglip(captions, images, temperature, bias, labels), rtol=RTOL)
+
+
+def test_siglip_differentiates_temperature_and_bias():
+    rng = np.random.default_rng(41)
+    captions = _embeddings(rng, 4).astype(np.float32)
+    images = _embeddings(rng, 4).astype(np.float32)
+    temperature = tf.Variable(losses.SIGLIP_TEMPERATURE, dtype=tf.float32)
+    bias = tf.Variable(losses.SIGLIP_BIAS, dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        loss = losses.siglip_loss(captions, images, temperature, bias)
+    gradients = tape.gradient(loss, [temperature, bias])
+    assert all(gradient is not None and gradient.numpy() != 0 for gradient in gradients)
+    # At b = -10 every pair starts near "no match": the bias is pushed up by the B positives.
+    assert gradients[1].numpy() < 0
+
+
+@pytest.mark.parametrize("label_case", sorted(LABEL_CASES) + [None])
+@pytest.mark.parametrize("temperature", [0.02, 1.0])
+def test_sdm_matches_reference(label_case, temperature):
+    labels = None if label_case is None else LABEL_CASES[label_case]
+    rng = np.random.default_rng(50 + (0 if labels is None else len(labels)))
+    batch = 5 if labels is None else len(labels)
+    images = _embeddings(rng, batch, scale=3.0)
+    texts = _embeddings(rng, batch, scale=0.5)
+    got = losses.sdm_loss(images, texts, temperature, labels)
+    np.testing.assert_allclose(got.numpy(), reference_sdm(images, texts, temperature, labels), rtol=RTOL)
+
+
+def test_sdm_is_near_zero_when_similarities_match_identities():
+    labels = LABEL_CASES["repeated"]
+    one_hot = np.eye(4)[labels]
+    assert losses.sdm_loss(one_hot, one_hot, 0.01, labels).numpy() < 1e-6
+
+
 @pytest.mark.parametrize("label_case", sorted(LABEL_CASES))
 def test_identity_constraint_matches_reference(label_case):
     labels = LABEL_CASES[label_case]
@@ -206,6 +290,14 @@ LARGE_LOGIT_CASES = {
     "cmpm_scaled_x50": (
         lambda images, texts, labels, weights: losses.cmpm_loss(50 * images, 50 * texts, labels),
         lambda images, texts, labels, weights: reference_cmpm(50 * images, 50 * texts, labels),
+    ),
+    "siglip_small_temperature": (
+        lambda images, texts, labels, weights: losses.siglip_loss(texts, images, 1e-3, -10.0, labels),
+        lambda images, texts, labels, weights: reference_siglip(texts, images, 1e-3, -10.0, labels),
+    ),
+    "sdm_small_temperature": (
+        lambda images, texts, labels, weights: losses.sdm_loss(images, texts, 1e-3, labels),
+        lambda images, texts, labels, weights: reference_sdm(images, texts, 1e-3, labels),
     ),
     "cmpc_scaled_x50": (
         lambda images, texts, labels, weights: losses.cmpc_loss(50 * images, 50 * texts, labels, weights),
@@ -247,6 +339,7 @@ def test_gradients_are_finite(name, scale, batch):
             labels=labels,
             temperature=1e-3 if scale == 1.0 else 0.05,
             class_weights=class_weights,
+            bias=losses.SIGLIP_BIAS,
         )
     variables = [images, captions] + ([class_weights] if losses.needs_class_weights(name) else [])
     gradients = tape.gradient(loss, variables)
@@ -265,21 +358,35 @@ def test_dual_encoder_loss_dispatches_to_each_loss():
     captions = _embeddings(rng, 6)
     labels = np.array([0, 1, 0, 2, 1, 0])
     class_weights = rng.normal(size=(8, 3))
-    arguments = dict(image_embeddings=images, caption_embeddings=captions, labels=labels, temperature=0.1, class_weights=class_weights)
+    arguments = dict(
+        image_embeddings=images, caption_embeddings=captions, labels=labels, temperature=0.1, class_weights=class_weights, bias=-2.0
+    )
     expected = {
         "soft_target": reference_soft_target(captions, images, 0.1),
         "clip": reference_clip(captions, images, 0.1),
         "cmpm": reference_cmpm(images, captions, labels),
         "cmpc": reference_cmpc(images, captions, labels, class_weights),
         "cmpm+cmpc": reference_cmpm(images, captions, labels) + reference_cmpc(images, captions, labels, class_weights),
+        "siglip": reference_siglip(captions, images, 0.1, -2.0, labels),
+        "sdm": reference_sdm(images, captions, 0.1, labels),
+        "sdm+cmpc": reference_sdm(images, captions, 0.1, labels) + reference_cmpc(images, captions, labels, class_weights),
     }
     for name in losses.LOSS_NAMES:
         np.testing.assert_allclose(losses.dual_encoder_loss(name, **arguments).numpy(), expected[name], rtol=RTOL)
 
 
 def test_needs_flags():
-    assert [losses.needs_labels(name) for name in losses.LOSS_NAMES] == [False, False, True, True, True]
-    assert [losses.needs_class_weights(name) for name in losses.LOSS_NAMES] == [False, False, False, True, True]
+    flags = {name: (losses.needs_labels(name), losses.needs_class_weights(name), losses.needs_bias(name)) for name in losses.LOSS_NAMES}
+    assert flags == {
+        "soft_target": (False, False, False),
+        "clip": (False, False, False),
+        "cmpm": (True, False, False),
+        "cmpc": (True, True, False),
+        "cmpm+cmpc": (True, True, False),
+        "siglip": (False, False, True),
+        "sdm": (True, False, False),
+        "sdm+cmpc": (True, True, False),
+    }
 
 
 def test_unknown_loss_name_is_a_one_line_error_listing_choices():
@@ -295,10 +402,13 @@ def test_unknown_loss_name_is_a_one_line_error_listing_choices():
 
 @pytest.mark.parametrize(
     "name, missing",
-    [("clip", "temperature"), ("cmpm", "labels"), ("cmpc", "class_weights")],
+    [("clip", "temperature"), ("cmpm", "labels"), ("cmpc", "class_weights"), ("siglip", "bias"), ("sdm", "temperature")],
 )
 def test_missing_argument_is_a_clear_error(name, missing):
-    arguments = dict(image_embeddings=np.ones((2, 2)), caption_embeddings=np.ones((2, 2)), labels=[0, 1], temperature=0.1, class_weights=np.ones((2, 2)))
+    arguments = dict(
+        image_embeddings=np.ones((2, 2)), caption_embeddings=np.ones((2, 2)), labels=[0, 1], temperature=0.1,
+        class_weights=np.ones((2, 2)), bias=-10.0,
+    )
     arguments[missing] = None
     with pytest.raises(DualEncError, match=name):
         losses.dual_encoder_loss(name, **arguments)
@@ -317,7 +427,8 @@ def test_losses_compile_under_xla_and_match_eager(name):
         if name == "identity_constraint":
             return losses.identity_constraint_loss(images, labels)
         return losses.dual_encoder_loss(
-            name, image_embeddings=images, caption_embeddings=captions, labels=labels, temperature=0.05, class_weights=class_weights
+            name, image_embeddings=images, caption_embeddings=captions, labels=labels, temperature=0.05,
+            class_weights=class_weights, bias=losses.SIGLIP_BIAS,
         )
 
     compiled = tf.function(objective, jit_compile=True)

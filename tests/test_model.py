@@ -226,7 +226,7 @@ def test_factory_builds_both_towers_and_every_variable(tmp_path):
 def test_factory_rejects_an_unpooled_tower(tmp_path, monkeypatch):
     import dualenc.towers
 
-    def unpooled_tower(config):
+    def unpooled_tower(config, projection="heads"):
         images = keras.Input((*config.image_size, 3))
         return keras.Model(images, keras.layers.Conv2D(4, 3)(images))
 

@@ -68,8 +68,8 @@ def _two_device_measurements() -> dict:
     results["num_replicas"] = mirrored.num_replicas
     # Batched (not from_tensors) so the strategy splits it: 4 examples per replica.
     data = tf.data.Dataset.from_tensor_slices(batch).batch(len(labels))
-    for loss in ("clip", "cmpm+cmpc"):
-        config = ModelConfig(projection_dim=8, dropout=0.0, loss=loss, num_classes=6, learn_temperature=loss == "clip")
+    for loss in ("clip", "cmpm+cmpc", "siglip", "sdm+cmpc"):
+        config = ModelConfig(projection_dim=8, dropout=0.0, loss=loss, num_classes=6, learn_temperature=loss in ("clip", "siglip"))
         single = DualEncoder(config, *stand_in_towers(seed=3))
         single(batch)
         with mirrored.scope():
@@ -146,7 +146,7 @@ def test_exported_encoder_graph_carries_no_device_strings(measured):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["clip", "cmpm+cmpc"])
+@pytest.mark.parametrize("loss", ["clip", "cmpm+cmpc", "siglip", "sdm+cmpc"])
 def test_mirrored_step_matches_single_device_on_the_global_batch(measured, loss):
     assert measured["num_replicas"] == 2
     result = measured[loss]

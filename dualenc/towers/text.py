@@ -64,13 +64,18 @@ def _build_bilstm_tower(config: TextConfig) -> keras.Model:
     return keras.Model(token_ids, features, name="text_bilstm")
 
 
-def build_text_tower(config: TextConfig) -> keras.Model:
+def build_text_tower(config: TextConfig, projection: str = "heads") -> keras.Model:
     """Build the text tower: token inputs (what `dualenc.preprocessing.build_text_preprocessor` returns) → ``[B, F]`` float32.
 
     ``bert``: F = the encoder's hidden size (512 for small BERT L-4 H-512); the handle is a TF-Hub
     URL or a local SavedModel directory, see `dualenc.hub.resolve_handle`. ``bilstm``:
-    F = 2 × ``config.lstm_units``.
+    F = 2 × ``config.lstm_units``. With a keras-hub `config.preset` ("clip", "siglip", or "bert"
+    with a preset) the tower is built by `dualenc.towers.keras_hub`, which `projection` steers.
     """
+    if config.preset is not None:
+        from dualenc.towers import keras_hub
+
+        return keras_hub.build_text_tower(config, projection)
     if config.tower == "bert":
         return _build_bert_tower(config)
     if config.tower == "bilstm":

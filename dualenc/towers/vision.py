@@ -16,7 +16,7 @@ from pathlib import Path
 
 import keras
 
-from dualenc.config import VISION_BACKBONES, VisionConfig
+from dualenc.config import KERAS_HUB_VISION_BACKBONES, VISION_BACKBONES, VisionConfig
 from dualenc.errors import DualEncError, first_line
 
 BACKBONE_LAYER_NAME = "backbone"
@@ -111,8 +111,11 @@ def _load_local_weights(backbone: keras.Model, path: str) -> None:
         raise DualEncError(f"cannot load vision weights {path} into the backbone ({first_line(exc)})") from None
 
 
-def build_vision_tower(config: VisionConfig) -> keras.Model:
+def build_vision_tower(config: VisionConfig, projection: str = "heads") -> keras.Model:
     """Build the image tower: ``[B, H, W, 3]`` pixels in [0, 255] → ``[B, F]`` float32 features.
+
+    "clip" and "siglip" come from keras-hub presets (`dualenc.towers.keras_hub`, where
+    `projection` says whether the preset's own projection is kept).
 
     ``(H, W) = config.image_size``. `config.weights` is "imagenet" (keras.applications
     download, or its cache in ~/.keras/models), None (random init) or a local weights file
@@ -122,6 +125,10 @@ def build_vision_tower(config: VisionConfig) -> keras.Model:
     """
     if config.backbone not in VISION_BACKBONES:
         raise DualEncError(f"unknown vision backbone {config.backbone!r}; choose one of: {', '.join(VISION_BACKBONES)}")
+    if config.backbone in KERAS_HUB_VISION_BACKBONES:
+        from dualenc.towers import keras_hub
+
+        return keras_hub.build_vision_tower(config, projection)
     if config.backbone == "small_cnn":
         if config.weights == "imagenet":
             raise DualEncError("vision backbone 'small_cnn' has no ImageNet weights; use weights none or a local file")
