@@ -32,6 +32,13 @@ def split_beam_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return list(argv[:cut]), list(argv[cut + 1:])
 
 
+def has_runner_flag(argv: list[str]) -> bool:
+    """Whether ``--runner`` comes before any bare ``--`` (so the ``--`` starts Beam's options,
+    not, say, a search query that begins with a dash)."""
+    own = argv[:argv.index(BEAM_SEPARATOR)] if BEAM_SEPARATOR in argv else argv
+    return any(arg == "--runner" or arg.startswith("--runner=") for arg in own)
+
+
 def check_runner_flags(runner: str | None, beam_args: list[str]) -> None:
     """Beam options make sense only with a runner: refuse ``-- OPTIONS`` without ``--runner``."""
     if runner is None and beam_args:

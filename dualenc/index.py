@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -114,10 +115,28 @@ def _read_existing(index_dir: Path) -> tuple[dict, np.ndarray] | None:
     return meta, embeddings
 
 
-def _write_index(index_dir: Path, meta: dict, embeddings: np.ndarray, float16: bool) -> None:
+def _write_index(index_dir: Path, meta: dict, embeddings: np.ndarray) -> None:
     """Write the index folder atomically (the old one, ANN files included, is replaced)."""
+
+    def fill(target: np.ndarray) -> None:
+        target[:] = embeddings
+
+    write_index_streamed(index_dir, meta, fill)
+
+
+def write_index_streamed(index_dir: Path, meta: dict, fill: Callable[[np.ndarray], None]) -> None:
+    """Write the index folder atomically, ``embeddings.npy`` filled in place by `fill`.
+
+    `meta` carries ``count``, ``dimension`` and ``dtype``; `fill` gets the memory-mapped
+    ``(count, dimension)`` array of the new file, so a gallery too large for memory is written
+    piece by piece (the Beam path fills it one embedding shard at a time).
+    """
     with atomic_directory(index_dir) as building:
-        np.save(building / EMBEDDINGS_NAME, embeddings.astype(np.float16 if float16 else np.float32))
+        target = np.lib.format.open_memmap(building / EMBEDDINGS_NAME, mode="w+", dtype=np.dtype(meta["dtype"]),
+                                           shape=(meta["count"], meta["dimension"]))
+        fill(target)
+        target.flush()
+        del target
         (building / META_NAME).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -144,11 +163,7 @@ def open_index(
     the index is written. Notes (rebuilds, skipped images) go to `log`.
     """
     log = sys.stderr if log is None else log
-    run_dir = Path(run_dir).resolve()
-    encoder_dir = run_dir / VISION_ENCODER_DIR
-    if not (encoder_dir / "saved_model.pb").is_file():
-        raise DualEncError(f"no exported vision encoder at {encoder_dir}; run `python train.py` first or pass --model RUN_DIR")
-    index_dir = run_dir / INDEX_DIR / gallery.key
+    encoder_dir, index_dir = index_location(run_dir, gallery)
     encoder_print = encoder_fingerprint(encoder_dir)
     gallery_print = gallery.fingerprint()
     existing = None if rebuild else _read_existing(index_dir)
@@ -159,7 +174,7 @@ def open_index(
         meta, embeddings = existing
         if meta["dtype"] != ("float16" if float16 else "float32"):
             meta["dtype"] = "float16" if float16 else "float32"
-            _write_index(index_dir, meta, embeddings, float16)
+            _write_index(index_dir, meta, embeddings)
         if meta["skipped"]:
             print(f"{len(meta['skipped'])} unreadable image(s) of this gallery are skipped; see {index_dir / META_NAME}", file=log)
         return _loaded(index_dir, meta, embeddings, embedded=0)
@@ -168,14 +183,40 @@ def open_index(
     meta, embeddings, embedded = gallery.embed(encoder, existing, log)
     if not meta["image_ids"]:
         raise DualEncError(f"{gallery.description} has no readable images; pass another --gallery or --data/--split")
-    meta.update(
-        version=META_VERSION,
-        gallery=gallery.to_json(),
-        encoder_fingerprint=encoder_print,
-        gallery_fingerprint=gallery_print,
-        dtype="float16" if float16 else "float32",
-        dimension=int(embeddings.shape[1]),
-        count=len(embeddings),
-    )
-    _write_index(index_dir, meta, embeddings, float16)
+    meta = complete_meta(meta, gallery, encoder_print, gallery_print, float16, embeddings.shape)
+    _write_index(index_dir, meta, embeddings)
     return _loaded(index_dir, meta, embeddings, embedded)
+
+
+def index_location(run_dir: Path, gallery: Gallery) -> tuple[Path, Path]:
+    """``(vision encoder dir, index dir)`` of `gallery` under the run; `DualEncError` when the
+    run has no exported vision encoder."""
+    run_dir = Path(run_dir).resolve()
+    encoder_dir = run_dir / VISION_ENCODER_DIR
+    if not (encoder_dir / "saved_model.pb").is_file():
+        raise DualEncError(f"no exported vision encoder at {encoder_dir}; run `python train.py` first or pass --model RUN_DIR")
+    return encoder_dir, run_dir / INDEX_DIR / gallery.key
+
+
+def complete_meta(meta: dict, gallery: Gallery, encoder_print: str, gallery_print: str, float16: bool,
+                  shape: tuple[int, int]) -> dict:
+    """A gallery's per-row `meta` (see `Gallery.embed`) plus what every index records: version,
+    gallery, both fingerprints, dtype, dimension and count."""
+    return {
+        **meta,
+        "version": META_VERSION,
+        "gallery": gallery.to_json(),
+        "encoder_fingerprint": encoder_print,
+        "gallery_fingerprint": gallery_print,
+        "dtype": "float16" if float16 else "float32",
+        "dimension": int(shape[1]),
+        "count": int(shape[0]),
+    }
+
+
+def load_index(index_dir: Path, embedded: int = 0) -> GalleryIndex:
+    """The index stored in `index_dir` (as written by `open_index` or the Beam path)."""
+    existing = _read_existing(index_dir)
+    if existing is None:
+        raise DualEncError(f"no readable index in {index_dir}; rebuild it with --build-index")
+    return _loaded(index_dir, *existing, embedded=embedded)
