@@ -236,14 +236,48 @@ def _check_writable(directory: Path) -> None:
                            "pass a --model run directory you can write to") from None
 
 
+def _compress(embeddings: np.ndarray, shard_paths: list[Path], path: Path, memory_budget: int, log: TextIO) -> None:
+    """Build the compressed index of a gallery too large for memory from its embedding shards;
+    `RECALL_SAMPLE` gallery rows serve as the queries its recall is calibrated and measured on."""
+    from dualenc.index import RECALL_SAMPLE
+    from dualenc.large_index import build_large_index
+
+    sample = np.sort(np.random.default_rng(0).permutation(len(embeddings))[:RECALL_SAMPLE])
+    def shards() -> Iterator[np.ndarray]:
+        blocks = (np.load(shard, mmap_mode="r") for shard in shard_paths)
+        return (block for block in blocks if len(block))  # a work item may have had only unreadable images
+
+    report = build_large_index(shards, path,
+                               count=len(embeddings), dimension=embeddings.shape[1],
+                               queries=np.asarray(embeddings[sample], np.float32), memory_budget=memory_budget)
+    print(f"compressed index {report.factory} over {report.count} images: recall@10 vs exact search = "
+          f"{report.recall_at_10:.3f} with nprobe {report.nprobe} ({report.recall_queries} gallery images as queries)",
+          file=log)
+
+
 def build_index_with_beam(run_dir: Path, gallery, options, *, float16: bool = False, batch_size: int | None = None,
-                          log: TextIO | None = None):
+                          memory_budget: int | None = None, log: TextIO | None = None):
     """Embed `gallery` with a Beam pipeline run with `options` and store its index under the run,
-    replacing any earlier one; returns the loaded `dualenc.index.GalleryIndex`."""
+    replacing any earlier one; returns the loaded `dualenc.index.GalleryIndex`.
+
+    A gallery whose float32 rows and HNSW graph would exceed `memory_budget` (default
+    `dualenc.large_index.DEFAULT_MEMORY_BUDGET`) also gets a compressed index, built from the
+    embedding shards without loading them all (`dualenc.large_index`).
+    """
     import apache_beam as beam
 
     from dualenc.gallery import EMBED_BATCH
-    from dualenc.index import complete_meta, encoder_fingerprint, index_location, load_index, write_index_streamed
+    from dualenc.index import (
+        COMPRESSED_NAME,
+        complete_meta,
+        encoder_fingerprint,
+        index_location,
+        load_index,
+        write_index_streamed,
+    )
+    from dualenc.large_index import DEFAULT_MEMORY_BUDGET, needs_compressed_index
+
+    memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
 
     log = sys.stderr if log is None else log
     encoder_dir, index_dir = index_location(run_dir, gallery)
@@ -263,12 +297,14 @@ def build_index_with_beam(run_dir: Path, gallery, options, *, float16: bool = Fa
         dimension = next(block.shape[1] for block in blocks if len(block))
         meta = complete_meta(meta, gallery, encoder_print, gallery_print, float16, (len(meta["image_ids"]), dimension))
 
-        def fill(target: np.ndarray) -> None:
+        def fill(target: np.ndarray, building: Path) -> None:
             start = 0
             for path, _ in shards:
                 block = np.load(path)
                 target[start:start + len(block)] = block
                 start += len(block)
+            if needs_compressed_index(len(target), dimension, memory_budget):
+                _compress(target, [path for path, _ in shards], building / COMPRESSED_NAME, memory_budget, log)
 
         write_index_streamed(index_dir, meta, fill)
     finally:

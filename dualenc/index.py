@@ -7,7 +7,10 @@ An index lives in ``RUN/index/<gallery-key>/``:
   or ``paths`` (folders); the skipped unreadable images; what the gallery is; and two
   fingerprints — the encoder's (sha256 of ``saved_model.pb`` and the variables files) and the
   gallery's (see `dualenc.gallery`);
-- ``ann-hnsw.faiss`` / ``ann-ivf.faiss``: approximate-search indexes, built on first use.
+- ``ann-hnsw.faiss`` / ``ann-ivf.faiss``: approximate-search indexes, built on first use;
+- ``ann-compressed.faiss``: for a gallery too large for memory (built by the Beam path, see
+  `dualenc.large_index`), a compressed IVF index that ``--ann auto`` searches memory-mapped,
+  the embeddings then staying memory-mapped too.
 
 `open_index` reuses an index while both fingerprints match and rebuilds it for a new encoder;
 for a gallery that changed under the same encoder, the gallery decides what to embed again
@@ -44,6 +47,7 @@ REQUIRED_META = frozenset(
 )
 # Gallery rows used as queries to measure an approximate index against exact search.
 RECALL_SAMPLE = 200
+COMPRESSED_NAME = "ann-compressed.faiss"
 
 
 @dataclasses.dataclass
@@ -63,12 +67,15 @@ class GalleryIndex:
     captions: list[str] | None
     skipped: list[dict]
     embedded: int = 0
+    compressed: object | None = None  # the memory-mapped `ann-compressed.faiss`, when there is one
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def search(self, query_embeddings: np.ndarray, k: int, ann: str = "auto", log: TextIO | None = None):
         """Top-k rows per query: ``(scores, indices)``, each ``(Q, min(k, N))``, best first."""
+        if ann == "auto" and self.compressed is not None:
+            return retrieval.ann_search(self.compressed, query_embeddings, k)
         kind = retrieval.resolve_ann(ann, len(self))  # `log` (default stderr) gets the ANN's recall
         if kind == "exact":
             return retrieval.exact_search(query_embeddings, self.embeddings, k)
@@ -105,7 +112,7 @@ def _read_existing(index_dir: Path) -> tuple[dict, np.ndarray] | None:
     """(meta, embeddings) of a previous index, or None when there is none or it is unreadable."""
     try:
         meta = json.loads((index_dir / META_NAME).read_text(encoding="utf-8"))
-        embeddings = np.load(index_dir / EMBEDDINGS_NAME)
+        embeddings = np.load(index_dir / EMBEDDINGS_NAME, mmap_mode="r")
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION or not REQUIRED_META <= meta.keys():
@@ -118,33 +125,41 @@ def _read_existing(index_dir: Path) -> tuple[dict, np.ndarray] | None:
 def _write_index(index_dir: Path, meta: dict, embeddings: np.ndarray) -> None:
     """Write the index folder atomically (the old one, ANN files included, is replaced)."""
 
-    def fill(target: np.ndarray) -> None:
+    def fill(target: np.ndarray, _: Path) -> None:
         target[:] = embeddings
 
     write_index_streamed(index_dir, meta, fill)
 
 
-def write_index_streamed(index_dir: Path, meta: dict, fill: Callable[[np.ndarray], None]) -> None:
+def write_index_streamed(index_dir: Path, meta: dict, fill: Callable[[np.ndarray, Path], None]) -> None:
     """Write the index folder atomically, ``embeddings.npy`` filled in place by `fill`.
 
     `meta` carries ``count``, ``dimension`` and ``dtype``; `fill` gets the memory-mapped
-    ``(count, dimension)`` array of the new file, so a gallery too large for memory is written
-    piece by piece (the Beam path fills it one embedding shard at a time).
+    ``(count, dimension)`` array of the new file and the folder being built (for any other file
+    that must appear with it), so a gallery too large for memory is written piece by piece (the
+    Beam path fills it one embedding shard at a time).
     """
     with atomic_directory(index_dir) as building:
         target = np.lib.format.open_memmap(building / EMBEDDINGS_NAME, mode="w+", dtype=np.dtype(meta["dtype"]),
                                            shape=(meta["count"], meta["dimension"]))
-        fill(target)
+        fill(target, building)
         target.flush()
         del target
         (building / META_NAME).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _loaded(index_dir: Path, meta: dict, embeddings: np.ndarray, embedded: int) -> GalleryIndex:
+    compressed = None
+    if (index_dir / COMPRESSED_NAME).is_file():
+        from dualenc.large_index import open_large_index
+
+        compressed = open_large_index(index_dir / COMPRESSED_NAME)
     return GalleryIndex(
         directory=index_dir,
         # float16 storage leaves norms off by ~1e-3; normalising once here keeps scores cosines.
-        embeddings=retrieval.normalise_rows(embeddings),
+        # A gallery with a compressed index is too large to copy: its rows stay memory-mapped.
+        embeddings=embeddings if compressed is not None else retrieval.normalise_rows(embeddings),
+        compressed=compressed,
         image_ids=meta["image_ids"],
         paths=meta["paths"],
         labels=meta["labels"],

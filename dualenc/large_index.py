@@ -108,6 +108,8 @@ def plan_index(count: int, dimension: int, memory_budget: int = DEFAULT_MEMORY_B
     lists = max(1, min(lists, count // TRAINING_ROWS_PER_LIST))
     training_rows = min(count, max(TRAINING_ROWS_PER_LIST * lists, MIN_TRAINING_ROWS))
     for codec, code_bytes in _codecs(dimension):
+        if codec.startswith("PQ") and training_rows < MIN_TRAINING_ROWS:
+            continue  # too few rows to train 256 centroids per sub-space
         plan = IndexPlan(count, dimension, lists, codec, code_bytes, training_rows)
         if plan.index_bytes <= INDEX_SHARE_OF_BUDGET * memory_budget:
             return plan
@@ -149,14 +151,15 @@ def recall_at_k(approximate: np.ndarray, exact: np.ndarray) -> float:
 
 
 def _calibrate_nprobe(index, queries: np.ndarray, exact: np.ndarray, lists: int) -> int:
-    """The smallest power-of-two probe count reaching `TARGET_RECALL` on `queries` (or all cells)."""
-    nprobe = 1
-    while nprobe < lists:
+    """The smallest probe count on a √2 grid (1, 2, 3, 4, 6, 8, 11, 16, …) reaching
+    `TARGET_RECALL` on `queries`, or every cell. Search time grows linearly with it, so the grid
+    is finer than powers of two."""
+    candidates = sorted({min(lists, round(2 ** (step / 2))) for step in range(2 * math.ceil(math.log2(lists)) + 1)})
+    for nprobe in candidates:
         index.nprobe = nprobe
         if recall_at_k(index.search(queries, RECALL_K)[1], exact) >= TARGET_RECALL:
-            break
-        nprobe *= 2
-    return min(nprobe, lists)
+            return nprobe
+    return lists
 
 
 def build_large_index(shards: Callable[[], Iterable[np.ndarray]], path: Path, *, count: int, dimension: int,

@@ -77,3 +77,26 @@ def test_runner_mistakes_are_one_line_errors(colour_run, capsys):
         assert search.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_gallery_over_the_memory_budget_gets_a_compressed_index_that_search_uses(colour_run, tmp_path):
+    from dualenc.beam_index import build_index_with_beam
+    from dualenc.retrieval import exact_search
+    from tests.support.beam import direct_options
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for position, (word, rgb) in enumerate(COLOURS.items()):
+        for copy in range(3):
+            (folder / f"{word}-{copy}.png").write_bytes(encode_png(solid_image(rgb, seed=10 * position + copy)))
+    log = io.StringIO()
+    # 24 rows of dimension 3 cost 24 · (12 + 256) bytes as float32 plus HNSW: over a 4 kB budget.
+    index = build_index_with_beam(colour_run, FolderGallery(folder), direct_options(), memory_budget=4_000, log=log)
+    assert (index.directory / "ann-compressed.faiss").is_file() and index.compressed is not None
+    assert "compressed index IVF1,Flat over 24 images: recall@10 vs exact search = 1.000" in log.getvalue()
+    queries = np.eye(3, dtype=np.float32)
+    _, expected = exact_search(queries, np.load(index.directory / "embeddings.npy"), 3)
+    _, found = index.search(queries, 3)
+    assert [set(row) for row in found] == [set(row) for row in expected]
+    reopened = load_index(index.directory)
+    assert reopened.compressed is not None and reopened.compressed.ntotal == 24
