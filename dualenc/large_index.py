@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -163,20 +164,30 @@ def _calibrate_nprobe(index, queries: np.ndarray, exact: np.ndarray, lists: int)
 
 
 def build_large_index(shards: Callable[[], Iterable[np.ndarray]], path: Path, *, count: int, dimension: int,
-                      queries: np.ndarray, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                      seed: int = 0) -> LargeIndexReport:
+                      queries: np.ndarray, memory_budget: int = DEFAULT_MEMORY_BUDGET, seed: int = 0,
+                      log: TextIO | None = None) -> LargeIndexReport:
     """Build the compressed index of the `count` unit-norm rows that `shards()` yields (in order,
     ``(n, dimension)`` float32 blocks; called three times) and write it to `path`.
 
     `queries` ``(Q, dimension)``, unit-norm, Q ≥ 2: the first half calibrates ``nprobe``, the
-    second half measures recall@10 against exact search over every row.
+    second half measures recall@10 against exact search over every row. Each pass's end is
+    noted on `log` (default: none), with the seconds since the start.
     """
     faiss = _faiss()
     started = time.perf_counter()
+
+    def note(step: str) -> None:
+        if log is not None:
+            print(f"{plan.factory}: {step} ({time.perf_counter() - started:.0f} s)", file=log, flush=True)
+
     plan = plan_index(count, dimension, memory_budget)
     queries = np.ascontiguousarray(queries, np.float32)
     index = faiss.index_factory(dimension, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    index.train(_training_sample(shards, plan, seed))
+    sample = _training_sample(shards, plan, seed)
+    note(f"sampled {len(sample):,} training rows")
+    index.train(sample)
+    del sample
+    note("trained")
     ivf = faiss.extract_index_ivf(index)
 
     assignments, sizes = [], np.zeros(plan.lists, np.int64)
@@ -184,6 +195,7 @@ def build_large_index(shards: Callable[[], Iterable[np.ndarray]], path: Path, *,
         _, cells = ivf.quantizer.search(np.ascontiguousarray(shard, np.float32), 1)
         assignments.append(cells[:, 0].astype(np.int32))
         sizes += np.bincount(assignments[-1], minlength=plan.lists)
+    note(f"assigned {int(sizes.sum()):,} rows to cells")
     if int(sizes.sum()) != count:
         raise DualEncError(f"the embedding shards hold {int(sizes.sum())} rows, not the {count} expected")
     lists = faiss.downcast_InvertedLists(ivf.invlists)
@@ -200,10 +212,12 @@ def build_large_index(shards: Callable[[], Iterable[np.ndarray]], path: Path, *,
         best = _merge_top_k(best, queries @ rows.T, offset, RECALL_K)  # (Q, D) · (D, n) -> (Q, n)
         offset += len(rows)
     del assignments
+    note("encoded every row")
 
     half = len(queries) // 2
     ivf.nprobe = _calibrate_nprobe(index, queries[:half], best[1][:half], plan.lists)
     recall = recall_at_k(index.search(queries[half:], RECALL_K)[1], best[1][half:])
+    note(f"nprobe {ivf.nprobe}: recall@10 {recall:.3f}")
     with atomic_file(path) as temporary:
         faiss.write_index(index, str(temporary))
     return LargeIndexReport(plan.factory, count, int(ivf.nprobe), recall, len(queries) - half,
