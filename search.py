@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--serve", action="store_true", help="serve a search page and JSON API over the gallery")
     parser.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="--serve: port (default 8000; 0 picks a free one)")
+    parser.set_defaults(beam_args=[])  # main() fills it with what follows '--' after --runner
     return parser
 
 

@@ -48,8 +48,9 @@ def _shard_names(group: int) -> tuple[str, str]:
 
 def _read_packed_shard(item: tuple[int, str]) -> Iterator[tuple[str, tuple]]:
     """The first record of each image in one TFRecord shard: ``(image_id, (position, row, bytes))``."""
-    import tensorflow as tf
+    from dualenc.startup import import_tensorflow
 
+    tf = import_tensorflow()
     from dualenc.records import parse_example
 
     group, path = item

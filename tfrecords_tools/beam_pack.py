@@ -96,8 +96,9 @@ def write_shard(keyed: tuple[tuple[str, int], Iterable[tuple[int, ImageEntry, by
     """Write one shard (its images in position order) to a unique temporary name, sync and
     rename it to its final name; returns what the manifest needs: split, index, name, pairs,
     sha256. Running it twice for the same key writes the same bytes to the same name."""
-    import tensorflow as tf
+    from dualenc.startup import import_tensorflow
 
+    tf = import_tensorflow()
     from dualenc.data import sha256_of_file
     from dualenc.records import serialize_example
 
