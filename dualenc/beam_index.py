@@ -34,8 +34,16 @@ from typing import TextIO
 
 import numpy as np
 
-from dualenc.errors import DualEncError
-from dualenc.files import atomic_file, write_json_atomic
+from dualenc.startup import import_tensorflow
+
+# Beam workers import this module first (the handler class below is pickled by reference); Beam's
+# TensorFlow model handler imports TensorFlow, quietly once it is loaded.
+import_tensorflow()
+
+from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor  # noqa: E402
+
+from dualenc.errors import DualEncError  # noqa: E402
+from dualenc.files import atomic_file, write_json_atomic  # noqa: E402
 
 FOLDER_CHUNK = 256
 ROWS_PREFIX = "rows-"
@@ -48,8 +56,6 @@ def _shard_names(group: int) -> tuple[str, str]:
 
 def _read_packed_shard(item: tuple[int, str]) -> Iterator[tuple[str, tuple]]:
     """The first record of each image in one TFRecord shard: ``(image_id, (position, row, bytes))``."""
-    from dualenc.startup import import_tensorflow
-
     tf = import_tensorflow()
     from dualenc.records import parse_example
 
@@ -104,23 +110,28 @@ def _embed_or_explain(encoder, batch, inference_args, model_id=None):
     return [PredictionResult(None, result, model_id) for result in results]
 
 
+class VisionEncoderHandler(TFModelHandlerTensor):
+    """Beam's TensorFlow model handler over the exported vision SavedModel (bytes → embeddings).
+
+    It loads with `dualenc.export.load_encoder` (``tf.saved_model.load``): Keras 3's
+    ``load_model``, which the base class calls, does not read SavedModels.
+    """
+
+    def __init__(self, encoder_dir: Path, batch_size: int):
+        super().__init__(str(encoder_dir), inference_fn=_embed_or_explain, min_batch_size=1, max_batch_size=batch_size)
+        self.batch_size = batch_size
+
+    def load_model(self):
+        from dualenc.export import load_encoder
+
+        return load_encoder(Path(self._model_uri), batch_size=self.batch_size)
+
+
 def _vision_handler(encoder_dir: Path, batch_size: int):
-    """A `TFModelHandlerTensor` over the exported vision SavedModel, keyed by image position."""
+    """`VisionEncoderHandler`, keyed by image position (and its row of metadata)."""
     from apache_beam.ml.inference.base import KeyedModelHandler
-    from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor
 
-    class VisionEncoderHandler(TFModelHandlerTensor):
-        """Loads with `dualenc.export.load_encoder` (``tf.saved_model.load``): Keras 3's
-        ``load_model``, which the base class calls, does not read SavedModels."""
-
-        def load_model(self):
-            from dualenc.export import load_encoder
-
-            return load_encoder(Path(self._model_uri), batch_size=batch_size)
-
-    handler = VisionEncoderHandler(str(encoder_dir), inference_fn=_embed_or_explain,
-                                   min_batch_size=1, max_batch_size=batch_size)
-    return KeyedModelHandler(handler)
+    return KeyedModelHandler(VisionEncoderHandler(encoder_dir, batch_size))
 
 
 def _to_group(keyed_result) -> tuple[int, tuple]:

@@ -24,6 +24,8 @@ from dualenc.startup import LOG_ENV
 BEAM_SEPARATOR = "--"
 # Beam's own loggers announce every bundle and worker at INFO; a packer prints its own summary.
 BEAM_LOG_LEVEL = logging.WARNING
+# The workers' log level, unless the user gives one: their start-up notices are not for users.
+HARNESS_LOG_OPTION = "--default_sdk_harness_log_level"
 
 
 def split_beam_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -49,14 +51,19 @@ def check_runner_flags(runner: str | None, beam_args: list[str]) -> None:
 
 
 def _check_runner(runner: str) -> None:
-    from apache_beam.runners.runner import create_runner
-
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # Beam's BigQuery client warns on the root logger when imported without GCP extras
     try:
+        from apache_beam.runners.runner import create_runner
+
         create_runner(runner)
     except (ValueError, ImportError, AttributeError) as error:
         known = "DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, PrismRunner, PortableRunner"
         reason = "unknown runner" if isinstance(error, (ValueError, AttributeError)) else str(error).split("\n")[0]
         raise DualEncError(f"--runner {runner!r}: {reason}; use one of {known}") from None
+    finally:
+        root.setLevel(level)
 
 
 def pipeline_options(runner: str, beam_args: list[str]):
@@ -72,7 +79,8 @@ def pipeline_options(runner: str, beam_args: list[str]):
     # Unknown options are reported below as an error, not as Beam's "discarding" warning.
     logging.getLogger("apache_beam.options.pipeline_options").setLevel(logging.ERROR)
     _check_runner(runner)
-    options = PipelineOptions([*beam_args, f"--runner={runner}"])
+    quiet_workers = [] if any(arg.startswith(HARNESS_LOG_OPTION) for arg in beam_args) else [f"{HARNESS_LOG_OPTION}=ERROR"]
+    options = PipelineOptions([*quiet_workers, *beam_args, f"--runner={runner}"])
     messages = io.StringIO()
     try:
         # Beam's parser prints its usage and exits on a bad value; keep its last line.

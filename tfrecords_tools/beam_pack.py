@@ -34,11 +34,16 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from dualenc.errors import DualEncError
-from dualenc.files import move_into_place, write_json_atomic
-from dualenc.manifest import Manifest
-from dualenc.records import MANIFEST_NAME, shard_name
-from tfrecords_tools.writer import (
+from dualenc.startup import import_tensorflow
+
+# Beam workers import this module first; `writer` below imports TensorFlow, quietly once it is loaded.
+import_tensorflow()
+
+from dualenc.errors import DualEncError  # noqa: E402
+from dualenc.files import move_into_place, write_json_atomic  # noqa: E402
+from dualenc.manifest import Manifest  # noqa: E402
+from dualenc.records import MANIFEST_NAME, shard_name  # noqa: E402
+from tfrecords_tools.writer import (  # noqa: E402
     DEFAULT_SHARD_SIZE,
     JOURNAL_NAME,
     ImageEntry,
@@ -96,8 +101,6 @@ def write_shard(keyed: tuple[tuple[str, int], Iterable[tuple[int, ImageEntry, by
     """Write one shard (its images in position order) to a unique temporary name, sync and
     rename it to its final name; returns what the manifest needs: split, index, name, pairs,
     sha256. Running it twice for the same key writes the same bytes to the same name."""
-    from dualenc.startup import import_tensorflow
-
     tf = import_tensorflow()
     from dualenc.data import sha256_of_file
     from dualenc.records import serialize_example
