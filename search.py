@@ -57,12 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--build-index", action="store_true", help="(re)build the gallery index; no query needed")
     parser.add_argument("--float16", action="store_true", help="store the index in half precision")
+    parser.add_argument("--runner", metavar="NAME",
+                        help="--build-index: embed with an Apache Beam pipeline on this runner (DirectRunner, "
+                             "DataflowRunner, FlinkRunner, ...); Beam options follow a bare '--'")
     parser.add_argument("--evaluate", action="store_true", help="measure retrieval on a packed split instead of searching")
     parser.add_argument("--serve", action="store_true", help="serve a search page and JSON API over the gallery")
     parser.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="--serve: port (default 8000; 0 picks a free one)")
     parser.add_argument("--verbose", action="store_true",
                         help="show TensorFlow's native start-up log (also: DUALENC_TF_LOG=1)")
+    parser.set_defaults(beam_args=[])  # main() fills it with what follows '--' after --runner
     return parser
 
 
@@ -208,6 +212,13 @@ def run(args: argparse.Namespace) -> int:
         raise DualEncError(f"-k must be at least 1, got {args.k}")
     if args.grid is not None:
         check_grid_path(args.grid)
+    if args.runner is not None and not args.build_index:
+        raise DualEncError("--runner builds the index with Apache Beam; add --build-index")
+    beam_options = None
+    if args.runner is not None:
+        from dualenc.beam_options import pipeline_options
+
+        beam_options = pipeline_options(args.runner, args.beam_args)
 
     from dualenc.startup import import_tensorflow
 
@@ -217,7 +228,12 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = model_run(args.model)
     gallery = choose_gallery(args, run_dir)
-    index = open_index(run_dir, gallery, rebuild=args.build_index, float16=args.float16)
+    if beam_options is not None:
+        from dualenc.beam_index import build_index_with_beam
+
+        index = build_index_with_beam(run_dir, gallery, beam_options, float16=args.float16)
+    else:
+        index = open_index(run_dir, gallery, rebuild=args.build_index, float16=args.float16)
     if args.build_index:
         kind = resolve_ann(args.ann, len(index))
         if kind != "exact":
@@ -253,7 +269,12 @@ def serve(run_dir: Path, gallery, **options) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from dualenc.beam_options import has_runner_flag, split_beam_args
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own_args, beam_args = split_beam_args(argv) if has_runner_flag(argv) else (argv, [])
+    args = build_parser().parse_args(own_args)
+    args.beam_args = beam_args
     try:
         return run(args)
     except DualEncError as exc:

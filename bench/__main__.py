@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import common
+from bench import common, large_index
 from dualenc.files import write_json_atomic
 
 # A smoke run of every code path (the test suite runs it): the smallest demo (10 identities), two
@@ -188,6 +188,7 @@ def run_all(quick: bool, scratch: Path) -> dict:
         ("index", lambda: bench_index(sizes, inputs)),
         ("query", lambda: bench_query(sizes)),
         ("service", lambda: bench_service(sizes, inputs, scratch)),
+        *large_index.full_run_steps(quick, scratch),  # 10M compressed index, Beam vs local (full run only)
     ]
     for name, step in steps:
         print(f"running {name} ...", file=sys.stderr, flush=True)

@@ -53,6 +53,12 @@ def _pack(splits_and_skipped: tuple, args: argparse.Namespace, source: dict) -> 
     from tfrecords_tools.writer import pack
 
     splits, skipped = splits_and_skipped
+    if args.runner is not None:
+        from tfrecords_tools.beam_pack import pack_with_beam
+
+        pack_with_beam(splits, _absolute(args.out), source, args.beam_options, skipped=skipped,
+                       resize=args.resize, shard_size=args.shard_size, overwrite=args.overwrite)
+        return 0
     pack(splits, _absolute(args.out), source, skipped=skipped, resize=args.resize,
          shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite, verbose=args.verbose)
     return 0
@@ -142,6 +148,9 @@ def _packer_flags(parser: argparse.ArgumentParser) -> None:
                         help="processes reading images (default: all %(default)s cores)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a different dataset already packed in --out")
+    parser.add_argument("--runner", metavar="NAME",
+                        help="pack with an Apache Beam pipeline on this runner (DirectRunner, DataflowRunner, "
+                             "FlinkRunner, ...); Beam options follow a bare '--'; --workers is then Beam's to choose")
     _verbose_flag(parser)
 
 
@@ -197,8 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; a user mistake prints ``error: ...`` and returns 2."""
-    args = build_parser().parse_args(argv)
+    from dualenc.beam_options import split_beam_args
+
+    own_args, beam_args = split_beam_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own_args)
     try:
+        if getattr(args, "runner", None) is not None or beam_args:
+            from dualenc.beam_options import check_runner_flags, pipeline_options
+
+            check_runner_flags(getattr(args, "runner", None), beam_args)
+            args.beam_options = pipeline_options(args.runner, beam_args)
         return args.run(args)
     except DualEncError as error:
         print(f"error: {error}", file=sys.stderr)
