@@ -26,6 +26,10 @@ exceeds it is resized with a Lanczos filter and stored as a JPEG of quality 95.
 
 TensorFlow's JPEG decoder defaults to libjpeg's fast integer DCT, which is off by up to ~5 levels
 from Pillow's accurate one; `decode_image` asks for the accurate DCT, so both agree on JPEGs too.
+
+Resizing to a smaller model input is where the time goes, so `decode_image` lets libjpeg decode a
+JPEG much larger than the target at 1/2, 1/4 or 1/8 scale (`jpeg_scale`), and antialiases only
+what still shrinks by more than `ANTIALIAS_ABOVE`. At a JPEG's own size nothing changes.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ BYTES_SHOWN = 8
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (PNG_SIGNATURE, "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
               (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"))
 READS_IN_FLIGHT_PER_WORKER = 4  # bounds the image bytes waiting in memory
+# Shrinking by up to 2x, bilinear resizing still reads every source pixel; beyond it, it skips
+# some (aliasing), so only then is the (costly) antialiasing filter worth it.
+ANTIALIAS_ABOVE = 2.0
+JPEG_SCALES = (1, 2, 4, 8)  # the denominators of libjpeg's reduced DCT scales TensorFlow offers
 
 
 class ImageProblem(Exception):
@@ -292,20 +300,54 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
 def decode_image(image_bytes: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
     """Decode one image's canonical bytes (scalar string) to uint8 ``[height, width, 3]``,
-    resized to `image_size` = (height, width) with antialiasing.
+    resized to `image_size` = (height, width), antialiased when shrinking by more than
+    `ANTIALIAS_ABOVE`.
 
     Pure TensorFlow ops, so `tf.data` and the exported vision model run it. Greyscale is repeated
     to three channels, alpha dropped, an animated GIF's first frame used; JPEGs use the accurate
-    integer DCT, as Pillow does (`decode_rgb`).
+    integer DCT, as Pillow does (`decode_rgb`), at the reduced scale `jpeg_scale` picks.
     """
     import tensorflow as tf  # here, so the Pillow half of this module never loads TensorFlow
 
     image = tf.cond(
         tf.io.is_jpeg(image_bytes),
-        lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: _decode_jpeg_scaled(image_bytes, image_size),
         lambda: tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False),
     )
     image.set_shape([None, None, 3])
-    resized = tf.image.resize(image, image_size, method="bilinear", antialias=True)
-    # +0.5 then truncation rounds half up: the same pixels as tf.round but far cheaper per image.
-    return tf.cast(tf.clip_by_value(resized + 0.5, 0.0, 255.0), tf.uint8)
+    shrink = tf.reduce_max(tf.cast(tf.shape(image)[:2], tf.float32) / tf.constant(image_size, tf.float32))
+    resized = tf.cond(
+        shrink > ANTIALIAS_ABOVE,
+        lambda: tf.image.resize(image, image_size, method="bilinear", antialias=True),
+        lambda: tf.image.resize(image, image_size, method="bilinear"),
+    )
+    # Bilinear weights (antialiased or not) are non-negative and sum to 1, so values stay within
+    # 0..255 and +0.5 then truncation rounds half up: tf.round's pixels, far cheaper per image.
+    return tf.cast(resized + 0.5, tf.uint8)
+
+
+def jpeg_scale(source_size: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    """Index into `JPEG_SCALES` of the scale 1/r to decode a JPEG of `source_size` (height, width)
+    at, for resizing to `image_size`: the largest r up to the larger shrink factor (the side that
+    shrinks most still decodes to at least its target) and up to twice the smaller one (the other
+    side decodes to at least half its target, so little is lost where it is stretched).
+
+    E.g. 640x480 -> 299x299 decodes at 1/2 (320x240), 4000x3000 -> 224x224 at 1/8.
+    """
+    import tensorflow as tf
+
+    shrink = tf.cast(source_size, tf.float32) / tf.constant(image_size, tf.float32)
+    limit = tf.minimum(tf.reduce_max(shrink), 2.0 * tf.reduce_min(shrink))
+    return tf.reduce_sum(tf.cast(limit >= tf.constant(JPEG_SCALES[1:], tf.float32), tf.int32))
+
+
+def _decode_jpeg_scaled(image_bytes: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    """libjpeg decodes at a reduced DCT scale: it still reads every entropy-coded block (a
+    truncated file fails as at full scale) but skips most of the inverse DCT and colour work."""
+    import tensorflow as tf
+
+    scale = jpeg_scale(tf.io.extract_jpeg_shape(image_bytes)[:2], image_size)
+    return tf.switch_case(scale, [
+        lambda ratio=ratio: tf.io.decode_jpeg(image_bytes, channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE")
+        for ratio in JPEG_SCALES
+    ])
