@@ -1,13 +1,12 @@
 """Exact top-k by inner product over a large gallery, at close to the speed of reading it once.
 
 For one query the work is a matrix-vector product, so time is bound by memory bandwidth: the
-gallery (N·D·4 bytes, 1 GiB at 1M × 256) must stream through the cores once. A plain
-``scores = Q · Gᵀ`` followed by a partition adds full passes over the (Q, N) scores (write them,
-partition them, gather from them). Here the gallery is scanned in blocks instead: each block is
-scored while the scores are still in cache, and only the scores above each query's running k-th
-best become candidates (after the first block, a handful per block). Contiguous parts of the
-gallery are scanned by one thread per core (NumPy's matrix products release the GIL), and the
-parts' candidates are merged at the end.
+gallery (N·D·4 bytes, 1 GiB at 1M × 256) must stream through the cores once (OpenBLAS's threads
+share it out). A partition of all N scores per query costs several further passes; here only
+scores above each query's running k-th best become candidates (a comparison per score, then a
+handful of rows), the first threshold coming from a sample of the leading rows. With many
+queries the gallery is scored in blocks of rows, so the (block, Q) scores stay in cache instead
+of a (N, Q) matrix being written out (1M × 64 scores are 256 MB).
 
 A float16 gallery (half the bytes to read) is converted block by block into a float32 buffer
 that stays in cache, then scored the same way: scores are exact for the stored float16 values.
@@ -21,16 +20,18 @@ higher score than the k-th (on a tie the earlier row wins). The result equals
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
-
 import numpy as np
 
-# Rows scored per matrix product: big enough that per-block Python work is a few percent of the
-# scan, small enough that a block's scores (and a float16 block's float32 copy) stay in cache.
-BLOCK_ROWS = {np.dtype(np.float32): 16384, np.dtype(np.float16): 2048}
-# Below this many gallery bytes one thread scans it all: starting threads would cost more.
-PARALLEL_BYTES = 32 << 20
+# Scores computed per matrix product (4 MiB): one product over a 1M gallery for a single query,
+# 16k rows for 64 queries. Each product wakes OpenBLAS's threads, which on a busy machine costs
+# milliseconds, so many small products were measured 6x slower than one large one.
+SCORES_PER_BLOCK = 1 << 20
+MIN_BLOCK_ROWS = 16384
+# A float16 gallery is converted to float32 this many rows at a time (a 2 MiB buffer in cache).
+FLOAT16_BLOCK_ROWS = 2048
+# A query's first threshold is its k-th best among this many leading rows of its first block:
+# a lower bound of its final k-th best, found without partitioning the whole block.
+THRESHOLD_SAMPLE = 8192
 # A query's candidates are cut back to k once they pass this many (keeps the merges small).
 PRUNE_FACTOR = 8
 
@@ -61,10 +62,11 @@ class _Candidates:
         """Take the rows of `block_scores` ``(n, Q)`` (gallery rows from `first_row`) that beat
         each query's threshold."""
         unset = self.threshold == -np.inf
-        if unset.any() and len(block_scores) > self.k:
-            # A query's first block: start just below its k-th best score there (ties kept), so
-            # about k rows become candidates rather than all of them.
-            kth = np.partition(block_scores[:, unset], len(block_scores) - self.k, axis=0)[len(block_scores) - self.k]
+        sample = block_scores[:THRESHOLD_SAMPLE, unset]
+        if unset.any() and len(sample) > self.k:
+            # A query's first block: start just below the k-th best score of its first rows (ties
+            # kept), so a few rows become candidates rather than all of them.
+            kth = np.partition(sample, len(sample) - self.k, axis=0)[len(sample) - self.k]
             self.threshold[unset] = np.nextafter(kth, np.float32(-np.inf))
         row, query_of = np.nonzero(block_scores > self.threshold)
         if not len(row):
@@ -94,16 +96,20 @@ class _Candidates:
         return _best(np.concatenate(self.scores[query]), np.concatenate(self.indices[query]), self.k)
 
 
-def _scan(queries: np.ndarray, gallery: np.ndarray, start: int, stop: int, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per query, the k best of gallery rows start..stop: (scores, indices) best first."""
-    block_rows = BLOCK_ROWS[gallery.dtype]
+def _scan(queries: np.ndarray, gallery: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query, the k best gallery rows: (scores, indices) best first. No threads of its own:
+    OpenBLAS's threads already share each matrix product among the cores."""
+    if gallery.dtype == np.float16:
+        block_rows = FLOAT16_BLOCK_ROWS
+    else:
+        block_rows = min(max(MIN_BLOCK_ROWS, SCORES_PER_BLOCK // len(queries)), max(1, len(gallery)))
     candidates = _Candidates(len(queries), k)
     block_scores = np.empty((block_rows, len(queries)), np.float32)
     converted = np.empty((block_rows, gallery.shape[1]), np.float32) if gallery.dtype != np.float32 else None
     # A contiguous (D, Q) copy: OpenBLAS takes a slow path for the strided view ``queries.T``.
     queries_t = np.ascontiguousarray(queries.T)
-    for first in range(start, stop, block_rows):
-        block = gallery[first : min(stop, first + block_rows)]
+    for first in range(0, len(gallery), block_rows):
+        block = gallery[first : first + block_rows]
         if converted is not None:
             np.copyto(converted[: len(block)], block)
             block = converted[: len(block)]
@@ -115,32 +121,20 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, start: int, stop: int, k: in
     return [candidates.result(query) for query in range(len(queries))]
 
 
-def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery rows per query by inner product, best first, equal scores in ascending order.
 
-    `queries` ``(Q, D)`` float32; `gallery` ``(N, D)`` float32 or float16, C-contiguous; ``0 ≤ k ≤ N``.
-    Returns ``(scores, indices)``, float32 and int64, each ``(Q, k)``. `workers` threads scan
-    contiguous parts (default: one per core, one for galleries under `PARALLEL_BYTES`).
+    `queries` ``(Q, D)`` float32; `gallery` ``(N, D)`` float32 or float16; ``0 ≤ k ≤ N``.
+    Returns ``(scores, indices)``, float32 and int64, each ``(Q, k)``.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     gallery = np.ascontiguousarray(gallery)
-    if gallery.dtype not in BLOCK_ROWS:
-        gallery = gallery.astype(np.float32)
+    if gallery.dtype != np.float16:
+        gallery = gallery.astype(np.float32, copy=False)
     if k == 0 or not len(queries):
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-    if workers is None:
-        workers = 1 if gallery.nbytes < PARALLEL_BYTES else os.cpu_count() or 1
-    bounds = np.linspace(0, len(gallery), max(1, min(workers, len(gallery))) + 1).astype(int)
-    if len(bounds) == 2:
-        parts = [_scan(queries, gallery, 0, len(gallery), k)]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(len(bounds) - 1) as pool:
-            parts = list(pool.map(lambda part: _scan(queries, gallery, bounds[part], bounds[part + 1], k), range(len(bounds) - 1)))
     scores = np.empty((len(queries), k), np.float32)
     indices = np.empty((len(queries), k), np.int64)
-    for query in range(len(queries)):
-        # Parts are in gallery order, so concatenating keeps candidates in ascending index order.
-        scores[query], indices[query] = _best(
-            np.concatenate([part[query][0] for part in parts]), np.concatenate([part[query][1] for part in parts]), k
-        )
+    for query, (query_scores, query_indices) in enumerate(_scan(queries, gallery, k)):
+        scores[query], indices[query] = query_scores, query_indices
     return scores, indices
