@@ -27,7 +27,7 @@ QUICK = {
     "pipeline_batch": 16, "pipeline_image_size": (299, 299),
     "training_batch": 16, "training_image_size": (32, 32), "training_epochs": 2, "training_repeats": 1,
     "index_batch": 16, "index_image_size": (32, 32), "index_repeats": 1,
-    "query_sizes": (2_000,), "query_count": 10, "bandwidth_megabytes": 16,
+    "query_sizes": (2_000,), "query_count": 10, "bandwidth_megabytes": 16, "query_batch": 64, "batch_count": 2,
     "service_clients": (1, 8, 32), "service_queries_per_client": 3,
 }
 FULL = {
@@ -36,6 +36,7 @@ FULL = {
     "training_batch": 32, "training_image_size": (224, 224), "training_epochs": 3, "training_repeats": 1,
     "index_batch": 32, "index_image_size": (224, 224), "index_repeats": 2,
     "query_sizes": (10_000, 100_000, 1_000_000), "query_count": 200, "bandwidth_megabytes": 1024,
+    "query_batch": 64, "batch_count": 10,
     "service_clients": (1, 8, 32), "service_queries_per_client": 25,
 }
 TABLE_COLUMNS = [
@@ -83,9 +84,13 @@ def bench_pipeline(sizes: dict, inputs: dict) -> tuple[dict, list[dict]]:
               "image_size": list(sizes["pipeline_image_size"])}
     runs = common.interleaved("pipeline", ["seed", "ours"], sizes["repeats"], params)
     summary = _pair_summary(runs, "pairs_per_s", higher_is_better=True)
+    per_cpu = _pair_summary(runs, "pairs_per_cpu_s", higher_is_better=True)
     height, width = sizes["pipeline_image_size"]
-    note = f"640x480 JPEG -> {height}x{width}, batch {sizes['pipeline_batch']}; ref float32, ours uint8"
-    return summary, [_row(f"input pipeline ({inputs['coco']['pairs']} pairs)", summary, note)]
+    note = (f"640x480 JPEG -> {height}x{width}, batch {sizes['pipeline_batch']}; ref float32, ours uint8 "
+            "(1/2-scale DCT, no antialias under 2x, deterministic=False)")
+    name = f"input pipeline ({inputs['coco']['pairs']} pairs)"
+    rows = [_row(name, summary, note), _row(name, per_cpu, "pairs per CPU second (all threads): the work, not the overlap")]
+    return {**summary, "per_cpu": per_cpu}, rows
 
 
 def bench_training(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[dict]]:
@@ -119,11 +124,18 @@ def bench_index(sizes: dict, inputs: dict) -> tuple[dict, list[dict]]:
 
 
 def bench_query(sizes: dict) -> tuple[dict, list[dict]]:
-    """Latency of one query over N embeddings: ref, exact, FAISS HNSW, and the bandwidth bound."""
-    bandwidth_run = common.run_isolated("query", "bandwidth", {"megabytes": sizes["bandwidth_megabytes"]})
-    bandwidth = bandwidth_run["bytes_per_s"]
-    results: dict = {"read_bandwidth_gb_s": bandwidth / 1e9, "sizes": {}}
+    """Latency over N embeddings: one query (ref, exact, FAISS HNSW), a batch of queries, and a
+    float16 gallery, each exact time against its bound.
+
+    Bounds: one query reads the gallery once, N·256·4 bytes / the measured read bandwidth (half
+    that in float16); a batch of B queries also needs 2·N·256·B FLOPs, so its bound is the larger
+    of the read time and that work at the measured matrix-product speed.
+    """
+    machine = common.run_isolated("query", "bandwidth", {"megabytes": sizes["bandwidth_megabytes"]})
+    bandwidth, flops = machine["bytes_per_s"], machine["flops"]
+    results: dict = {"read_bandwidth_gb_s": bandwidth / 1e9, "matmul_gflops": flops / 1e9, "sizes": {}}
     rows = []
+    batch = sizes["query_batch"]
     for count in sizes["query_sizes"]:
         params = {"n": count, "dim": 256, "k": 10, "queries": sizes["query_count"]}
         runs = common.interleaved("query", ["seed", "ours", "faiss"], 1, params)
@@ -131,15 +143,31 @@ def bench_query(sizes: dict) -> tuple[dict, list[dict]]:
         exact = _pair_summary(runs, "p50_ms", higher_is_better=False)
         exact_p95 = _pair_summary(runs, "p95_ms", higher_is_better=False)
         faiss = runs["faiss"][0]
+        batch_params = {**params, "queries": sizes["batch_count"], "batch": batch}
+        batched = _pair_summary(common.interleaved("query", ["seed", "ours"], 1, batch_params), "p50_ms",
+                                higher_is_better=False)
+        batch_bound_ms = max(bound_ms, 1000 * 2 * count * 256 * batch / flops)
+        half_runs = common.interleaved("query", ["seed", "ours"], 1, {**params, "float16": True})
+        half = _pair_summary(half_runs, "p50_ms", higher_is_better=False)
         results["sizes"][str(count)] = {
             "exact_p50": exact, "exact_p95": exact_p95, "bound_ms": bound_ms,
             "exact_p50_over_bound": exact["ours"] / bound_ms,
+            "batch": {"queries": batch, "p50": batched, "bound_ms": batch_bound_ms,
+                      "p50_over_bound": batched["ours"] / batch_bound_ms},
+            "float16": {"p50": half, "bound_ms": bound_ms / 2, "p50_over_bound": half["ours"] / (bound_ms / 2)},
             "faiss": {key: faiss[key] for key in ("p50_ms", "p95_ms", "build_seconds", "recall_at_10")}
             | {"peak_mb": common.peak_of(runs["faiss"]), "p50_ratio_vs_ref": exact["ref"] / faiss["p50_ms"]},
         }
         name = f"query N={count:,}"
         rows.append(_row(name, exact, f"exact p50; bound {bound_ms:.3g} ms, ours/bound {exact['ours'] / bound_ms:.3g}"))
         rows.append(_row(name, exact_p95, "exact p95"))
+        rows.append({**_row(name, batched), "metric": f"batch{batch}_p50_ms",
+                     "note": f"{batch} queries per call; bound {batch_bound_ms:.3g} ms "
+                             f"({'FLOPs' if batch_bound_ms > bound_ms else 'bandwidth'}), "
+                             f"ours/bound {batched['ours'] / batch_bound_ms:.3g}"})
+        rows.append({**_row(name, half), "metric": "float16_p50_ms",
+                     "note": f"float16 gallery (ref: float32); bound {bound_ms / 2:.3g} ms, "
+                             f"ours/bound {half['ours'] / (bound_ms / 2):.3g}"})
         rows.append({"benchmark": name, "metric": "faiss_p50_ms", "ref": exact["ref"], "ours": faiss["p50_ms"],
                      "ratio": exact["ref"] / faiss["p50_ms"], "ref_peak_mb": exact["ref_peak_mb"],
                      "ours_peak_mb": common.peak_of(runs["faiss"]),

@@ -7,7 +7,10 @@ the query, ``tf.matmul(query, gallery, transpose_b=True)``, ``tf.math.top_k``, o
 ``faiss``: `dualenc.retrieval.build_ann(kind="hnsw")` + `ann_search`; build time and recall@10
 against exact search are reported too (ours, with `--ann hnsw` or `auto` above 50k).
 ``bandwidth``: memory read bandwidth of this machine (all cores summing disjoint slices of a
-large array), from which the lower bound of any exact search, N·D·4 bytes / bandwidth, follows.
+large array), from which the lower bound of any exact search, N·D·4 bytes / bandwidth, follows,
+and the float32 matrix-product speed (FLOP/s), which bounds a batch of many queries instead.
+With ``batch`` B each search call takes B queries (latency per call); with ``float16`` ours
+searches a half-precision copy of the gallery (the seed keeps float32).
 
 The gallery is synthetic but clustered like real embeddings (uniform random unit vectors in
 256-d have no neighbourhoods, which no approximate index can exploit): `CLUSTERS` unit centres,
@@ -73,12 +76,25 @@ def read_bandwidth(megabytes: int) -> float:
     return array.nbytes / best
 
 
-def _latencies(search, queries: np.ndarray, time_limit: float | None = None) -> list[float]:
+def matmul_flops(size: int = 2048, repeats: int = 3) -> float:
+    """Float32 multiply-adds (counted as 2 FLOPs) per second of one large square matrix product,
+    best of `repeats`: what the cores can compute, the bound of a search that is not memory-bound."""
+    rng = np.random.default_rng(0)
+    left, right = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        left @ right
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _latencies(search, queries: np.ndarray, time_limit: float | None = None, batch: int = 1) -> list[float]:
     latencies = []
     started = time.perf_counter()
-    for query in queries:
+    for first in range(0, len(queries) - batch + 1, batch):
         start = time.perf_counter()
-        search(query[None, :])
+        search(queries[first : first + batch])
         latencies.append(time.perf_counter() - start)
         if time_limit is not None and len(latencies) >= MIN_QUERIES and time.perf_counter() - started > time_limit:
             break
@@ -98,18 +114,22 @@ def _seed_search(gallery: np.ndarray, k: int):
 
 
 def measure(variant: str, params: dict) -> dict:
-    """Latency percentiles of `variant` for `params` (n, dim, k, queries); see the module docstring."""
+    """Latency percentiles of `variant` for `params` (n, dim, k, queries; optional batch: queries
+    per search call, and float16: the gallery stored in half precision); see the module docstring."""
     if variant == "bandwidth":
-        return {"bytes_per_s": read_bandwidth(params["megabytes"])}
+        return {"bytes_per_s": read_bandwidth(params["megabytes"]), "flops": matmul_flops()}
     from dualenc import retrieval
 
+    batch = params.get("batch", 1)
     gallery = synthetic_gallery(params["n"], params["dim"])
-    queries = synthetic_queries(gallery, params["queries"])
+    queries = synthetic_queries(gallery, params["queries"] * batch)
+    if params.get("float16") and variant == "ours":  # the seed keeps its float32 gallery
+        gallery = gallery.astype(np.float16)
     k = params["k"]
     result: dict = {"n": params["n"]}
     if variant == "seed":
         search, time_limit = _seed_search(gallery, k), SEED_QUERY_SECONDS
-        search(queries[:1])  # warm-up: TF's first op runs start the runtime
+        search(queries[:batch])  # warm-up: TF's first op runs start the runtime
     elif variant == "ours":
         search, time_limit = (lambda query: retrieval.exact_search(query, gallery, k)), None
     else:
@@ -118,9 +138,10 @@ def measure(variant: str, params: dict) -> dict:
         search, time_limit = (lambda query: retrieval.ann_search(index, query, k)), None
         result["build_seconds"] = build.seconds
         result["recall_at_10"] = retrieval.ann_recall(index, gallery, queries, k=10)
-    search(queries[:1])
-    latencies = _latencies(search, queries, time_limit)
+    search(queries[:batch])
+    latencies = _latencies(search, queries, time_limit, batch)
     result.update(
+        batch=batch,
         queries=len(latencies),
         p50_ms=1000 * percentile(latencies, 0.5),
         p95_ms=1000 * percentile(latencies, 0.95),

@@ -32,6 +32,10 @@ past a destroyed end marker: Pillow pads it, TensorFlow refuses it), so whatever
 training is finally decoded by TensorFlow itself: `tensorflow_problems`. A packer (or a Beam
 pipeline) validates an image with ``canonical_image_bytes(data, max_side)``, then a batch of the
 results with ``tensorflow_problems(images)``; both are pure functions of the bytes.
+
+Resizing to a smaller model input is where the time goes, so `decode_image` lets libjpeg decode a
+JPEG much larger than the target at 1/2, 1/4 or 1/8 scale (`jpeg_scale`), and antialiases only
+what still shrinks by more than `ANTIALIAS_ABOVE`. At a JPEG's own size nothing changes.
 """
 
 from __future__ import annotations
@@ -74,6 +78,13 @@ PARALLEL_DECODE_MIN = 256
 # TensorFlow's error text around the kernel's own message: "{{function_node ...}} " before it,
 # " [Op:DecodeJpeg] name: " after it.
 TENSORFLOW_NOISE = re.compile(r"^\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", re.S)
+# Shrinking by up to 2x, bilinear resizing still reads every source pixel; beyond it, it skips
+# some (aliasing), so only then is the (costly) antialiasing filter worth it.
+ANTIALIAS_ABOVE = 2.0
+JPEG_SCALES = (1, 2, 4, 8)  # the denominators of libjpeg's reduced DCT scales TensorFlow offers
+# The target `tensorflow_problems` decodes to: any JPEG then decodes at 1/8 scale, which still
+# reads every entropy-coded block (truncation and corrupt data fail as at full size), ~40 % cheaper.
+CHECK_SIZE = (1, 1)
 
 
 class ImageProblem(Exception):
@@ -305,27 +316,35 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
 def decode_image(image_bytes: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
     """Decode one image's canonical bytes (scalar string) to uint8 ``[height, width, 3]``,
-    resized to `image_size` = (height, width) with antialiasing.
+    resized to `image_size` = (height, width), antialiased when shrinking by more than
+    `ANTIALIAS_ABOVE`.
 
     Pure TensorFlow ops, so `tf.data` and the exported vision model run it. Greyscale is repeated
     to three channels, alpha dropped, an animated GIF's first frame used; JPEGs use the accurate
-    integer DCT, as Pillow does (`decode_rgb`).
+    integer DCT, as Pillow does (`decode_rgb`), at the reduced scale `jpeg_scale` picks.
     """
     import tensorflow as tf  # here, so the Pillow half of this module never loads TensorFlow
 
-    image = _decode_pixels(image_bytes)
-    resized = tf.image.resize(image, image_size, method="bilinear", antialias=True)
-    # +0.5 then truncation rounds half up: the same pixels as tf.round but far cheaper per image.
-    return tf.cast(tf.clip_by_value(resized + 0.5, 0.0, 255.0), tf.uint8)
+    image = _decode_pixels(image_bytes, image_size)
+    shrink = tf.reduce_max(tf.cast(tf.shape(image)[:2], tf.float32) / tf.constant(image_size, tf.float32))
+    resized = tf.cond(
+        shrink > ANTIALIAS_ABOVE,
+        lambda: tf.image.resize(image, image_size, method="bilinear", antialias=True),
+        lambda: tf.image.resize(image, image_size, method="bilinear"),
+    )
+    # Bilinear weights (antialiased or not) are non-negative and sum to 1, so values stay within
+    # 0..255 and +0.5 then truncation rounds half up: tf.round's pixels, far cheaper per image.
+    return tf.cast(resized + 0.5, tf.uint8)
 
 
-def _decode_pixels(image_bytes: tf.Tensor) -> tf.Tensor:
-    """`decode_image` before resizing: uint8 ``[height, width, 3]`` at the image's own size."""
+def _decode_pixels(image_bytes: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    """`decode_image` before resizing: uint8 ``[height, width, 3]``, a JPEG at the reduced scale
+    `jpeg_scale` picks for `image_size`, anything else at its own size."""
     import tensorflow as tf
 
     image = tf.cond(
         tf.io.is_jpeg(image_bytes),
-        lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: _decode_jpeg_scaled(image_bytes, image_size),
         lambda: tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False),
     )
     image.set_shape([None, None, 3])
@@ -347,7 +366,7 @@ def tensorflow_problems(images: Sequence[bytes]) -> list[str | None]:
     decoded = (
         tf.data.Dataset.from_tensor_slices(tf.constant(list(images), tf.string))
         .enumerate()
-        .map(lambda position, data: (position, tf.shape(_decode_pixels(data))[0]),
+        .map(lambda position, data: (position, tf.shape(_decode_pixels(data, CHECK_SIZE))[0]),
              num_parallel_calls=tf.data.AUTOTUNE)
         .ignore_errors()
     )
@@ -360,8 +379,35 @@ def _tensorflow_problem(data: bytes) -> str | None:
     import tensorflow as tf
 
     try:
-        _decode_pixels(tf.constant(data))
+        _decode_pixels(tf.constant(data), CHECK_SIZE)
     except tf.errors.OpError as error:
         message = TENSORFLOW_NOISE.sub("", error.message.strip()) or type(error).__name__
         return f"corrupt {_signature_format(data) or 'image'}: TensorFlow's decoder refuses it ({message})"
     return None
+
+
+def jpeg_scale(source_size: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    """Index into `JPEG_SCALES` of the scale 1/r to decode a JPEG of `source_size` (height, width)
+    at, for resizing to `image_size`: the largest r up to the larger shrink factor (the side that
+    shrinks most still decodes to at least its target) and up to twice the smaller one (the other
+    side decodes to at least half its target, so little is lost where it is stretched).
+
+    E.g. 640x480 -> 299x299 decodes at 1/2 (320x240), 4000x3000 -> 224x224 at 1/8.
+    """
+    import tensorflow as tf
+
+    shrink = tf.cast(source_size, tf.float32) / tf.constant(image_size, tf.float32)
+    limit = tf.minimum(tf.reduce_max(shrink), 2.0 * tf.reduce_min(shrink))
+    return tf.reduce_sum(tf.cast(limit >= tf.constant(JPEG_SCALES[1:], tf.float32), tf.int32))
+
+
+def _decode_jpeg_scaled(image_bytes: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    """libjpeg decodes at a reduced DCT scale: it still reads every entropy-coded block (a
+    truncated file fails as at full scale) but skips most of the inverse DCT and colour work."""
+    import tensorflow as tf
+
+    scale = jpeg_scale(tf.io.extract_jpeg_shape(image_bytes)[:2], image_size)
+    return tf.switch_case(scale, [
+        lambda ratio=ratio: tf.io.decode_jpeg(image_bytes, channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE")
+        for ratio in JPEG_SCALES
+    ])

@@ -4,9 +4,9 @@ Gallery rows are L2-normalised once, when the index is built, so a query's cosin
 to every image is one matrix product, ``scores = Q · Gᵀ`` with ``Q: (q, D)``, ``G: (N, D)``;
 nothing about the gallery is recomputed per query (seed 003 re-normalised it every time).
 
-The top k of each row comes from `dualenc.ranking.top_k`: a partition (O(N)) and a sort of only
-those k (O(k log k)), never all N scores, with equal scores in ascending gallery order (the
-rule the metrics rank by). Approximate search uses FAISS (imported only when asked for): HNSW
+Exact search scans the gallery block by block (`dualenc.exact`), keeping per query only the
+scores above its running k-th best, so it runs near the speed of reading the gallery once; equal
+scores come in ascending gallery order (the rule `dualenc.ranking` gives the metrics). Approximate search uses FAISS (imported only when asked for): HNSW
 graphs or an inverted file (IVF), both with inner-product metric.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from dualenc.errors import DualEncError
 from dualenc.files import atomic_file
-from dualenc.ranking import top_k
+from dualenc.exact import exact_top_k
 
 ANN_CHOICES = ("auto", "exact", "hnsw", "ivf")
 
@@ -29,7 +29,7 @@ ANN_CHOICES = ("auto", "exact", "hnsw", "ivf")
 # here exact search costs a few milliseconds and is exact, so approximation buys nothing.
 AUTO_ANN_THRESHOLD = 50_000
 
-# Queries scored per matrix product: bounds the (batch, N) score block to batch·N·4 bytes.
+# Queries scanned together: bounds the per-block score buffer (batch × block rows × 4 bytes).
 QUERY_BATCH = 256
 
 HNSW_NEIGHBOURS = 32
@@ -51,12 +51,15 @@ def exact_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery rows per query by inner product, best first.
 
-    `gallery_embeddings` ``(N, D)`` must already be unit-norm (the index stores it so);
-    queries ``(Q, D)`` are normalised here. Returns ``(scores, indices)``, each ``(Q, min(k, N))``,
-    scores float32 in descending order per row, equal scores in ascending gallery order.
+    `gallery_embeddings` ``(N, D)`` must already be unit-norm (the index stores it so), float32
+    or float16 (read as stored: half the memory traffic); queries ``(Q, D)`` are normalised here.
+    Returns ``(scores, indices)``, each ``(Q, min(k, N))``, scores float32 in descending order per
+    row, equal scores in ascending gallery order (`dualenc.exact.exact_top_k` scans the gallery).
     """
     queries = normalise_rows(np.atleast_2d(query_embeddings))
-    gallery = np.asarray(gallery_embeddings, dtype=np.float32)
+    gallery = np.asarray(gallery_embeddings)
+    if gallery.dtype != np.float16:
+        gallery = gallery.astype(np.float32, copy=False)
     if queries.shape[1] != gallery.shape[1]:
         raise DualEncError(
             f"query embeddings have {queries.shape[1]} dimensions but the gallery has {gallery.shape[1]}; "
@@ -66,9 +69,8 @@ def exact_search(
     all_scores = np.empty((len(queries), k), np.float32)
     all_indices = np.empty((len(queries), k), np.int64)
     for start in range(0, len(queries), QUERY_BATCH):
-        scores = queries[start : start + QUERY_BATCH] @ gallery.T  # (q, D) · (D, N) -> (q, N)
-        rows = slice(start, start + len(scores))
-        all_scores[rows], all_indices[rows] = top_k(scores, k)
+        rows = slice(start, start + QUERY_BATCH)
+        all_scores[rows], all_indices[rows] = exact_top_k(queries[rows], gallery, k)
     return all_scores, all_indices
 
 

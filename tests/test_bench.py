@@ -114,4 +114,5 @@ def test_quick_run_reports_positive_numbers_for_every_benchmark(tmp_path):
     assert report["benchmarks"]["query"]["read_bandwidth_gb_s"] > 0
     for size in report["benchmarks"]["query"]["sizes"].values():
         assert size["bound_ms"] > 0 and 0 <= size["faiss"]["recall_at_10"] <= 1
+        assert size["batch"]["bound_ms"] >= size["bound_ms"] and size["float16"]["bound_ms"] == size["bound_ms"] / 2
     assert "ours vs ref" in completed.stdout
