@@ -263,7 +263,7 @@ def complete_meta(meta: dict, gallery: Gallery, encoder_print: str, gallery_prin
 
 def load_index(index_dir: Path, embedded: int = 0) -> GalleryIndex:
     """The index stored in `index_dir` (as written by `open_index` or the Beam path)."""
-    existing = _read_existing(index_dir)
+    existing = _read_existing(index_dir, sys.stderr)
     if existing is None:
         raise DualEncError(f"no readable index in {index_dir}; rebuild it with --build-index")
     return _loaded(index_dir, *existing, embedded=embedded)

@@ -478,24 +478,28 @@ def run_training(
     if holdout is not None and verbose:
         print(f"{data_dir} has no validation split: validating on {holdout.description} from training; "
               f"the {test_split} split is kept for the final score", flush=True)
-    caches = (
-        feature_caches(model, config, text_preprocessor, data_dir, sorted({TRAIN_SPLIT, validation_split}), cache_root(cache_dir))
-        if use_feature_cache
-        else {}
-    )
-    validation = RetrievalValidation(
-        pair_batches(data_dir, validation_split, config, text_preprocessor, caches, training=False, holdout=holdout), caches
-    )
-    state = train_epochs(
-        model, config, paths,
-        lambda epochs: pair_batches(data_dir, TRAIN_SPLIT, config, text_preprocessor, caches, training=True, epochs=epochs,
-                                    holdout=holdout),
-        validation, schedule or Schedule.following(config.monitor), resume=resume, verbose=verbose,
-    )
-    if state.best_epoch is None:
-        raise DualEncError(f"no epoch gave a usable {config.monitor} (NaN); lower --learning-rate and start a new run")
-    best_weights = best_weights_path(paths.best_weights.parent, state.best_epoch)
-    model.load_weights(best_weights)
+    if config.epochs == 0:
+        # Zero-shot: the towers are exported and scored as they start (a pretrained preset).
+        state = best_weights = None
+    else:
+        caches = (
+            feature_caches(model, config, text_preprocessor, data_dir, sorted({TRAIN_SPLIT, validation_split}), cache_root(cache_dir))
+            if use_feature_cache
+            else {}
+        )
+        validation = RetrievalValidation(
+            pair_batches(data_dir, validation_split, config, text_preprocessor, caches, training=False, holdout=holdout), caches
+        )
+        state = train_epochs(
+            model, config, paths,
+            lambda epochs: pair_batches(data_dir, TRAIN_SPLIT, config, text_preprocessor, caches, training=True, epochs=epochs,
+                                        holdout=holdout),
+            validation, schedule or Schedule.following(config.monitor), resume=resume, verbose=verbose,
+        )
+        if state.best_epoch is None:
+            raise DualEncError(f"no epoch gave a usable {config.monitor} (NaN); lower --learning-rate and start a new run")
+        best_weights = best_weights_path(paths.best_weights.parent, state.best_epoch)
+        model.load_weights(best_weights)
     export_encoders(
         paths.root,
         encode_images=model.encode_images,
@@ -510,18 +514,20 @@ def run_training(
     metrics = retrieval_metrics(
         embed_split(test_batches.as_numpy_iterator(), model.encode_images, model.encode_texts, caption_key=TOKENS)
     )
-    plot_curves(history_columns(state.history), paths.curves)
-    with atomic_file(paths.best_weights) as staging:
-        shutil.copyfile(best_weights, staging)
+    if state is not None:
+        plot_curves(history_columns(state.history), paths.curves)
+        with atomic_file(paths.best_weights) as staging:
+            shutil.copyfile(best_weights, staging)
     report = {
         "split": test_split,
         "validation": validation_split if holdout is None else holdout.description,
-        "epochs_trained": state.epochs_done,
-        "best_epoch": state.best_epoch + 1,
+        "epochs_trained": 0 if state is None else state.epochs_done,
+        "best_epoch": None if state is None else state.best_epoch + 1,
         **metrics,
     }
     write_json_atomic(paths.metrics, report)
-    # Finished: what a resume would need goes.
-    shutil.rmtree(paths.backup)
-    best_weights.unlink()
+    if state is not None:
+        # Finished: what a resume would need goes.
+        shutil.rmtree(paths.backup)
+        best_weights.unlink()
     return report

@@ -81,7 +81,7 @@ def test_load_reports_file_problems(tmp_path):
          "src.json: model.vision.image_size must be a list of 2 integers or null, got [64, 64, 64]"),
         ({"model": {"text": {"trainable": "no"}}}, 'src.json: model.text.trainable must be true or false, got "no"'),
         ({"model": 5}, "src.json.model: expected a JSON object, got int"),
-        ({"epochs": 0}, "src.json: epochs must be > 0, got 0"),
+        ({"epochs": -1}, "src.json: epochs must be >= 0, got -1"),
     ],
 )
 def test_from_dict_names_the_field_and_the_type_wanted(values, message):
