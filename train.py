@@ -107,6 +107,22 @@ def build_config(args: argparse.Namespace) -> configs.TrainConfig:
     return dataclasses.replace(config, **changes)
 
 
+def _with_attribute_scores(report: dict, paths, data_dir: Path) -> dict:
+    """Add attribute-query precision@9 (`dualenc.attributes`) to the report and metrics.json.
+
+    Only for the built-in demo (no --data): `search.py --evaluate` scores any other demo pack.
+    """
+    from dualenc.attributes import run_attribute_report
+    from dualenc.files import write_json_atomic
+
+    scores = run_attribute_report(paths.root, data_dir)
+    if scores is None:
+        return report
+    report = {**report, "attributes": scores}
+    write_json_atomic(paths.metrics, report)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -115,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         from dualenc.runs import choose_run_dir, point_latest
 
         config = build_config(args)
-        if config.data is None:
+        built_in_demo = config.data is None
+        if built_in_demo:
             if args.preset != "demo":
                 raise DualEncError(f"--preset {args.preset} needs --data DIR (a directory packed with `python -m tfrecords_tools`)")
             from tfrecords_tools.demo_cache import packed_demo
@@ -136,11 +153,17 @@ def main(argv: list[str] | None = None) -> int:
 
         report = run_training(config, paths, resume=resume, use_feature_cache=not args.no_feature_cache,
                               verbose=0 if args.quiet else 1, on_start=started)
+        if built_in_demo:
+            report = _with_attribute_scores(report, paths, Path(config.data))
     except DualEncError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = ", ".join(f"{key} {value:.1f}" for key, value in report.items() if isinstance(value, float))
     print(f"done: {paths.root} ({report['split']} split: {summary})")
+    if "attributes" in report:
+        scores = report["attributes"]
+        print(f"attribute queries: precision@{scores['k']} {scores['precision']:.2f} (chance {scores['chance']:.2f}; "
+              f"{scores['queries']} queries, {scores['images']} images of unseen people)")
     return 0
 
 
