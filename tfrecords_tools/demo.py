@@ -70,7 +70,7 @@ ATTRIBUTES_NAME = "attributes.json"
 MARKER_NAME = "demo.json"
 GENERATOR_NAME = "dualenc-demo"
 # Bump when the output for the same parameters changes, so old demo datasets get rebuilt.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 4
 
 
 def attribute_combinations() -> list[dict[str, str]]:
