@@ -24,7 +24,8 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt | check-python
 
 demo: check-python $(STAMP)
 	$(BIN)/python train.py --epochs 30
-	$(BIN)/python search.py "a woman in a red coat" --grid runs/latest/search.png
+	$(BIN)/python search.py "a woman in a red coat" --grid runs/latest/search.png \
+		--gallery "$${DUALENC_CACHE:-$$HOME/.cache/dualenc}/demo-attributes/imgs"
 
 # The search page's browser test drives Debian's chromium through its chromedriver; CI runs as
 # root on Debian and installs them here. Without apt-get (or root) the test skips, saying why.

@@ -24,7 +24,8 @@ EXAMPLES = """examples:
   python search.py "two people" --gallery ~/photos --json  any folder of images
   python search.py --image query.jpg --gallery ~/photos    image → image
   python search.py --build-index --data data/coco --split val --ann hnsw
-  python search.py --evaluate                              R@1/5/10, mAP, top-100 accuracy
+  python search.py --evaluate                              R@1/5/10, mAP, top-100 accuracy (+ attribute
+                                                           precision@9 on the demo)
   python search.py --evaluate --model clip_vit_base_patch16 --data data/coco   zero-shot CLIP
   python search.py --serve                                 a search page at http://127.0.0.1:8000/
 """
@@ -167,6 +168,7 @@ def evaluate(run_dir: Path, gallery, index) -> dict:
     `dualenc.evaluation.retrieval_report`)."""
     import numpy as np
 
+    from dualenc.attributes import run_attribute_report
     from dualenc.evaluation import SplitEmbeddings, retrieval_report
     from dualenc.export import TEXT_ENCODER_DIR, load_encoder
     from dualenc.packed import split_captions
@@ -181,7 +183,9 @@ def evaluate(run_dir: Path, gallery, index) -> dict:
         image_ids=index.image_ids,
     )
     scores = retrieval_report(embeddings, first_caption_embeddings=text_encoder(index.captions))
-    return {"data": str(gallery.data_dir), "split": gallery.split, **scores}
+    report = {"data": str(gallery.data_dir), "split": gallery.split, **scores}
+    attribute_scores = run_attribute_report(run_dir, gallery.data_dir)
+    return report if attribute_scores is None else {**report, "attributes": attribute_scores}
 
 
 def print_evaluation(scores: dict) -> None:
@@ -192,6 +196,11 @@ def print_evaluation(scores: dict) -> None:
         print(f"{label:<12}" + "".join(f"{scores[key][name]:>9.2f}" for name in columns))
     accuracy = scores["top_k_accuracy"]
     print(f"top-{accuracy['k']} accuracy (each image's first caption → its image): {accuracy['percent']:.2f}")
+    if "attributes" in scores:
+        attributes = scores["attributes"]
+        print(f"attribute queries (demo): precision@{attributes['k']} {attributes['precision']:.3f}, "
+              f"chance {attributes['chance']:.3f} ({attributes['queries']} queries naming 1-4 attributes, "
+              f"{attributes['images']} images of unseen people)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -148,7 +148,8 @@ def train(args: argparse.Namespace, config: configs.TrainConfig) -> tuple[runs.R
 
     # Image size, sequence length and projection width of keras-hub presets.
     config = dataclasses.replace(config, model=resolve_model_config(config.model))
-    if config.data is None:
+    built_in_demo = config.data is None
+    if built_in_demo:
         from tfrecords_tools.demo_cache import packed_demo
 
         config = dataclasses.replace(config, data=str(packed_demo()))
@@ -170,6 +171,8 @@ def train(args: argparse.Namespace, config: configs.TrainConfig) -> tuple[runs.R
 
         report = run_training(resolved(paths), paths, resume=resume, use_feature_cache=not args.no_feature_cache,
                               verbose=0 if args.quiet else 1, on_start=started)
+        if built_in_demo:
+            report = _with_attribute_scores(report, paths, Path(config.data))
     return paths, report
 
 
@@ -178,6 +181,22 @@ def point_latest_run(paths: runs.RunPaths) -> None:
     interrupted run again, and a start that fails leaves the link where it was."""
     RUNS_ROOT.mkdir(exist_ok=True)
     runs.point_latest(RUNS_ROOT, paths)
+
+
+def _with_attribute_scores(report: dict, paths: runs.RunPaths, data_dir: Path) -> dict:
+    """Add attribute-query precision@9 (`dualenc.attributes`) to the report and metrics.json.
+
+    Only for the built-in demo (no --data): `search.py --evaluate` scores any other demo pack.
+    """
+    from dualenc.attributes import run_attribute_report
+    from dualenc.files import write_json_atomic
+
+    scores = run_attribute_report(paths.root, data_dir)
+    if scores is None:
+        return report
+    report = {**report, "attributes": scores}
+    write_json_atomic(paths.metrics, report)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = ", ".join(f"{key} {value:.1f}" for key, value in report.items() if isinstance(value, float))
     print(f"done: {paths.root} ({report['split']} split: {summary})")
+    if "attributes" in report:
+        scores = report["attributes"]
+        print(f"attribute queries: precision@{scores['k']} {scores['precision']:.2f} (chance {scores['chance']:.2f}; "
+              f"{scores['queries']} queries, {scores['images']} images of unseen people)")
     return 0
 
 

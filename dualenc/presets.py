@@ -32,8 +32,10 @@ CLIP_B16 = "clip_vit_base_patch16"
 PRESETS = {
     "demo": TrainConfig(
         model=ModelConfig(
-            vision=VisionConfig("small_cnn", weights=None, trainable=True),
-            text=TextConfig(tower="bilstm", trainable=True, vocab_size=1000, embedding_dim=64, lstm_units=64),
+            vision=VisionConfig("small_cnn", weights=None, trainable=True, image_size=(64, 32)),
+            text=TextConfig(
+                tower="bilstm", trainable=True, vocab_size=1000, max_tokens=32, embedding_dim=64, lstm_units=64
+            ),
             projection_dim=128,
             projection_layers=1,
             dropout=0.1,

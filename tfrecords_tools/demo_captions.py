@@ -1,8 +1,10 @@
 """Describe a synthetic pedestrian in CUHK-PEDES-style English, from its attributes.
 
 Captions vary the sentence pattern, the synonyms and which attributes they name, but each one
-names the colour and garment of at least one clothing item, and every word about gender, colour,
-garment or bag is true of the picture. Colour words are the attribute values themselves, except
+names at least one garment, and every word about gender, colour, garment or bag is true of the
+picture. A garment is sometimes named without its colour ("a man in a jacket and blue shorts"),
+as people do: a caption that always gave colours would let a model tell people apart by colour
+alone and never learn what a jacket or a backpack looks like. Colour words are the attribute values themselves, except
 that grey is sometimes spelt "gray" (both spellings are common in CUHK-PEDES). A colour word is
 always followed, within a few words, by the garment it colours ("a long red coat", "a pair of
 black trousers"), and hair or skin colour is never mentioned, so a colour word is unambiguous.
@@ -47,6 +49,7 @@ NAMED_ITEMS = (
     ((False, True, False), 0.10),
 )
 GENDER_NAMED_PROBABILITY = 0.85
+COLORLESS_PROBABILITY = 0.3  # per named garment
 
 
 def tokenize(caption: str) -> list[str]:
@@ -64,6 +67,13 @@ def _with_article(phrase: str) -> str:
 
 def _color_word(color: str, rng: np.random.Generator) -> str:
     return _pick(rng, COLOR_SPELLINGS.get(color, (color,)))
+
+
+def _fill_color(template: str, color: str, rng: np.random.Generator) -> str:
+    """The garment phrase with its colour word, or (`COLORLESS_PROBABILITY`) without one."""
+    if rng.random() < COLORLESS_PROBABILITY:
+        return template.replace("{color} ", "")
+    return template.format(color=_color_word(color, rng))
 
 
 def _bag_with(bag: str, rng: np.random.Generator) -> str:
@@ -87,10 +97,10 @@ def _clothes(attributes: Mapping[str, str], name_upper: bool, name_lower: bool, 
     phrases = []
     if name_upper:
         template = _pick(rng, UPPER_PHRASES[attributes["upper"]])
-        phrases.append(_with_article(template.format(color=_color_word(attributes["upper_color"], rng))))
+        phrases.append(_with_article(_fill_color(template, attributes["upper_color"], rng)))
     if name_lower:
         template = _pick(rng, LOWER_PHRASES[attributes["lower"]])
-        phrase = template.format(color=_color_word(attributes["lower_color"], rng))
+        phrase = _fill_color(template, attributes["lower_color"], rng)
         phrases.append(_with_article(phrase) if attributes["lower"] in SINGULAR_LOWERS else phrase)
     if len(phrases) == 1:
         return phrases[0]

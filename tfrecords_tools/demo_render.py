@@ -348,8 +348,9 @@ def _draw_torso(paint: _Painter, upper: str, look: Look, body: dict) -> None:
             for side in (-1, 1):
                 paint.ellipse((side * 0.028, button_v), 0.011, 0.011, detail)
     elif upper == "jacket":
-        paint.band(-0.05, 0.05, SHOULDER_V - 0.035, SHOULDER_V + 0.01, detail)
-        paint.line([(0.0, SHOULDER_V), (0.0, hem_v)], 0.014, detail)
+        # A zip wide enough to survive shrinking to 64 x 32, which tells a jacket from a sweater.
+        paint.band(-0.06, 0.06, SHOULDER_V - 0.04, SHOULDER_V + 0.015, detail)
+        paint.line([(0.0, SHOULDER_V), (0.0, hem_v)], 0.03, detail)
         paint.band(-hem_half_width, hem_half_width, hem_v - 0.03, hem_v, detail)
     elif upper == "shirt":
         for side in (-1, 1):
@@ -416,12 +417,13 @@ def _draw_head(paint: _Painter, gender: str, look: Look) -> None:
 
 def _draw_handbag(paint: _Painter, hand: Point, side: int, color: Rgb) -> None:
     """A small bag hanging from `hand` by a handle, shifted outward so it clears the legs."""
-    center_u, top_v = hand[0] + side * 0.02, hand[1] + 0.03
+    # Sized to stay a few pixels wide at 64 x 32, where models of the demo look at it.
+    center_u, top_v = hand[0] + side * 0.03, hand[1] + 0.03
     handle = detail_shade(color) if luminance(color) > 70 else (150, 150, 150)
-    paint.line([hand, (center_u - 0.03, top_v), (center_u + 0.03, top_v), hand], 0.008, handle)
-    bottom_v = top_v + 0.095
+    paint.line([hand, (center_u - 0.04, top_v), (center_u + 0.04, top_v), hand], 0.01, handle)
+    bottom_v = top_v + 0.13
     paint.polygon(
-        [(center_u - 0.06, top_v), (center_u + 0.06, top_v), (center_u + 0.068, bottom_v), (center_u - 0.068, bottom_v)],
+        [(center_u - 0.08, top_v), (center_u + 0.08, top_v), (center_u + 0.09, bottom_v), (center_u - 0.09, bottom_v)],
         color,
     )
-    paint.line([(center_u - 0.045, top_v + 0.02), (center_u + 0.045, top_v + 0.02)], 0.006, detail_shade(color))
+    paint.line([(center_u - 0.06, top_v + 0.03), (center_u + 0.06, top_v + 0.03)], 0.008, detail_shade(color))
