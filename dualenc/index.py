@@ -8,6 +8,8 @@ An index lives in ``RUN/index/<gallery-key>/``:
   fingerprints — the encoder's (sha256 of ``saved_model.pb`` and the variables files) and the
   gallery's (see `dualenc.gallery`) — and the sha256 of the stored embeddings, so a file
   replaced by another model's of the same shape is caught and rebuilt, not searched;
+- ``embeddings-stat.json``: the embeddings file's size, time and inode when it was hashed, so
+  opening a large index re-hashes it only when the file has changed;
 - ``ann-hnsw.faiss`` / ``ann-ivf.faiss``: approximate-search indexes, built on first use;
 - ``ann-compressed.faiss``: for a gallery too large for memory (built by the Beam path, see
   `dualenc.large_index`), a compressed IVF index that ``--ann auto`` searches memory-mapped,
@@ -42,6 +44,7 @@ from dualenc.gallery import EMBED_BATCH, Gallery
 INDEX_DIR = "index"
 META_NAME = "meta.json"
 EMBEDDINGS_NAME = "embeddings.npy"
+STAT_NAME = "embeddings-stat.json"  # (size, mtime, inode) of embeddings.npy when it was hashed
 META_VERSION = 1
 REQUIRED_META = frozenset(
     ("encoder_fingerprint", "gallery_fingerprint", "embeddings_sha256", "dtype", "image_ids", "paths", "labels",
@@ -125,6 +128,13 @@ def _file_stat(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
+def _recorded_stat(index_dir: Path) -> list[int] | None:
+    try:
+        return json.loads((index_dir / STAT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _read_existing(index_dir: Path, log: TextIO) -> tuple[dict, np.ndarray] | None:
     """(meta, embeddings) of a previous index, or None when there is none, it is unreadable or
     its embeddings are not the ones it recorded (said on `log`)."""
@@ -137,7 +147,7 @@ def _read_existing(index_dir: Path, log: TextIO) -> tuple[dict, np.ndarray] | No
         return None
     if embeddings.ndim != 2 or len(embeddings) != len(meta["image_ids"]):
         return None
-    if meta.get("embeddings_stat") != _file_stat(index_dir / EMBEDDINGS_NAME) and \
+    if _recorded_stat(index_dir) != _file_stat(index_dir / EMBEDDINGS_NAME) and \
             embeddings_sha256(embeddings) != meta["embeddings_sha256"]:
         print(f"{index_dir / EMBEDDINGS_NAME} is not the file this index wrote (its sha256 differs); rebuilding the index",
               file=log)
@@ -171,8 +181,8 @@ def write_index_streamed(index_dir: Path, meta: dict, fill: Callable[[np.ndarray
             target.flush()
             meta["embeddings_sha256"] = embeddings_sha256(target)
             del target
-            meta["embeddings_stat"] = _file_stat(building / EMBEDDINGS_NAME)
             (building / META_NAME).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            (building / STAT_NAME).write_text(json.dumps(_file_stat(building / EMBEDDINGS_NAME)) + "\n", encoding="utf-8")
     except OSError as error:
         raise DualEncError(
             f"cannot write the gallery index {index_dir} ({error.strerror or error}); "
