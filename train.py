@@ -3,6 +3,7 @@
     python train.py --epochs 30                      # the embedded demo, built on first use
     python train.py --preset coco --data data/coco   # seed 003: frozen Xception + small BERT
     python train.py --preset cuhk-pedes --data data/cuhk --placement split
+    python -m dualenc.launch --workers 2 -- train.py --data data/cuhk --out runs/two --placement multi-worker
 
 Flags override the preset, and a --config JSON file sits between the two. Everything lands in
 --out (default runs/<timestamp>, with runs/latest pointing at it); the same command again
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from dualenc import config as configs
+from dualenc.cluster import training_cluster
 from dualenc.errors import DualEncError
 from dualenc.presets import PRESETS, preset
 
@@ -46,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-encoder", help="TF Hub handle or local SavedModel dir of the BERT encoder")
     parser.add_argument("--train-backbones", action=argparse.BooleanOptionalAction, default=None,
                         help="fine-tune (or, with --no-train-backbones, freeze) both backbones")
-    parser.add_argument("--placement", choices=configs.PLACEMENTS)
+    parser.add_argument("--placement", choices=configs.PLACEMENTS,
+                        help="multi-worker: one of several machines (TF_CONFIG); auto: multi-worker when TF_CONFIG names several")
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--monitor", choices=configs.MONITORS,
@@ -110,11 +113,12 @@ def build_config(args: argparse.Namespace) -> configs.TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        config = build_config(args)
+        cluster = training_cluster(config.placement, args.out, config.data)  # TF_CONFIG checked before TensorFlow starts
         from dualenc.training import resolve_config, run_training  # heavy: TensorFlow
         from dualenc.manifest import load_manifest
-        from dualenc.runs import choose_run_dir, point_latest
+        from dualenc.runs import RunPaths, choose_run_dir, point_latest
 
-        config = build_config(args)
         if config.data is None:
             if args.preset != "demo":
                 raise DualEncError(f"--preset {args.preset} needs --data DIR (a directory packed with `python -m tfrecords_tools`)")
@@ -123,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             config = dataclasses.replace(config, data=str(packed_demo()))
         config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
         manifest = load_manifest(config.data)
-        paths, resume = choose_run_dir(args.out, RUNS_ROOT, lambda candidate: resolve_config(config, manifest, candidate))
+        if cluster is not None and not cluster.is_chief:
+            # Only the chief checks and writes the run directory; this worker follows its backup.
+            paths, resume = RunPaths(Path(args.out).resolve()), False
+        else:
+            paths, resume = choose_run_dir(args.out, RUNS_ROOT, lambda candidate: resolve_config(config, manifest, candidate))
         config = resolve_config(config, manifest, paths)
 
         def started() -> None:

@@ -19,7 +19,7 @@ from dualenc.files import write_json_atomic
 VISION_BACKBONES = ("small_cnn", "xception", "mobilenet", "mobilenet_v2", "resnet50", "efficientnet_v2_b0")
 TEXT_TOWERS = ("bilstm", "bert")
 LOSSES = ("soft_target", "clip", "cmpm", "cmpc", "cmpm+cmpc")
-PLACEMENTS = ("single", "split", "mirrored")
+PLACEMENTS = ("single", "split", "mirrored", "multi-worker", "auto")
 # Epoch-end values that learning-rate reduction, early stopping and checkpoints may follow.
 MONITORS = ("val_loss", "val_t2i_r1", "val_t2i_r10", "val_i2t_r1", "val_i2t_r10", "val_t2i_map", "val_i2t_map")
 

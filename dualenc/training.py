@@ -32,8 +32,9 @@ from dualenc.files import atomic_file, write_json_atomic
 from dualenc.images import decode_image
 from dualenc.manifest import Manifest, load_manifest
 from dualenc.model import CAPTION_FEATURES, IMAGE_FEATURES, TOKENS, DualEncoder, build_dual_encoder
+from dualenc.multiworker import check_same_config, describe, shard_inputs, shard_mode, worker_cache_dir, worker_run_paths
 from dualenc.packed import record_dataset, split_captions
-from dualenc.placement import make_placement
+from dualenc.placement import Placement, make_placement
 from dualenc.preprocessing import build_text_preprocessor
 from dualenc.records import CAPTION, IMAGE, IMAGE_ID, LABEL, parse_example
 from dualenc.runs import RunPaths, cache_root
@@ -265,10 +266,10 @@ def learn_vocabulary(data_dir: Path, text: configs.TextConfig) -> None:
     learn_wordpiece_vocabulary(captions, text.vocab_size, path)
 
 
-def build_model(config: configs.TrainConfig) -> DualEncoder:
+def build_model(config: configs.TrainConfig, placement: Placement | None = None) -> DualEncoder:
     """The compiled dual encoder for `config` (placement, mixed precision, AdamW with EMA)."""
     keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision else "float32")
-    placement = make_placement(config.placement)
+    placement = placement if placement is not None else make_placement(config.placement)
     with placement.scope():
         model = build_dual_encoder(config.model, placement)
         model.compile(
@@ -335,15 +336,24 @@ def run_training(
     bad dataset or an unreachable TF Hub handle leaves no run behind; `on_start` is called
     then, just before training (train.py points runs/latest at the run there).
     """
+    # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
+    placement = make_placement(config.placement)
+    cluster = placement.cluster
     data_dir = Path(config.data)
     manifest = check_data(config, data_dir)
     validation_split = pick_split(manifest, VALIDATION_SPLITS, data_dir)
     test_split = pick_split(manifest, TEST_SPLITS, data_dir)
-    if config.model.text.tower == "bilstm":
+    if config.model.text.tower == "bilstm" and (cluster is None or cluster.is_chief):
         learn_vocabulary(data_dir, config.model.text)
+    if cluster is not None:
+        # Also the barrier after which the chief's vocabulary exists for the other workers.
+        check_same_config(placement.strategy, cluster, json.dumps(configs.to_dict(config), sort_keys=True) + str(paths.root))
+        if config.model.text.tower == "bilstm":
+            learn_vocabulary(data_dir, config.model.text)
+        paths = worker_run_paths(paths, cluster)
     keras.utils.set_random_seed(config.seed)
     text_preprocessor = build_text_preprocessor(config.model.text)
-    model = build_model(config)
+    model = build_model(config, placement)
     paths.root.mkdir(parents=True, exist_ok=True)
     if resume:
         trim_log(paths.log_csv, backed_up_epochs(paths.backup))
@@ -352,19 +362,29 @@ def run_training(
     if on_start is not None:
         on_start()
     caches = (
-        feature_caches(model, config, text_preprocessor, data_dir, [TRAIN_SPLIT, validation_split], cache_root(cache_dir))
+        feature_caches(
+            model, config, text_preprocessor, data_dir, [TRAIN_SPLIT, validation_split],
+            worker_cache_dir(cache_root(cache_dir), cluster),
+        )
         if use_feature_cache
         else {}
     )
     train_batches = pair_batches(data_dir, TRAIN_SPLIT, config, text_preprocessor, caches, training=True)
     validation_batches = pair_batches(data_dir, validation_split, config, text_preprocessor, caches, training=False)
+    train_inputs, validation_inputs = model_inputs(train_batches), model_inputs(validation_batches)
+    if cluster is not None:
+        shards = len(manifest.split(TRAIN_SPLIT, data_dir).shards)
+        print(describe(cluster, shard_mode(shards, cluster.num_workers), shards), flush=True)
+        train_inputs = shard_inputs(train_inputs, shard_mode(shards, cluster.num_workers))
+        validation_shards = len(manifest.split(validation_split, data_dir).shards)
+        validation_inputs = shard_inputs(validation_inputs, shard_mode(validation_shards, cluster.num_workers))
     with warnings.catch_warnings():
         # Epoch length is unknown until the first epoch ends (identity batches vary in number);
         # Keras reports that end as "input ran out of data", which here is expected.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         model.fit(
-            model_inputs(train_batches),
-            validation_data=model_inputs(validation_batches),
+            train_inputs,
+            validation_data=validation_inputs,
             epochs=config.epochs,
             shuffle=False,  # the pipeline shuffles, seeded
             callbacks=_callbacks(paths, config, RetrievalValidation(validation_batches, caches), verbose),

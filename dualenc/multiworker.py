@@ -1,0 +1,211 @@
+"""Training one model on several machines with `tf.distribute.MultiWorkerMirroredStrategy`.
+
+Every worker runs the same `train.py` command with its own `TF_CONFIG` (`dualenc.cluster`).
+Each embeds its slice of every global batch; the model's steps all-gather the embeddings
+(`dualenc.placement.gather_replicas`) so the contrastive loss sees the whole global batch as
+negatives, exactly as one process would.
+
+Why `MultiWorkerStrategy` and not the stock class: Keras 3's TensorFlow trainer (3.15,
+``keras/src/backend/tensorflow/trainer.py``) calls ``strategy.reduce`` in two ways that
+`tf.distribute.MultiWorkerMirroredStrategy.reduce` rejects once it spans several workers:
+
+- ``_maybe_symbolic_build`` (start of every ``fit``/``evaluate`` of a model created in the
+  strategy's scope) reduces the first input batch, a dict or tuple, in one call; the
+  strategy reduces one value at a time (its own docstring: "TODO: support `value` being a
+  nest") and fails with ``Attempt to convert a value (PerReplica...)``;
+- ``reduce_per_replica`` averages each step's logs with ``reduce("MEAN", value, axis=0)``,
+  and the logs are scalars, which have no axis 0 (``Invalid reduction dimension 0``).
+
+`MultiWorkerStrategy.reduce` accepts both: a nest is reduced leaf by leaf (integer leaves,
+which Keras only inspects for their shapes, keep this worker's values), and a scalar is
+averaged over the replicas without an axis. Nothing private is overridden.
+
+Only the chief writes the run directory; the other workers run the same callbacks into a
+scratch directory they delete (`worker_run_paths`), since saving reads every variable, which
+may need all workers. Keras' `BackupAndRestore` backs up into the shared run directory, and
+each worker restores from it, so restarting every worker resumes from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from dualenc.cluster import Cluster
+from dualenc.errors import DualEncError
+from dualenc.runs import RunPaths
+
+# How long a worker waits for all others to join before giving up; `$DUALENC_WORKER_TIMEOUT_S` overrides.
+DEFAULT_JOIN_TIMEOUT_S = 300.0
+JOIN_TIMEOUT_VARIABLE = "DUALENC_WORKER_TIMEOUT_S"
+SHARD_BY_FILE = "file"
+SHARD_BY_DATA = "data"
+# Fingerprint words compared across workers: 4 x 31 bits of the config's SHA-256.
+FINGERPRINT_WORDS = 4
+
+
+class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """`MultiWorkerMirroredStrategy` whose `reduce` takes what Keras' trainer gives it (module docstring)."""
+
+    def reduce(self, reduce_op: Any, value: Any, axis: int | None) -> Any:
+        """`Strategy.reduce` of each leaf of `value`; integer leaves stay local, scalars ignore `axis`."""
+
+        def reduce_leaf(leaf: Any) -> Any:
+            local = self.experimental_local_results(leaf)[0]
+            if not local.dtype.is_floating:
+                return local
+            leaf_axis = None if local.shape.rank == 0 else axis
+            return super(MultiWorkerStrategy, self).reduce(reduce_op, leaf, leaf_axis)
+
+        return tf.nest.map_structure(reduce_leaf, value)
+
+
+def join_timeout_s() -> float:
+    """Seconds to wait for the other workers (`$DUALENC_WORKER_TIMEOUT_S`, else 300)."""
+    text = os.environ.get(JOIN_TIMEOUT_VARIABLE, "")
+    try:
+        return float(text) if text else DEFAULT_JOIN_TIMEOUT_S
+    except ValueError:
+        raise DualEncError(f"${JOIN_TIMEOUT_VARIABLE}={text!r} is not a number of seconds") from None
+
+
+def _listening(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether something accepts TCP connections at "host:port"."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _deadline(cluster: Cluster, what: str, timeout_s: float) -> Iterator[None]:
+    """Exit with one `error:` line (status 2) if the block is still running after `timeout_s`.
+
+    TensorFlow waits for missing workers inside native code that no Python exception can
+    interrupt, so a watchdog thread ends the process; the line names the workers whose
+    address accepts no connection (the ones that never came up).
+    """
+    finished = threading.Event()
+
+    def watch() -> None:
+        if finished.wait(timeout_s):
+            return
+        missing = [address for address in cluster.addresses if address != cluster.address and not _listening(address)]
+        culprit = f"no worker is listening at {', '.join(missing)}" if missing else "the other workers are up but did not join"
+        print(
+            f"error: worker {cluster.rank} ({cluster.address}) gave up {what} after {timeout_s:g} s: {culprit}; "
+            f"start every worker of TF_CONFIG (or raise ${JOIN_TIMEOUT_VARIABLE})",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(2)
+
+    threading.Thread(target=watch, name="dualenc-join-deadline", daemon=True).start()
+    try:
+        yield
+    finally:
+        finished.set()
+
+
+def create_strategy(cluster: Cluster) -> MultiWorkerStrategy:
+    """The strategy for `cluster` (read from `TF_CONFIG` by TensorFlow too); create it before any other TF op."""
+    with _deadline(cluster, "starting the cluster", join_timeout_s()):
+        return MultiWorkerStrategy()
+
+
+def config_fingerprint(config_json: str) -> np.ndarray:
+    """(FINGERPRINT_WORDS,) int32 words of the SHA-256 of the resolved config (31 bits each, so non-negative)."""
+    digest = hashlib.sha256(config_json.encode()).digest()
+    words = np.frombuffer(digest[: 4 * FINGERPRINT_WORDS], dtype=">u4") >> 1
+    return words.astype(np.int32)
+
+
+def check_same_config(strategy: tf.distribute.Strategy, cluster: Cluster, config_json: str) -> None:
+    """Compare the config fingerprint of every worker with the chief's; `DualEncError` naming the odd ones.
+
+    The all-gather is also the first collective, so every worker waits here (up to the join
+    timeout) until all have joined: afterwards the chief's files in the run directory exist.
+    """
+    local = tf.constant(config_fingerprint(config_json)[None, :])
+
+    def gather() -> tf.Tensor:
+        return tf.distribute.get_replica_context().all_gather(local, axis=0)
+
+    with _deadline(cluster, "waiting for the other workers", join_timeout_s()):
+        gathered = strategy.experimental_local_results(strategy.run(gather))[0].numpy()
+    per_worker = gathered.reshape(cluster.num_workers, -1, FINGERPRINT_WORDS)[:, 0, :]
+    differing = [rank for rank in range(cluster.num_workers) if not np.array_equal(per_worker[rank], per_worker[0])]
+    if differing:
+        names = ", ".join(f"worker {rank} ({cluster.addresses[rank]})" for rank in differing)
+        raise DualEncError(
+            f"{names} started with a different command or config than the chief ({cluster.addresses[0]}); "
+            "run the same train.py command on every worker"
+        )
+
+
+def shard_mode(num_files: int, num_workers: int) -> str:
+    """"file" when every worker can read whole files of its own, "data" otherwise."""
+    return SHARD_BY_FILE if num_files >= num_workers else SHARD_BY_DATA
+
+
+def shard_inputs(dataset: tf.data.Dataset, mode: str) -> tf.data.Dataset:
+    """`dataset` with the auto-shard policy `mode` that `experimental_distribute_dataset` applies.
+
+    By file, each worker reads its own TFRecord shards; by data, each reads everything and keeps
+    its slice of every global batch (so the global batches are the single-process ones).
+    """
+    policy = {
+        SHARD_BY_FILE: tf.data.experimental.AutoShardPolicy.FILE,
+        SHARD_BY_DATA: tf.data.experimental.AutoShardPolicy.DATA,
+    }[mode]
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = policy
+    return dataset.with_options(options)
+
+
+def worker_run_paths(paths: RunPaths, cluster: Cluster | None) -> RunPaths:
+    """Where this worker writes: the run directory for the chief (or a single process), else a
+    scratch directory, removed when the process exits, that starts with a copy of the chief's
+    backup so this worker resumes from the same epoch."""
+    if cluster is None or cluster.is_chief:
+        return paths
+    scratch = Path(tempfile.mkdtemp(prefix=f"dualenc-worker{cluster.rank}-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    if paths.backup.is_dir():
+        shutil.copytree(paths.backup, scratch / paths.backup.relative_to(paths.root))
+    return RunPaths(scratch)
+
+
+def worker_cache_dir(cache_dir: Path, cluster: Cluster | None) -> Path:
+    """The feature cache of this worker: its own subdirectory, so workers sharing a disk never
+    write one cache file at the same time."""
+    return cache_dir if cluster is None else cache_dir / f"worker-{cluster.rank}"
+
+
+def describe(cluster: Cluster, mode: str, num_files: int) -> str:
+    """The line a run prints about its cluster and input sharding."""
+    reason = (
+        f"{num_files} shards >= {cluster.num_workers} workers"
+        if mode == SHARD_BY_FILE
+        else f"{num_files} shard(s) < {cluster.num_workers} workers"
+    )
+    role = "chief" if cluster.is_chief else "writes to a scratch directory"
+    return (
+        f"multi-worker: worker {cluster.rank} of {cluster.num_workers} ({cluster.address}, {role}); "
+        f"input sharded by {mode} ({reason})"
+    )
