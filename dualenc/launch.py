@@ -97,12 +97,14 @@ def stop(processes: Sequence[subprocess.Popen]) -> None:
             process.wait()
 
 
-def supervise(processes: Sequence[subprocess.Popen], sink: IO[str] = sys.stdout) -> int:
-    """Relay every worker's output with its prefix until all exit; stop the rest when one fails.
+def supervise(processes: Sequence[subprocess.Popen], sink: IO[str] | None = None) -> int:
+    """Relay every worker's output with its prefix (to `sink`, default stdout) until all exit;
+    stop the rest when one fails.
 
     Returns 0 when every worker succeeded, else the status of the first that failed (1 if that
     status was itself 0 or negative, i.e. a signal).
     """
+    sink = sys.stdout if sink is None else sink
     lock = threading.Lock()
     relays = [
         threading.Thread(target=_relay, args=(index, process.stdout, sink, lock), daemon=True)

@@ -29,23 +29,19 @@ each worker restores from it, so restarting every worker resumes from the last f
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import os
 import shutil
-import socket
-import sys
 import tempfile
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from dualenc.cluster import Cluster
 from dualenc.errors import DualEncError
+from dualenc.rendezvous import check_in
 from dualenc.runs import RunPaths
 
 # How long a worker waits for all others to join before giving up; `$DUALENC_WORKER_TIMEOUT_S` overrides.
@@ -53,8 +49,6 @@ DEFAULT_JOIN_TIMEOUT_S = 300.0
 JOIN_TIMEOUT_VARIABLE = "DUALENC_WORKER_TIMEOUT_S"
 SHARD_BY_FILE = "file"
 SHARD_BY_DATA = "data"
-# Fingerprint words compared across workers: 4 x 31 bits of the config's SHA-256.
-FINGERPRINT_WORDS = 4
 
 
 class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
@@ -82,80 +76,35 @@ def join_timeout_s() -> float:
         raise DualEncError(f"${JOIN_TIMEOUT_VARIABLE}={text!r} is not a number of seconds") from None
 
 
-def _listening(address: str, timeout_s: float = 1.0) -> bool:
-    """Whether something accepts TCP connections at "host:port"."""
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return True
-    except (OSError, ValueError):
-        return False
+def create_strategy(cluster: Cluster, config_fingerprint: str) -> MultiWorkerStrategy:
+    """The strategy for `cluster`, once every worker has checked in with the same `config_fingerprint`.
 
-
-@contextlib.contextmanager
-def _deadline(cluster: Cluster, what: str, timeout_s: float) -> Iterator[None]:
-    """Exit with one `error:` line (status 2) if the block is still running after `timeout_s`.
-
-    TensorFlow waits for missing workers inside native code that no Python exception can
-    interrupt, so a watchdog thread ends the process; the line names the workers whose
-    address accepts no connection (the ones that never came up).
+    Call it before any other TensorFlow op: the strategy configures TensorFlow's runtime.
     """
-    finished = threading.Event()
-
-    def watch() -> None:
-        if finished.wait(timeout_s):
-            return
-        missing = [address for address in cluster.addresses if address != cluster.address and not _listening(address)]
-        culprit = f"no worker is listening at {', '.join(missing)}" if missing else "the other workers are up but did not join"
-        print(
-            f"error: worker {cluster.rank} ({cluster.address}) gave up {what} after {timeout_s:g} s: {culprit}; "
-            f"start every worker of TF_CONFIG (or raise ${JOIN_TIMEOUT_VARIABLE})",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(2)
-
-    threading.Thread(target=watch, name="dualenc-join-deadline", daemon=True).start()
-    try:
-        yield
-    finally:
-        finished.set()
+    check_in(cluster, config_fingerprint, join_timeout_s())
+    return MultiWorkerStrategy()
 
 
-def create_strategy(cluster: Cluster) -> MultiWorkerStrategy:
-    """The strategy for `cluster` (read from `TF_CONFIG` by TensorFlow too); create it before any other TF op."""
-    with _deadline(cluster, "starting the cluster", join_timeout_s()):
-        return MultiWorkerStrategy()
+def fingerprint(config_json: str) -> str:
+    """What the workers compare to know they run the same command: the SHA-256 of the resolved config."""
+    return hashlib.sha256(config_json.encode()).hexdigest()
 
 
-def config_fingerprint(config_json: str) -> np.ndarray:
-    """(FINGERPRINT_WORDS,) int32 words of the SHA-256 of the resolved config (31 bits each, so non-negative)."""
-    digest = hashlib.sha256(config_json.encode()).digest()
-    words = np.frombuffer(digest[: 4 * FINGERPRINT_WORDS], dtype=">u4") >> 1
-    return words.astype(np.int32)
+def join_run(strategy: tf.distribute.Strategy, cluster: Cluster, paths: RunPaths, prepare: Callable[[], None]) -> RunPaths:
+    """Let the chief `prepare` the shared files of the run directory (the vocabulary) while the
+    others wait, then run `prepare` on them, which finds those files in place on shared storage;
+    return where this worker writes (`worker_run_paths`)."""
+    if cluster.is_chief:
+        prepare()
 
+    @tf.function  # strategy.run outside a tf.function warns of (and has) eager overhead
+    def barrier() -> Any:
+        return strategy.run(lambda: tf.distribute.get_replica_context().all_reduce("sum", tf.ones(())))
 
-def check_same_config(strategy: tf.distribute.Strategy, cluster: Cluster, config_json: str) -> None:
-    """Compare the config fingerprint of every worker with the chief's; `DualEncError` naming the odd ones.
-
-    The all-gather is also the first collective, so every worker waits here (up to the join
-    timeout) until all have joined: afterwards the chief's files in the run directory exist.
-    """
-    local = tf.constant(config_fingerprint(config_json)[None, :])
-
-    def gather() -> tf.Tensor:
-        return tf.distribute.get_replica_context().all_gather(local, axis=0)
-
-    with _deadline(cluster, "waiting for the other workers", join_timeout_s()):
-        gathered = strategy.experimental_local_results(strategy.run(gather))[0].numpy()
-    per_worker = gathered.reshape(cluster.num_workers, -1, FINGERPRINT_WORDS)[:, 0, :]
-    differing = [rank for rank in range(cluster.num_workers) if not np.array_equal(per_worker[rank], per_worker[0])]
-    if differing:
-        names = ", ".join(f"worker {rank} ({cluster.addresses[rank]})" for rank in differing)
-        raise DualEncError(
-            f"{names} started with a different command or config than the chief ({cluster.addresses[0]}); "
-            "run the same train.py command on every worker"
-        )
+    barrier()
+    if not cluster.is_chief:
+        prepare()
+    return worker_run_paths(paths, cluster)
 
 
 def shard_mode(num_files: int, num_workers: int) -> str:

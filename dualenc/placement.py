@@ -94,13 +94,14 @@ def _default_devices() -> tuple[str, ...]:
     return tuple(device.name for device in tf.config.list_logical_devices("CPU"))
 
 
-def make_placement(kind: str, devices: list[str] | None = None) -> Placement:
+def make_placement(kind: str, devices: list[str] | None = None, *, config_fingerprint: str = "") -> Placement:
     """Resolve placement `kind` (one of `PLACEMENTS`) onto `devices` or the visible ones.
 
     Explicit `devices` must exist and number at least two for "split" (the first two are used)
     and at least one for "mirrored". Without explicit devices, fewer than two usable devices
-    fall back to "single" with a warning. "multi-worker" needs `TF_CONFIG` and ignores `devices`
-    (each worker uses its own GPUs, or its CPU).
+    fall back to "single" with a warning. "multi-worker" needs `TF_CONFIG`, ignores `devices`
+    (each worker uses its own GPUs, or its CPU) and starts only once every worker has checked
+    in with the same `config_fingerprint` (`dualenc.rendezvous`).
     """
     if kind not in PLACEMENTS:
         raise DualEncError(f"unknown placement {kind!r}; choose one of: {', '.join(PLACEMENTS)}")
@@ -108,7 +109,7 @@ def make_placement(kind: str, devices: list[str] | None = None) -> Placement:
     if kind == "single":
         return Placement()
     if kind == "multi-worker":
-        return _multi_worker_placement()
+        return _multi_worker_placement(config_fingerprint)
     if devices is not None:
         chosen = _resolve(list(devices))
         if kind == "split" and len(chosen) < 2:
@@ -125,14 +126,14 @@ def make_placement(kind: str, devices: list[str] | None = None) -> Placement:
     return Placement("mirrored", chosen, strategy=tf.distribute.MirroredStrategy(list(chosen)))
 
 
-def _multi_worker_placement() -> Placement:
+def _multi_worker_placement(config_fingerprint: str) -> Placement:
     cluster = cluster_from_environment()
     if cluster is None:
         raise DualEncError(
             "placement 'multi-worker' needs TF_CONFIG naming the workers; "
             "see README 'Training on several machines' or start them with python -m dualenc.launch"
         )
-    return Placement("multi-worker", strategy=create_strategy(cluster), cluster=cluster)
+    return Placement("multi-worker", strategy=create_strategy(cluster, config_fingerprint), cluster=cluster)
 
 
 def gather_replicas(tensor: tf.Tensor) -> tf.Tensor:

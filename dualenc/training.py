@@ -32,7 +32,7 @@ from dualenc.files import atomic_file, write_json_atomic
 from dualenc.images import decode_image
 from dualenc.manifest import Manifest, load_manifest
 from dualenc.model import CAPTION_FEATURES, IMAGE_FEATURES, TOKENS, DualEncoder, build_dual_encoder
-from dualenc.multiworker import check_same_config, describe, shard_inputs, shard_mode, worker_cache_dir, worker_run_paths
+from dualenc.multiworker import describe, fingerprint, join_run, shard_inputs, shard_mode, worker_cache_dir
 from dualenc.packed import record_dataset, split_captions
 from dualenc.placement import Placement, make_placement
 from dualenc.preprocessing import build_text_preprocessor
@@ -336,21 +336,24 @@ def run_training(
     bad dataset or an unreachable TF Hub handle leaves no run behind; `on_start` is called
     then, just before training (train.py points runs/latest at the run there).
     """
-    # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
-    placement = make_placement(config.placement)
-    cluster = placement.cluster
     data_dir = Path(config.data)
     manifest = check_data(config, data_dir)
     validation_split = pick_split(manifest, VALIDATION_SPLITS, data_dir)
     test_split = pick_split(manifest, TEST_SPLITS, data_dir)
-    if config.model.text.tower == "bilstm" and (cluster is None or cluster.is_chief):
-        learn_vocabulary(data_dir, config.model.text)
-    if cluster is not None:
-        # Also the barrier after which the chief's vocabulary exists for the other workers.
-        check_same_config(placement.strategy, cluster, json.dumps(configs.to_dict(config), sort_keys=True) + str(paths.root))
+    # Before any TensorFlow op: MultiWorkerMirroredStrategy configures TensorFlow's runtime.
+    placement = make_placement(
+        config.placement, config_fingerprint=fingerprint(json.dumps(configs.to_dict(config), sort_keys=True) + str(paths.root))
+    )
+    cluster = placement.cluster
+
+    def prepare() -> None:
         if config.model.text.tower == "bilstm":
             learn_vocabulary(data_dir, config.model.text)
-        paths = worker_run_paths(paths, cluster)
+
+    if cluster is None:
+        prepare()
+    else:
+        paths = join_run(placement.strategy, cluster, paths, prepare)
     keras.utils.set_random_seed(config.seed)
     text_preprocessor = build_text_preprocessor(config.model.text)
     model = build_model(config, placement)
