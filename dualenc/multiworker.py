@@ -129,11 +129,18 @@ def shard_inputs(dataset: tf.data.Dataset, mode: str) -> tf.data.Dataset:
 
 def worker_run_paths(paths: RunPaths, cluster: Cluster | None) -> RunPaths:
     """Where this worker writes: the run directory for the chief (or a single process), else a
-    scratch directory, removed when the process exits, that starts with a copy of the chief's
-    backup so this worker resumes from the same epoch."""
+    scratch directory that starts with a copy of the chief's backup, so this worker resumes
+    from the same epoch.
+
+    The scratch directory is removed when the process exits; its name is fixed per run and
+    worker, so one left behind by a killed worker is replaced when that worker restarts.
+    """
     if cluster is None or cluster.is_chief:
         return paths
-    scratch = Path(tempfile.mkdtemp(prefix=f"dualenc-worker{cluster.rank}-"))
+    run_id = hashlib.sha256(str(paths.root).encode()).hexdigest()[:12]
+    scratch = Path(tempfile.gettempdir()) / f"dualenc-{run_id}-worker{cluster.rank}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(mode=0o700)
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     if paths.backup.is_dir():
         shutil.copytree(paths.backup, scratch / paths.backup.relative_to(paths.root))

@@ -333,6 +333,7 @@ def test_killed_worker_resumes_on_restart_and_the_chief_writes_a_complete_run(de
         launch.stop(workers)
     assert json.loads(metadata.read_text())["epoch"] == 1
     assert not (run_dir / "metrics.json").exists()
+    assert len(list((tmp_path / "tmp").glob("dualenc-*-worker1"))) == 1  # the killed worker could not clean up
 
     resumed = subprocess.run([sys.executable, "-m", "dualenc.launch", "--workers", "2", "--", *command[1:]],
                              env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, cwd=tmp_path)
@@ -346,7 +347,8 @@ def test_killed_worker_resumes_on_restart_and_the_chief_writes_a_complete_run(de
     expected = {"config.json", "metrics.json", "training_log.csv", "curves.png", "vocabulary.txt", "checkpoints",
                 "logs", "vision_encoder", "text_encoder"}
     assert expected <= {path.name for path in run_dir.iterdir()}
-    assert list((tmp_path / "tmp").iterdir()) == [], "the non-chief worker left scratch files behind"
+    # The killed worker's scratch directory was replaced on restart, then removed at the end.
+    assert list((tmp_path / "tmp").glob("dualenc-*")) == [], "the non-chief worker left scratch files behind"
 
     images = sorted(path for path in (demo_data.parent / "demo-raw" / "imgs").rglob("*") if path.is_file())[:3]
     fresh = subprocess.run([sys.executable, "-c", FRESH_EXPORT_SCRIPT, str(run_dir), *map(str, images)],
