@@ -112,7 +112,9 @@ def resolve_placement(kind: str, environ: Mapping[str, str] | None = None) -> st
     return "multi-worker" if cluster is not None and cluster.num_workers > 1 else "single"
 
 
-def training_cluster(placement: str, out: str | None, data: str | None, environ: Mapping[str, str] | None = None) -> Cluster | None:
+def training_cluster(
+    placement: str, out: str | None, data: str | None, environ: Mapping[str, str] | None = None
+) -> Cluster | None:
     """This process's `Cluster` when `placement` resolves to "multi-worker", else None.
 
     What a CLI can check before TensorFlow starts: `TF_CONFIG` itself, and the shared

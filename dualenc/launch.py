@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"error: cannot start {command[0]!r}: {error.strerror}", file=sys.stderr)
         return 2
-    return supervise(processes)
+    try:
+        return supervise(processes)
+    except KeyboardInterrupt:  # the workers were stopped on the way out
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ Why `MultiWorkerStrategy` and not the stock class: Keras 3's TensorFlow trainer 
 which Keras only inspects for their shapes, keep this worker's values), and a scalar is
 averaged over the replicas without an axis. Nothing private is overridden.
 
-Only the chief writes the run directory; the other workers run the same callbacks into a
+Before the strategy starts TensorFlow, the workers check in with the chief
+(`dualenc.rendezvous`), which names a worker that never comes and refuses one whose config
+fingerprint differs. Only the chief writes the run directory; the other workers run the same callbacks into a
 scratch directory they delete (`worker_run_paths`), since saving reads every variable, which
 may need all workers. Keras' `BackupAndRestore` backs up into the shared run directory, and
 each worker restores from it, so restarting every worker resumes from the last finished epoch.
@@ -33,10 +35,11 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 from dualenc.cluster import Cluster
@@ -105,6 +108,70 @@ def join_run(strategy: tf.distribute.Strategy, cluster: Cluster, paths: RunPaths
     if not cluster.is_chief:
         prepare()
     return worker_run_paths(paths, cluster)
+
+
+def _leaf_layers(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
+    children = getattr(layer, "layers", None)
+    if not children:
+        yield layer
+        return
+    for child in children:
+        yield from _leaf_layers(child)
+
+
+class AverageMovingStatistics(keras.callbacks.Callback):
+    """Averages over the workers what training layers update outside the optimiser (BatchNorm's
+    moving mean and variance), before each validation and at each epoch end.
+
+    Those variables have no aggregation, so each worker updates them from its own slice of
+    the batch and they drift apart; a worker would then validate (and export) another model
+    than the chief, and callbacks that follow validation metrics (early stopping, the learning
+    rate) could decide differently on different workers, leaving one waiting for the rest.
+    List it first, before the callbacks that read the weights.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy):
+        super().__init__()
+        self.strategy = strategy
+        self._average = None
+
+    def _build_average(self) -> Callable[[], Any]:
+        seen: dict[int, Any] = {}
+        for layer in _leaf_layers(self.model):
+            if layer.trainable:
+                for weight in layer.non_trainable_weights:
+                    if "float" in str(weight.dtype):
+                        seen.setdefault(id(weight), weight)
+        variables = list(seen.values())
+
+        @tf.function
+        def average() -> None:
+            def replica() -> None:
+                # Reads give this worker's copy; assigning without aggregation writes it back locally.
+                means = tf.distribute.get_replica_context().all_reduce("mean", [tf.identity(v.value) for v in variables])
+                for variable, mean in zip(variables, means):
+                    variable.value.assign(mean)
+
+            if variables:
+                self.strategy.run(replica)
+
+        return average
+
+    def _synchronise(self) -> None:
+        if self._average is None:
+            self._average = self._build_average()
+        self._average()
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        self._synchronise()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._synchronise()
+
+
+def worker_callbacks(placement: Any) -> list[keras.callbacks.Callback]:
+    """Callbacks a multi-worker run needs before all others (`AverageMovingStatistics`); none otherwise."""
+    return [AverageMovingStatistics(placement.strategy)] if placement.cluster is not None else []
 
 
 def shard_mode(num_files: int, num_workers: int) -> str:

@@ -32,7 +32,9 @@ from dualenc.files import atomic_file, write_json_atomic
 from dualenc.images import decode_image
 from dualenc.manifest import Manifest, load_manifest
 from dualenc.model import CAPTION_FEATURES, IMAGE_FEATURES, TOKENS, DualEncoder, build_dual_encoder
-from dualenc.multiworker import describe, fingerprint, join_run, shard_inputs, shard_mode, worker_cache_dir
+from dualenc.multiworker import (
+    describe, fingerprint, join_run, shard_inputs, shard_mode, worker_cache_dir, worker_callbacks,
+)
 from dualenc.packed import record_dataset, split_captions
 from dualenc.placement import Placement, make_placement
 from dualenc.preprocessing import build_text_preprocessor
@@ -390,7 +392,10 @@ def run_training(
             validation_data=validation_inputs,
             epochs=config.epochs,
             shuffle=False,  # the pipeline shuffles, seeded
-            callbacks=_callbacks(paths, config, RetrievalValidation(validation_batches, caches), verbose),
+            callbacks=[
+                *worker_callbacks(placement),
+                *_callbacks(paths, config, RetrievalValidation(validation_batches, caches), verbose),
+            ],
             verbose=verbose,
         )
     export_encoders(

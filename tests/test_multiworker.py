@@ -151,6 +151,15 @@ def test_free_ports_are_distinct_and_configs_name_them_all():
     assert configs[2].addresses == tuple(f"127.0.0.1:{port}" for port in ports)
 
 
+def test_placement_multi_worker_needs_tf_config_and_auto_without_it_is_single(monkeypatch):
+    from dualenc.placement import make_placement
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(DualEncError, match="placement 'multi-worker' needs TF_CONFIG"):
+        make_placement("multi-worker")
+    assert make_placement("auto").kind == "single"
+
+
 # --- the rendezvous before TensorFlow --------------------------------------------------------------
 
 
@@ -254,6 +263,8 @@ def test_first_step_on_two_workers_equals_one_process_on_the_global_batch(tmp_pa
     changes = [np.abs(np.array(after) - np.array(before)).max() for after, before in zip(workers["weights"], single["weights"])]
     scales = [max(1.0, np.abs(np.array(weight)).max()) for weight in single["weights"]]
     assert max(change / scale for change, scale in zip(changes, scales)) < 1e-4
+    # Sharded by file, each worker reads a file of its own.
+    assert [json.loads((tmp_path / f"two.json.files-seen-by-{rank}").read_text()) for rank in (0, 1)] == [[0], [1]]
 
 
 def _worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -342,6 +353,9 @@ def test_killed_worker_resumes_on_restart_and_the_chief_writes_a_complete_run(de
     assert "input sharded by data" in resumed.stdout  # the demo's training split is one shard
     # Only epoch 2 was trained again; the finished epoch 1 was not repeated.
     assert [int(epoch) for epoch in EPOCH_LINE.findall(resumed.stdout)] == [2]
+    # Both workers validated the same model (BatchNorm statistics averaged): identical summaries.
+    summaries = {index: re.findall(rf"\[worker {index}\] (epoch 2/{EPOCHS} \|.*)", resumed.stdout) for index in (0, 1)}
+    assert len(summaries[0]) == 1 and summaries[0] == summaries[1]
     assert [row["epoch"] for row in csv_rows(run_dir / "training_log.csv")] == ["0", "1"]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_trained"] == EPOCHS
     expected = {"config.json", "metrics.json", "training_log.csv", "curves.png", "vocabulary.txt", "checkpoints",
@@ -356,3 +370,4 @@ def test_killed_worker_resumes_on_restart_and_the_chief_writes_a_complete_run(de
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert f"norms {[1.0] * len(images)} [1.0, 1.0]" in fresh.stdout
     assert float(fresh.stdout.split("spread ")[1]) > 1e-3
+
