@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dualenc import config as run_config
 from dualenc.errors import DualEncError, first_line
+from dualenc.grid import check_grid_path
 from dualenc.query import check_query, result_dicts
 
 DEFAULT_RUN = "runs/latest"
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--serve", action="store_true", help="serve a search page and JSON API over the gallery")
     parser.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="--serve: port (default 8000; 0 picks a free one)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's native start-up log (also: DUALENC_TF_LOG=1)")
     return parser
 
 
@@ -189,9 +192,12 @@ def run(args: argparse.Namespace) -> int:
         raise DualEncError("--evaluate needs captions: pass a packed dataset with --data DIR [--split NAME], not --gallery")
     if args.k < 1:
         raise DualEncError(f"-k must be at least 1, got {args.k}")
-    if args.grid is not None and not args.grid.parent.is_dir():
-        raise DualEncError(f"cannot write --grid {args.grid}: directory {args.grid.parent} does not exist")
+    if args.grid is not None:
+        check_grid_path(args.grid)
 
+    from dualenc.startup import import_tensorflow
+
+    import_tensorflow(args.verbose)
     from dualenc.index import open_index
     from dualenc.retrieval import resolve_ann
 

@@ -6,19 +6,19 @@
     python -m dualenc.launch --workers 2 -- train.py --data data/cuhk --out runs/two --placement multi-worker
 
 Flags override the preset, and a --config JSON file sits between the two. Everything lands in
---out (default runs/<timestamp>, with runs/latest pointing at it); the same command again
-resumes an interrupted run.
+--out (default runs/<timestamp>, with runs/latest pointing at it once training starts); the same
+command again resumes an interrupted run. One process at a time trains into a run directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 from dualenc import config as configs
+from dualenc import runs
 from dualenc.cluster import training_cluster
 from dualenc.errors import DualEncError
 from dualenc.presets import PRESETS, preset
@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-feature-cache", action="store_true",
                         help="run frozen backbones every epoch instead of caching their features")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's native start-up log (also: DUALENC_TF_LOG=1)")
     return parser.parse_args(argv)
 
 
@@ -72,12 +74,7 @@ def build_config(args: argparse.Namespace) -> configs.TrainConfig:
     """Preset, then --config file, then flags."""
     values = configs.to_dict(preset(args.preset))
     if args.config:
-        try:
-            override = json.loads(Path(args.config).read_text())
-        except FileNotFoundError:
-            raise DualEncError(f"--config {args.config} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise DualEncError(f"--config {args.config} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        override = configs.read_json(args.config, "--config")
         if not isinstance(override, dict):
             raise DualEncError(f"--config {args.config} must hold a JSON object of TrainConfig fields")
         values = _merge(values, override)
@@ -110,40 +107,77 @@ def build_config(args: argparse.Namespace) -> configs.TrainConfig:
     return dataclasses.replace(config, **changes)
 
 
+def check_before_tensorflow(args: argparse.Namespace) -> configs.TrainConfig:
+    """The config, after every check that needs no TensorFlow: flags and --config, the weights
+    file, where the run will be written and the dataset's manifest."""
+    config = build_config(args)
+    configs.check_weights_file(config.model.vision)
+    training_cluster(config.placement, args.out, config.data)  # TF_CONFIG and the shared directories
+    if args.out is not None:
+        runs.check_out(args.out)
+    else:
+        runs.check_writable(RUNS_ROOT, "runs folder")
+    if config.data is not None:
+        from dualenc.manifest import load_manifest
+
+        config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+        load_manifest(config.data)
+    elif args.preset != "demo":
+        raise DualEncError(f"--preset {args.preset} needs --data DIR (a directory packed with `python -m tfrecords_tools`)")
+    return config
+
+
+def train(args: argparse.Namespace, config: configs.TrainConfig) -> tuple[runs.RunPaths, dict]:
+    """Claim the run directory and train into it; runs/latest moves only once training starts."""
+    from dualenc.startup import import_tensorflow
+
+    cluster = training_cluster(config.placement, args.out, config.data)
+    # A multi-worker strategy must start TensorFlow's runtime itself (run_training creates it).
+    import_tensorflow(args.verbose, create_devices=cluster is None)
+    from dualenc.manifest import load_manifest
+    from dualenc.training import resolve_config, run_training
+
+    if config.data is None:
+        from tfrecords_tools.demo_cache import packed_demo
+
+        config = dataclasses.replace(config, data=str(packed_demo()))
+    manifest = load_manifest(config.data)
+
+    def resolved(candidate: runs.RunPaths) -> configs.TrainConfig:
+        return resolve_config(config, manifest, candidate)
+
+    if cluster is not None and not cluster.is_chief:
+        # Only the chief claims and writes the run directory; this worker follows its backup.
+        paths = runs.RunPaths(Path(args.out).resolve())
+        return paths, run_training(resolved(paths), paths, resume=paths.backup.is_dir(),
+                                   use_feature_cache=not args.no_feature_cache, verbose=0 if args.quiet else 1)
+    paths, _ = runs.choose_run_dir(args.out, RUNS_ROOT, resolved)
+    with runs.claim_run_dir(paths.root) as claim:
+        # Decided again under the lock: another process may have used the directory meanwhile.
+        paths, resume = runs.choose_run_dir(paths.root, RUNS_ROOT, resolved)
+
+        def started() -> None:
+            claim.started()
+            if args.out is None:
+                point_latest_run(paths)
+            print(f"{'resuming' if resume else 'training'} into {paths.root}", flush=True)
+
+        report = run_training(resolved(paths), paths, resume=resume, use_feature_cache=not args.no_feature_cache,
+                              verbose=0 if args.quiet else 1, on_start=started)
+    return paths, report
+
+
+def point_latest_run(paths: runs.RunPaths) -> None:
+    """runs/latest → `paths`: called when training starts, so the same command finds an
+    interrupted run again, and a start that fails leaves the link where it was."""
+    RUNS_ROOT.mkdir(exist_ok=True)
+    runs.point_latest(RUNS_ROOT, paths)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = build_config(args)
-        cluster = training_cluster(config.placement, args.out, config.data)  # TF_CONFIG checked before TensorFlow starts
-        from dualenc.training import resolve_config, run_training  # heavy: TensorFlow
-        from dualenc.manifest import load_manifest
-        from dualenc.runs import RunPaths, choose_run_dir, point_latest
-
-        if config.data is None:
-            if args.preset != "demo":
-                raise DualEncError(f"--preset {args.preset} needs --data DIR (a directory packed with `python -m tfrecords_tools`)")
-            from tfrecords_tools.demo_cache import packed_demo
-
-            config = dataclasses.replace(config, data=str(packed_demo()))
-        config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
-        manifest = load_manifest(config.data)
-        if cluster is not None and not cluster.is_chief:
-            # Only the chief checks and writes the run directory; this worker follows its backup.
-            paths, resume = RunPaths(Path(args.out).resolve()), False
-        else:
-            paths, resume = choose_run_dir(args.out, RUNS_ROOT, lambda candidate: resolve_config(config, manifest, candidate))
-        config = resolve_config(config, manifest, paths)
-
-        def started() -> None:
-            if args.out is None:
-                # Pointed at before training, so the same command finds an interrupted run again,
-                # but only once the data and model are known good, so a failed start leaves it be.
-                RUNS_ROOT.mkdir(exist_ok=True)
-                point_latest(RUNS_ROOT, paths)
-            print(f"{'resuming' if resume else 'training'} into {paths.root}", flush=True)
-
-        report = run_training(config, paths, resume=resume, use_feature_cache=not args.no_feature_cache,
-                              verbose=0 if args.quiet else 1, on_start=started)
+        paths, report = train(args, check_before_tensorflow(args))
     except DualEncError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -3,13 +3,17 @@
 `VisionConfig` and `TextConfig` describe one tower each, `ModelConfig` the whole dual encoder
 (towers, projection heads, loss, temperature), `TrainConfig` one training run. Change a config
 with `dataclasses.replace`; each checks its own values in `__post_init__` and raises
-`DualEncError` naming the field and the valid choices.
+`DualEncError` naming the field and the valid choices. `from_dict` (JSON in) first checks each
+value against its field's annotation, so `{"epochs": "3"}` is refused naming the field and the
+type wanted instead of failing later inside a comparison.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,13 @@ DEFAULT_IMAGE_SIZES = {
     "resnet50": (224, 224),
     "efficientnet_v2_b0": (224, 224),
 }
+# Seeds feed NumPy's and TensorFlow's generators, which take unsigned 32-bit values.
+MAX_SEED = 2**32 - 1
+# Every HDF5 file (Keras' .weights.h5 and legacy .h5 weights) starts with this signature.
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# How a field's annotation is named in errors, one value and several.
+_TYPE_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"),
+               float: ("a number", "numbers"), str: ("a string", "strings"), type(None): ("null", "nulls")}
 
 
 def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
@@ -64,6 +75,8 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         _choice("vision backbone", self.backbone, VISION_BACKBONES)
+        if self.backbone == "small_cnn" and self.weights == "imagenet":
+            raise DualEncError("vision backbone 'small_cnn' has no ImageNet weights; use weights none or a local file")
         if self.image_size is None:
             object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZES[self.backbone])
         else:
@@ -133,9 +146,12 @@ class ModelConfig:
 class TrainConfig:
     """One training run: data, model, optimisation and devices.
 
-    `monitor` is what ReduceLROnPlateau, EarlyStopping and the best checkpoint follow: seed
+    `monitor` is what the plateau schedule, early stopping and the best epoch follow: seed
     003's ``val_loss``, or a validation retrieval score (higher is better), which tracks what
     search needs more closely when the loss keeps drifting while recall still improves.
+    `validation` is filled in when the run resolves its data (`dualenc.training.resolve_config`):
+    the split it validates on, or "train-holdout" when the data has no validation split and a
+    tenth of the training identities (or images) are held out instead.
     """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -148,12 +164,15 @@ class TrainConfig:
     mixed_precision: bool = False
     seed: int = 0
     monitor: str = "val_loss"
+    validation: str | None = None
 
     def __post_init__(self) -> None:
         _choice("placement", self.placement, PLACEMENTS)
         _choice("monitor", self.monitor, MONITORS)
         for field in ("epochs", "batch_size", "learning_rate"):
             _positive(field, getattr(self, field))
+        if not 0 <= self.seed <= MAX_SEED:
+            raise DualEncError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
 
 
 def to_dict(config: Any) -> dict:
@@ -161,23 +180,55 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def _build(cls: type, values: dict, where: str) -> Any:
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value suits a field annotated `hint` (an int suits a float; a bool suits
+    only a bool; a list suits a fixed-length tuple)."""
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, argument) for argument in arguments)
+    if origin is tuple:
+        return (isinstance(value, (list, tuple)) and len(value) == len(arguments)
+                and all(_fits(item, argument) for item, argument in zip(value, arguments)))
+    if isinstance(value, bool) or hint is bool:
+        return isinstance(value, bool) and hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    """`hint` in words: "an integer", "a list of 2 integers or null"."""
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(argument) for argument in arguments)
+    if origin is tuple:
+        return f"a list of {len(arguments)} {_TYPE_NAMES[arguments[0]][1]}"
+    return _TYPE_NAMES[hint][0]
+
+
+def _build(cls: type, values: Any, source: str, path: str = "") -> Any:
+    """`cls` from JSON `values` read from `source`; `path` ("model.vision.") locates them."""
+    where = f"{source}.{path.rstrip('.')}" if path else source
     if not isinstance(values, dict):
         raise DualEncError(f"{where}: expected a JSON object, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise DualEncError(f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(fields)}")
-    nested = {"vision": VisionConfig, "text": TextConfig, "model": ModelConfig}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        if name in nested:
-            value = _build(nested[name], value, f"{where}.{name}")
+        if dataclasses.is_dataclass(hints[name]):
+            value = _build(hints[name], value, source, f"{path}{name}.")
+        elif not _fits(value, hints[name]):
+            raise DualEncError(f"{source}: {path}{name} must be {_describe(hints[name])}, got {json.dumps(value)}")
+        elif hints[name] is float:
+            value = float(value)
         kwargs[name] = value
     try:
         return cls(**kwargs)
-    except TypeError as exc:
-        raise DualEncError(f"{where}: {exc}") from None
+    except DualEncError as error:
+        raise DualEncError(f"{where}: {error}") from None
 
 
 def from_dict(cls: type, values: dict, where: str = "config") -> Any:
@@ -190,13 +241,47 @@ def save(config: Any, path: str | Path) -> None:
     write_json_atomic(path, to_dict(config), sort_keys=True)
 
 
-def load(cls: type, path: str | Path) -> Any:
-    """Read a config of type `cls` written by `save` (or by hand)."""
+def read_json(path: str | Path, label: str) -> Any:
+    """The JSON content of the file at `path`; `label` ("--config", "config file") names it in
+    the one-line `DualEncError` for a missing, unreadable, non-UTF-8 or malformed file."""
     path = Path(path)
     try:
-        values = json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DualEncError(f"config file {path} does not exist") from None
+        raise DualEncError(f"{label} {path} does not exist") from None
+    except IsADirectoryError:
+        raise DualEncError(f"{label} {path} is a directory; pass a JSON file") from None
+    except UnicodeDecodeError as exc:
+        byte = f"byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+        raise DualEncError(f"{label} {path} is not UTF-8 text ({byte}); save it as UTF-8 JSON") from None
+    except OSError as exc:
+        raise DualEncError(f"cannot read {label} {path} ({exc.strerror})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DualEncError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    return from_dict(cls, values, str(path))
+        raise DualEncError(f"{label} {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def load(cls: type, path: str | Path) -> Any:
+    """Read a config of type `cls` written by `save` (or by hand)."""
+    return from_dict(cls, read_json(path, "config file"), str(path))
+
+
+def check_weights_file(vision: VisionConfig) -> None:
+    """Check a local vision weights file before anything is built: present and HDF5 (Keras'
+    .weights.h5 or a legacy .h5). Not part of `__post_init__`, so a saved config still loads
+    after its weights file has moved."""
+    if vision.weights in (None, "imagenet"):
+        return
+    path = Path(vision.weights)
+    hint = "pass a .h5 or .weights.h5 file, 'imagenet' or none"
+    if not path.is_file():
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise DualEncError(f"vision weights file {path} {problem}; {hint}")
+    try:
+        with open(path, "rb") as stream:
+            start = stream.read(len(HDF5_SIGNATURE))
+    except OSError as exc:
+        raise DualEncError(f"cannot read vision weights file {path} ({exc.strerror})") from None
+    if start != HDF5_SIGNATURE:
+        raise DualEncError(f"vision weights file {path} is not an HDF5 weights file (starts with {start!r}); {hint}")

@@ -8,12 +8,12 @@ pixels (a 299×299 image is ~268 kB decoded, ~30 kB as JPEG).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import tensorflow as tf
 
 from dualenc.errors import DualEncError
+from dualenc.files import sha256_of_file
 from dualenc.images import decode_image
 from dualenc.manifest import load_manifest, manifest_path
 from dualenc.packed import record_dataset
@@ -23,17 +23,6 @@ from dualenc.records import CAPTION, IMAGE, IMAGE_ID, LABEL, parse_example
 # finally scored (and searched by default) on.
 VALIDATION_SPLITS = ("val", "valid", "validation", "test")
 TEST_SPLITS = ("test", "val", "valid", "validation")
-
-HASH_BLOCK_BYTES = 1 << 20
-
-
-def sha256_of_file(path: Path) -> str:
-    """Hex sha256 of the file at `path`, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(HASH_BLOCK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_checksums(data_dir: str | Path, split: str) -> None:

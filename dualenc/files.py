@@ -17,6 +17,7 @@ leave the *new* name pointing at an empty or partial file on many file systems.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -27,12 +28,22 @@ from typing import Any
 
 # mkdtemp makes directories private (0700); a finished result should be as readable as any folder.
 DIRECTORY_MODE = 0o755
+HASH_BLOCK_BYTES = 1 << 20
 
 
 def temporary_sibling(path: str | Path) -> Path:
     """The hidden temporary name `atomic_file` writes `path` under: ``.{name}.tmp`` beside it."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp")
+
+
+def sha256_of_file(path: str | Path) -> str:
+    """Hex sha256 of the file at `path`, read in blocks (the checksum manifests record)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(HASH_BLOCK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_path(path: str | Path) -> None:

@@ -26,6 +26,12 @@ exceeds it is resized with a Lanczos filter and stored as a JPEG of quality 95.
 
 TensorFlow's JPEG decoder defaults to libjpeg's fast integer DCT, which is off by up to ~5 levels
 from Pillow's accurate one; `decode_image` asks for the accurate DCT, so both agree on JPEGs too.
+
+Pillow and TensorFlow still differ on some damaged files (a JPEG whose entropy-coded data runs on
+past a destroyed end marker: Pillow pads it, TensorFlow refuses it), so whatever is stored for
+training is finally decoded by TensorFlow itself: `tensorflow_problems`. A packer (or a Beam
+pipeline) validates an image with ``canonical_image_bytes(data, max_side)``, then a batch of the
+results with ``tensorflow_problems(images)``; both are pure functions of the bytes.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import collections
 import concurrent.futures
 import io
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -61,6 +68,12 @@ BYTES_SHOWN = 8
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (PNG_SIGNATURE, "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
               (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"))
 READS_IN_FLIGHT_PER_WORKER = 4  # bounds the image bytes waiting in memory
+# From this many images on, `tensorflow_problems` decodes in parallel: one by one costs ~0.6 ms
+# of overhead per image, a tf.data map ~0.2 s per call (measured on 2 busy cores).
+PARALLEL_DECODE_MIN = 256
+# TensorFlow's error text around the kernel's own message: "{{function_node ...}} " before it,
+# " [Op:DecodeJpeg] name: " after it.
+TENSORFLOW_NOISE = re.compile(r"^\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", re.S)
 
 
 class ImageProblem(Exception):
@@ -300,12 +313,55 @@ def decode_image(image_bytes: tf.Tensor, image_size: tuple[int, int]) -> tf.Tens
     """
     import tensorflow as tf  # here, so the Pillow half of this module never loads TensorFlow
 
+    image = _decode_pixels(image_bytes)
+    resized = tf.image.resize(image, image_size, method="bilinear", antialias=True)
+    # +0.5 then truncation rounds half up: the same pixels as tf.round but far cheaper per image.
+    return tf.cast(tf.clip_by_value(resized + 0.5, 0.0, 255.0), tf.uint8)
+
+
+def _decode_pixels(image_bytes: tf.Tensor) -> tf.Tensor:
+    """`decode_image` before resizing: uint8 ``[height, width, 3]`` at the image's own size."""
+    import tensorflow as tf
+
     image = tf.cond(
         tf.io.is_jpeg(image_bytes),
         lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE"),
         lambda: tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False),
     )
     image.set_shape([None, None, 3])
-    resized = tf.image.resize(image, image_size, method="bilinear", antialias=True)
-    # +0.5 then truncation rounds half up: the same pixels as tf.round but far cheaper per image.
-    return tf.cast(tf.clip_by_value(resized + 0.5, 0.0, 255.0), tf.uint8)
+    return image
+
+
+def tensorflow_problems(images: Sequence[bytes]) -> list[str | None]:
+    """Per image, None when the decoder training runs (`decode_image`) decodes it, else why not.
+
+    A few images are decoded one by one; more in parallel in a `tf.data` map that drops
+    failures (building it costs a fixed ~0.2 s), and only the failed ones again, for their reason.
+    The reason names the format and quotes the kernel's own message, never TensorFlow's "Graph
+    execution error" preamble.
+    """
+    import tensorflow as tf
+
+    if len(images) < PARALLEL_DECODE_MIN:
+        return [_tensorflow_problem(data) for data in images]
+    decoded = (
+        tf.data.Dataset.from_tensor_slices(tf.constant(list(images), tf.string))
+        .enumerate()
+        .map(lambda position, data: (position, tf.shape(_decode_pixels(data))[0]),
+             num_parallel_calls=tf.data.AUTOTUNE)
+        .ignore_errors()
+    )
+    decodable = {int(position) for position, _ in decoded.as_numpy_iterator()}
+    return [None if position in decodable else _tensorflow_problem(data) for position, data in enumerate(images)]
+
+
+def _tensorflow_problem(data: bytes) -> str | None:
+    """None when TensorFlow decodes `data`, else its kernel's message without the node names."""
+    import tensorflow as tf
+
+    try:
+        _decode_pixels(tf.constant(data))
+    except tf.errors.OpError as error:
+        message = TENSORFLOW_NOISE.sub("", error.message.strip()) or type(error).__name__
+        return f"corrupt {_signature_format(data) or 'image'}: TensorFlow's decoder refuses it ({message})"
+    return None

@@ -6,7 +6,8 @@ An index lives in ``RUN/index/<gallery-key>/``:
 - ``meta.json``: per row its ``image_ids``, ``labels`` and first ``captions`` (packed splits)
   or ``paths`` (folders); the skipped unreadable images; what the gallery is; and two
   fingerprints — the encoder's (sha256 of ``saved_model.pb`` and the variables files) and the
-  gallery's (see `dualenc.gallery`);
+  gallery's (see `dualenc.gallery`) — and the sha256 of the stored embeddings, so a file
+  replaced by another model's of the same shape is caught and rebuilt, not searched;
 - ``ann-hnsw.faiss`` / ``ann-ivf.faiss``: approximate-search indexes, built on first use.
 
 `open_index` reuses an index while both fingerprints match and rebuilds it for a new encoder;
@@ -39,7 +40,8 @@ META_NAME = "meta.json"
 EMBEDDINGS_NAME = "embeddings.npy"
 META_VERSION = 1
 REQUIRED_META = frozenset(
-    ("encoder_fingerprint", "gallery_fingerprint", "dtype", "image_ids", "paths", "labels", "captions", "skipped")
+    ("encoder_fingerprint", "gallery_fingerprint", "embeddings_sha256", "dtype", "image_ids", "paths", "labels",
+     "captions", "skipped")
 )
 # Gallery rows used as queries to measure an approximate index against exact search.
 RECALL_SAMPLE = 200
@@ -100,8 +102,16 @@ def encoder_fingerprint(encoder_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_existing(index_dir: Path) -> tuple[dict, np.ndarray] | None:
-    """(meta, embeddings) of a previous index, or None when there is none or it is unreadable."""
+def embeddings_sha256(embeddings: np.ndarray) -> str:
+    """sha256 over the stored embeddings' dtype, shape and bytes."""
+    digest = hashlib.sha256(f"{embeddings.dtype.str}{embeddings.shape}".encode("utf-8"))
+    digest.update(np.ascontiguousarray(embeddings).data)
+    return digest.hexdigest()
+
+
+def _read_existing(index_dir: Path, log: TextIO) -> tuple[dict, np.ndarray] | None:
+    """(meta, embeddings) of a previous index, or None when there is none, it is unreadable or
+    its embeddings are not the ones it recorded (said on `log`)."""
     try:
         meta = json.loads((index_dir / META_NAME).read_text(encoding="utf-8"))
         embeddings = np.load(index_dir / EMBEDDINGS_NAME)
@@ -111,14 +121,26 @@ def _read_existing(index_dir: Path) -> tuple[dict, np.ndarray] | None:
         return None
     if embeddings.ndim != 2 or len(embeddings) != len(meta["image_ids"]):
         return None
+    if embeddings_sha256(embeddings) != meta["embeddings_sha256"]:
+        print(f"{index_dir / EMBEDDINGS_NAME} is not the file this index wrote (its sha256 differs); rebuilding the index",
+              file=log)
+        return None
     return meta, embeddings
 
 
 def _write_index(index_dir: Path, meta: dict, embeddings: np.ndarray, float16: bool) -> None:
     """Write the index folder atomically (the old one, ANN files included, is replaced)."""
-    with atomic_directory(index_dir) as building:
-        np.save(building / EMBEDDINGS_NAME, embeddings.astype(np.float16 if float16 else np.float32))
-        (building / META_NAME).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    stored = embeddings.astype(np.float16 if float16 else np.float32)
+    meta["embeddings_sha256"] = embeddings_sha256(stored)
+    try:
+        with atomic_directory(index_dir) as building:
+            np.save(building / EMBEDDINGS_NAME, stored)
+            (building / META_NAME).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as error:  # a read-only or full run directory: nothing half-written is left
+        raise DualEncError(
+            f"cannot write the gallery index {index_dir} ({error.strerror or error}); "
+            "make the run directory writable, or copy the run somewhere writable and pass --model"
+        ) from None
 
 
 def _loaded(index_dir: Path, meta: dict, embeddings: np.ndarray, embedded: int) -> GalleryIndex:
@@ -151,7 +173,7 @@ def open_index(
     index_dir = run_dir / INDEX_DIR / gallery.key
     encoder_print = encoder_fingerprint(encoder_dir)
     gallery_print = gallery.fingerprint()
-    existing = None if rebuild else _read_existing(index_dir)
+    existing = None if rebuild else _read_existing(index_dir, log)
     if existing is not None and existing[0]["encoder_fingerprint"] != encoder_print:
         print(f"index {index_dir} was built by another encoder; rebuilding it", file=log)
         existing = None

@@ -45,6 +45,27 @@ IMAGE_FEATURES = "image_features"
 CAPTION_FEATURES = "caption_features"
 # Bumped when get_config or the weight layout changes; a .keras file of another version is refused.
 MODEL_FORMAT_VERSION = 2
+# The smallest temperature: logits scaled by at most 100, CLIP's bound on its logit scale
+# (Radford et al. 2021, section 2.5), so a learned temperature cannot blow the logits up.
+MIN_TEMPERATURE = 0.01
+
+
+@keras.saving.register_keras_serializable(package="dualenc")
+class AtLeast(keras.constraints.Constraint):
+    """Clips a weight from below after each optimiser step, as CLIP clamps its logit scale.
+
+    Unlike clipping where the weight is read, the gradient still reaches a weight at its bound,
+    so it can move back up.
+    """
+
+    def __init__(self, minimum: float) -> None:
+        self.minimum = minimum
+
+    def __call__(self, weight: Any) -> Any:
+        return keras.ops.maximum(weight, self.minimum)
+
+    def get_config(self) -> dict:
+        return {"minimum": self.minimum}
 
 
 def in_batch_recall_at_1(
@@ -78,7 +99,8 @@ class DualEncoder(keras.Model):
     """Vision and text towers projected into one embedding space (see the module docstring).
 
     Owns the towers, one `ProjectionHead` per modality, the temperature (a constant, or with
-    `config.learn_temperature` a trainable scalar kept as its log so it stays positive) and,
+    `config.learn_temperature` a trainable scalar kept as its log so it stays positive, and
+    kept >= `MIN_TEMPERATURE` = 0.01, i.e. logits scaled by at most 100 as in CLIP) and,
     for the CMPC losses, the classifier `class_weights` (projection_dim, num_classes).
 
     `placement` ("split") runs each tower and head under its own `tf.device` in `call`, which
@@ -97,6 +119,11 @@ class DualEncoder(keras.Model):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if config.temperature < MIN_TEMPERATURE:
+            raise DualEncError(
+                f"temperature {config.temperature} is below {MIN_TEMPERATURE} (logits scaled by more than "
+                f"{1 / MIN_TEMPERATURE:.0f}, CLIP's bound); set it to at least {MIN_TEMPERATURE}"
+            )
         self.config = config
         self.placement = placement if placement is not None else Placement()
         self.vision_tower = vision_tower
@@ -113,6 +140,7 @@ class DualEncoder(keras.Model):
                 name="log_temperature",
                 shape=(),
                 initializer=keras.initializers.Constant(math.log(config.temperature)),
+                constraint=AtLeast(math.log(MIN_TEMPERATURE)),
                 dtype="float32",
             )
         self.class_weights = None
@@ -287,8 +315,8 @@ class DualEncoder(keras.Model):
             scaled_loss = self.optimizer.scale_loss(loss * replica_loss_scale())
         variables = self.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
-        # Built on every variable first so EMA slots line up with `trainable_weights` at the end
-        # of fit even when a cached-feature batch leaves a tower without gradients.
+        # Built on every variable first, so the optimiser's slots match `trainable_variables` (what
+        # a backup is restored into) even when a cached-feature batch leaves a tower without gradients.
         if not self.optimizer.built:
             self.optimizer.build(variables)
         reached = [(gradient, variable) for gradient, variable in zip(gradients, variables) if gradient is not None]

@@ -24,8 +24,8 @@ Before the strategy starts TensorFlow, the workers check in with the chief
 (`dualenc.rendezvous`), which names a worker that never comes and refuses one whose config
 fingerprint differs. Only the chief writes the run directory; the other workers run the same callbacks into a
 scratch directory they delete (`worker_run_paths`), since saving reads every variable, which
-may need all workers. Keras' `BackupAndRestore` backs up into the shared run directory, and
-each worker restores from it, so restarting every worker resumes from the last finished epoch.
+may need all workers. The chief's backup lies in the shared run directory and every worker
+restores from it, so restarting every worker resumes from the last finished epoch.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from dualenc.cluster import Cluster
 from dualenc.errors import DualEncError
 from dualenc.rendezvous import check_in
 from dualenc.runs import RunPaths
+from dualenc.startup import native_stderr_dropped
 
 # How long a worker waits for all others to join before giving up; `$DUALENC_WORKER_TIMEOUT_S` overrides.
 DEFAULT_JOIN_TIMEOUT_S = 300.0
@@ -85,7 +86,8 @@ def create_strategy(cluster: Cluster, config_fingerprint: str) -> MultiWorkerStr
     Call it before any other TensorFlow op: the strategy configures TensorFlow's runtime.
     """
     check_in(cluster, config_fingerprint, join_timeout_s())
-    return MultiWorkerStrategy()
+    with native_stderr_dropped():  # TensorFlow's device start-up chatter, as import_tensorflow drops it
+        return MultiWorkerStrategy()
 
 
 def fingerprint(config_json: str) -> str:
@@ -171,7 +173,21 @@ class AverageMovingStatistics(keras.callbacks.Callback):
 
 def worker_callbacks(placement: Any) -> list[keras.callbacks.Callback]:
     """Callbacks a multi-worker run needs before all others (`AverageMovingStatistics`); none otherwise."""
-    return [AverageMovingStatistics(placement.strategy)] if placement.cluster is not None else []
+    if placement is None or placement.cluster is None:
+        return []
+    return [AverageMovingStatistics(placement.strategy)]
+
+
+def input_sharding(
+    cluster: Cluster | None, manifest: Any, data_dir: Path, splits: tuple[str, str]
+) -> Callable[[tf.data.Dataset, str], tf.data.Dataset] | None:
+    """For a multi-worker run, a function giving the "train" and "validation" inputs the sharding
+    their split's number of files allows (`shard_mode`); it prints the training one. None otherwise."""
+    if cluster is None:
+        return None
+    files = {role: len(manifest.split(split, data_dir).shards) for role, split in zip(("train", "validation"), splits)}
+    print(describe(cluster, shard_mode(files["train"], cluster.num_workers), files["train"]), flush=True)
+    return lambda dataset, role: shard_inputs(dataset, shard_mode(files[role], cluster.num_workers))
 
 
 def shard_mode(num_files: int, num_workers: int) -> str:
@@ -196,8 +212,8 @@ def shard_inputs(dataset: tf.data.Dataset, mode: str) -> tf.data.Dataset:
 
 def worker_run_paths(paths: RunPaths, cluster: Cluster | None) -> RunPaths:
     """Where this worker writes: the run directory for the chief (or a single process), else a
-    scratch directory that starts with a copy of the chief's backup, so this worker resumes
-    from the same epoch.
+    scratch directory that starts with a copy of the chief's backup and checkpoints, so this
+    worker resumes from the same epoch.
 
     The scratch directory is removed when the process exits; its name is fixed per run and
     worker, so one left behind by a killed worker is replaced when that worker restarts.
@@ -209,8 +225,10 @@ def worker_run_paths(paths: RunPaths, cluster: Cluster | None) -> RunPaths:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(mode=0o700)
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    if paths.backup.is_dir():
-        shutil.copytree(paths.backup, scratch / paths.backup.relative_to(paths.root))
+    # What a resume reads: the backup, and the best epochs' weights it may export from.
+    for kept in (paths.backup, paths.best_weights.parent):
+        if kept.is_dir():
+            shutil.copytree(kept, scratch / kept.relative_to(paths.root))
     return RunPaths(scratch)
 
 

@@ -13,7 +13,9 @@ scheme of IRRA's `RandomIdentitySampler` (after the person re-identification sam
 
 So every element of an identity with at least K elements appears at most once per epoch, and
 an epoch misses only the per-identity remainders (fewer than K each) and the chunks left when
-fewer than P identities remain. The number of batches per epoch can vary slightly.
+fewer than P identities remain. How many chunks are left depends on the draw, so every epoch is
+cut to `identity_batch_count` batches, the fewest any draw gives: Keras then knows the epoch's
+length and averages its metrics over the steps actually run.
 
 The input dataset is read once into memory (one stacked tensor per feature) and batches are
 gathered from it by index, since tf.data has no random access into files. Keep its elements
@@ -66,6 +68,19 @@ def identity_batch_plan(
     return np.array(batches, dtype=np.int64).reshape(-1, identities_per_batch * instances_per_identity)
 
 
+def identity_batch_count(labels: np.ndarray, identities_per_batch: int, instances_per_identity: int) -> int:
+    """The fewest batches `identity_batch_plan` can draw for `labels`, whatever the random picks.
+
+    Each identity has c = max(1, n // K) chunks. Drawing stops once fewer than P identities have
+    chunks left, so at most the chunks of the P - 1 largest identities are left over:
+    batches >= ceil((sum(c) - sum of the P - 1 largest c) / P).
+    """
+    _, counts = np.unique(np.asarray(labels).reshape(-1), return_counts=True)
+    chunks = np.sort(np.maximum(1, counts // instances_per_identity))[::-1]
+    usable = int(chunks.sum() - chunks[: identities_per_batch - 1].sum())
+    return max(0, -(-usable // identities_per_batch))
+
+
 def _check_element_spec(dataset: tf.data.Dataset, label_key: str) -> None:
     spec = dataset.element_spec
     if not isinstance(spec, dict):
@@ -102,14 +117,18 @@ def identity_batches(
     instances_per_identity: int,
     seed: int | None = None,
     label_key: str = "label",
+    epoch_seeds: list[int] | None = None,
 ) -> tf.data.Dataset:
     """Batches of P·K elements, P = identities_per_batch distinct labels × K = instances_per_identity.
 
     dataset: unbatched dict elements with an integer scalar `label_key` feature and any other
     dense features of fixed shape (captions, encoded images, ids ...). Returns a dataset of dicts
     with the same keys, each feature batched to (P·K, ...), identity by identity (see
-    `identity_batch_plan`). Each iteration over the result (each epoch) draws a new plan;
-    with `seed` set the sequence of epochs is the same in every run.
+    `identity_batch_plan`), `identity_batch_count` batches per epoch. Each iteration over the
+    result (each epoch) draws a new plan; with `seed` set the sequence of epochs is the same in
+    every run. With `epoch_seeds` instead, one iteration is len(epoch_seeds) epochs in a row,
+    epoch i drawn from `epoch_seeds[i]` alone, so a run resumed at epoch i draws what an
+    uninterrupted one would have.
     """
     if identities_per_batch < 1 or instances_per_identity < 1:
         raise DualEncError(
@@ -124,6 +143,11 @@ def identity_batches(
             f"identities_per_batch is {identities_per_batch} but the dataset has only {identity_count} identities"
         )
     batch_size = identities_per_batch * instances_per_identity
+    batches_per_epoch = identity_batch_count(labels, identities_per_batch, instances_per_identity)
+    if batches_per_epoch < 1:
+        raise DualEncError(
+            f"identities_per_batch is {identities_per_batch} but only {identity_count} identities give whole batches"
+        )
 
     def epoch_plan(epoch_seed: np.int64) -> np.ndarray:
         rng = np.random.default_rng(int(epoch_seed) % (1 << 64))  # SeedSequence takes no negatives
@@ -131,11 +155,16 @@ def identity_batches(
 
     def plan_rows(epoch_seed: tf.Tensor) -> tf.data.Dataset:
         plan = tf.numpy_function(epoch_plan, [epoch_seed], tf.int64, stateful=False)
-        return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(plan, [None, batch_size]))
+        return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(plan, [None, batch_size])).take(batches_per_epoch)
 
     def gather(indices: tf.Tensor) -> dict[str, tf.Tensor]:
         return {key: tf.gather(values, indices) for key, values in elements.items()}
 
-    # One random draw per iteration of the dataset: a fresh, seed-determined plan every epoch.
-    epoch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
-    return epoch_seeds.flat_map(plan_rows).map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if epoch_seeds is None:
+        # One random draw per iteration of the dataset: a fresh, seed-determined plan every epoch.
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+    else:
+        seeds = tf.data.Dataset.from_tensor_slices(np.asarray(epoch_seeds, dtype=np.int64))
+    batches = seeds.flat_map(plan_rows).map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    epochs = 1 if epoch_seeds is None else len(epoch_seeds)
+    return batches.apply(tf.data.experimental.assert_cardinality(epochs * batches_per_epoch))

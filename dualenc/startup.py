@@ -22,20 +22,34 @@ from types import ModuleType
 LOG_ENV = "DUALENC_TF_LOG"
 
 
-def import_tensorflow(verbose: bool = False) -> ModuleType:
+def import_tensorflow(verbose: bool = False, create_devices: bool = True) -> ModuleType:
     """TensorFlow, imported with its devices created; start-up chatter dropped unless `verbose`
-    or `DUALENC_TF_LOG=1`."""
-    if verbose or os.environ.get(LOG_ENV, "") not in ("", "0"):
+    or `DUALENC_TF_LOG=1`. Without `create_devices` the runtime is left unstarted, as a
+    multi-worker strategy needs (it starts it itself)."""
+    if not _log_wanted(verbose):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with native_stderr_dropped(verbose):
         import tensorflow as tf
 
-        tf.config.list_logical_devices()
-        return tf
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with _stderr_captured():
-        import tensorflow as tf
-
-        tf.config.list_logical_devices()
+        if create_devices:
+            tf.config.list_logical_devices()
     return tf
+
+
+@contextlib.contextmanager
+def native_stderr_dropped(verbose: bool = False) -> Iterator[None]:
+    """For the block, drop what native code writes straight to descriptor 2 (TensorFlow's C++
+    logs, libjpeg's warnings about a damaged JPEG), unless `verbose` or `DUALENC_TF_LOG=1`;
+    replayed if the block raises."""
+    if _log_wanted(verbose):
+        yield
+        return
+    with _stderr_captured():
+        yield
+
+
+def _log_wanted(verbose: bool) -> bool:
+    return verbose or os.environ.get(LOG_ENV, "") not in ("", "0")
 
 
 @contextlib.contextmanager

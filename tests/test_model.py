@@ -1,4 +1,4 @@
-"""DualEncoder: shapes, train/test steps, feature cache, temperature, CMPC weights, EMA, errors.
+"""DualEncoder: shapes, train/test steps, feature cache, temperature and its bound, CMPC weights, errors.
 
 Stand-in towers (`tests.support.stand_ins`: a Dense vision tower on 8x8 float images, a hashed
 bag-of-words text tower) keep these tests independent of `dualenc.towers`.
@@ -136,28 +136,22 @@ def test_class_weights_exist_only_for_cmpc_losses():
     assert not np.allclose(weights, model.class_weights.numpy())
 
 
-def test_ema_swaps_the_moving_average_in_at_the_end_of_fit():
-    momentum = 0.5
-    plain, averaged = make_model(seed=1), make_model(seed=2)
-    averaged.set_weights(plain.get_weights())
-    plain.compile(optimizer=keras.optimizers.SGD(0.5))
-    averaged.compile(optimizer=keras.optimizers.SGD(0.5, use_ema=True, ema_momentum=momentum))
+def test_learned_temperature_stops_at_clips_bound_and_can_move_back():
+    model = make_model(loss="clip", temperature=0.0105, learn_temperature=True)
+    model.compile(optimizer=keras.optimizers.SGD(1.0))
+    # One step of -1 in log T would give 0.0105 / e = 0.0039; the optimiser applies the bound after it.
+    model.optimizer.apply_gradients([(tf.constant(1.0), model.log_temperature)])
+    assert model.temperature.numpy() == pytest.approx(1 / 100, rel=1e-6)
+    # At the bound the gradient still reaches it (CLIP clamps the weight, not its use).
+    with tf.GradientTape() as tape:
+        temperature = model.temperature
+    assert tape.gradient(temperature, model.log_temperature).numpy() == pytest.approx(1 / 100, rel=1e-6)
 
-    trajectory = []
 
-    class Record(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            trajectory.append([weight.numpy() for weight in plain.trainable_weights])
-
-    plain.fit(dataset(3), epochs=1, verbose=0, shuffle=False, callbacks=[Record()])
-    averaged.fit(dataset(3), epochs=1, verbose=0, shuffle=False)
-    # Keras' EMA: the first step copies the weights, later ones mix with `momentum`.
-    expected = trajectory[0]
-    for step in trajectory[1:]:
-        expected = [momentum * average + (1 - momentum) * weight for average, weight in zip(expected, step)]
-    for want, got in zip(expected, averaged.trainable_weights):
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
-    assert not all(np.allclose(a.numpy(), b.numpy()) for a, b in zip(plain.trainable_weights, averaged.trainable_weights))
+def test_a_fixed_temperature_below_the_bound_is_a_one_line_error():
+    with pytest.raises(DualEncError, match="temperature 0.005 is below 0.01") as error:
+        make_model(temperature=0.005)
+    assert "\n" not in str(error.value)
 
 
 def test_mixed_precision_keeps_embeddings_and_loss_in_float32():

@@ -331,18 +331,18 @@ def test_killed_worker_resumes_on_restart_and_the_chief_writes_a_complete_run(de
                             "--epochs", str(EPOCHS), "--batch-size", "8")
     configs = launch.tf_configs(launch.free_ports(2))
     workers = [_start(command, config, env, tmp_path / f"first-{index}.log") for index, config in enumerate(configs)]
-    metadata = run_dir / "backup" / "training_metadata.json"
+    first_epoch = run_dir / "backup" / "epoch-0001"
     deadline = time.monotonic() + WORKER_TIMEOUT_S
     try:
         # Epoch 1 is backed up: the workers are in epoch 2 now.
-        while not metadata.is_file():
+        while not first_epoch.is_dir():
             assert all(worker.poll() is None for worker in workers), "a worker ended before the kill"
             assert time.monotonic() < deadline, "no epoch was backed up in time"
             time.sleep(0.05)
         workers[1].send_signal(signal.SIGKILL)
     finally:
         launch.stop(workers)
-    assert json.loads(metadata.read_text())["epoch"] == 1
+    assert sorted(path.name for path in (run_dir / "backup").iterdir() if not path.name.startswith(".")) == ["epoch-0001"]
     assert not (run_dir / "metrics.json").exists()
     assert len(list((tmp_path / "tmp").glob("dualenc-*-worker1"))) == 1  # the killed worker could not clean up
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from dualenc.errors import DualEncError
-from dualenc.sampling import identity_batch_plan, identity_batches
+from dualenc.sampling import identity_batch_count, identity_batch_plan, identity_batches
 
 P, K = 3, 2
 
@@ -73,6 +73,27 @@ def test_most_elements_appear_each_epoch_and_none_twice_when_identities_are_larg
         used = plan.reshape(-1)
         assert len(np.unique(used)) == len(used)
         assert len(used) >= 0.8 * len(labels)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_epoch_length_is_the_fewest_batches_any_draw_gives(seed):
+    labels = _labels(seed=seed, identities=9)
+    counts = [len(identity_batch_plan(labels, P, K, np.random.default_rng(draw))) for draw in range(300)]
+    # A lower bound that the draws reach (or come within one batch of, for an unlucky label mix).
+    assert identity_batch_count(labels, P, K) <= min(counts) <= identity_batch_count(labels, P, K) + 1
+    batches = identity_batches(_dataset(labels), P, K, seed=seed)
+    assert int(batches.cardinality()) == identity_batch_count(labels, P, K) == len(_epoch(batches))
+
+
+def test_epoch_seeds_give_each_epoch_whatever_epochs_come_before_it():
+    labels = _labels()
+    whole_run = _epoch(identity_batches(_dataset(labels), P, K, epoch_seeds=[11, 12, 13]))
+    resumed = _epoch(identity_batches(_dataset(labels), P, K, epoch_seeds=[13]))
+    per_epoch = identity_batch_count(labels, P, K)
+    assert len(whole_run) == 3 * per_epoch
+    for alone, in_run in zip(resumed, whole_run[2 * per_epoch :]):
+        np.testing.assert_array_equal(alone["index"], in_run["index"])
+    assert not np.array_equal(whole_run[0]["index"], whole_run[per_epoch]["index"])
 
 
 def test_small_identities_are_upsampled_with_repetition():

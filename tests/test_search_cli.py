@@ -29,6 +29,7 @@ from tests.support.colour_run import (
     solid_image,
     write_packed_dataset,
 )
+from tests.support.read_only import read_only
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -241,3 +242,127 @@ def test_help_has_examples(capsys):
         search.main(["--help"])
     assert exit_info.value.code == 0
     assert "examples:" in capsys.readouterr().out
+
+
+# --- bad input found in the wild (issue 13) ----------------------------------------------------
+
+
+def _plain_env() -> dict[str, str]:
+    """The user's environment: TensorFlow's log level not lowered, the repository importable."""
+    env = {key: value for key, value in os.environ.items() if key not in ("TF_CPP_MIN_LOG_LEVEL", "DUALENC_TF_LOG")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def test_error_after_tensorflow_starts_is_still_the_only_stderr_line(colour_root):
+    quiet = subprocess.run(
+        [sys.executable, str(REPO / "search.py"), "red", "--model", "no/such/run"],
+        cwd=colour_root, env=_plain_env(), capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert quiet.returncode == 2
+    assert quiet.stderr == (
+        "error: run directory no/such/run does not exist; run `python train.py` first or pass --model RUN_DIR\n"
+    )
+
+
+def test_grid_onto_a_directory_is_one_line_and_leaves_nothing(in_root, tmp_path, capsys):
+    target = tmp_path / "figures"
+    target.mkdir()
+    status, out, err = run_cli(capsys, "red", "--grid", str(target))
+    assert (status, out) == (2, "")
+    assert err == f"error: cannot write grid {target}: it is a directory; pass a file name such as {target / 'grid.png'}\n"
+    assert list(tmp_path.iterdir()) == [target] and list(target.iterdir()) == []
+
+
+def test_grid_in_a_read_only_directory_is_one_line_and_leaves_nothing(colour_root, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with read_only(locked) as prefix:
+        completed = subprocess.run(
+            [*prefix, sys.executable, str(REPO / "search.py"), "red", "--grid", str(locked / "grid.png")],
+            cwd=colour_root, env=_plain_env(), capture_output=True, text=True, timeout=120, check=False,
+        )
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert completed.stderr == (
+        f"error: cannot write grid {locked / 'grid.png'}: directory {locked} is read-only (or not yours); "
+        "choose another place\n"
+    )
+    assert list(locked.iterdir()) == []
+
+
+def _damaged_copy(colour_root: Path, destination: Path, damage) -> Path:
+    data = destination / "data"
+    shutil.copytree(colour_root / "data", data)
+    shard = data / "test-00000-of-00001.tfrecord"
+    shard.write_bytes(damage(shard.read_bytes()))
+    return shard
+
+
+def _flip_middle_byte(content: bytes) -> bytes:
+    middle = len(content) // 2
+    return content[:middle] + bytes([content[middle] ^ 0xFF]) + content[middle + 1:]
+
+
+@pytest.mark.parametrize("damage", [_flip_middle_byte, lambda content: content[: len(content) // 2]], ids=["flipped", "cut"])
+def test_damaged_shard_is_one_line_naming_it(in_root, tmp_path, capsys, damage):
+    shard = _damaged_copy(in_root, tmp_path, damage)
+    status, out, err = run_cli(capsys, "red", "--data", str(shard.parent), "-k", "1")
+    assert (status, out) == (2, "")
+    assert err.startswith(f"error: shard {shard} cannot be read (") and err.count("\n") == 1
+    assert err.endswith("; re-pack the dataset\n")
+
+
+def test_manifest_split_that_is_not_an_object_is_one_line(in_root, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(in_root / "data", data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["test"] = "test-00000-of-00001.tfrecord"
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    status, out, err = run_cli(capsys, "red", "--data", str(data))
+    assert (status, out) == (2, "")
+    assert err == f"error: {data / 'manifest.json'}: splits.test is not an object (got a string); re-pack the dataset\n"
+
+
+def test_embeddings_swapped_for_another_models_are_detected_and_rebuilt(colour_root, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed, (word, rgb) in enumerate(COLOURS.items()):
+        (folder / f"{word}.png").write_bytes(encode_png(solid_image(rgb, seed)))
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    shutil.copytree(colour_root / "runs/latest", ours, ignore=shutil.ignore_patterns("index"))
+    shutil.copytree(colour_root / "runs/latest", theirs, ignore=shutil.ignore_patterns("index"))
+    negated = mean_colour_encoder()  # maps each colour to its opposite: red → cyan
+    negated.layers[-1].kernel.assign(-np.eye(3, dtype=np.float32))
+    export_vision_encoder(negated, IMAGE_SIZE, theirs / "vision_encoder")
+    for run_dir in (ours, theirs):
+        status, _, _ = run_cli(capsys, "red", "--model", str(run_dir), "--gallery", str(folder), "-k", "1")
+        assert status == 0
+    [our_file] = ours.glob("index/*/embeddings.npy")
+    [their_file] = theirs.glob("index/*/embeddings.npy")
+    assert np.load(our_file).shape == np.load(their_file).shape
+    shutil.copyfile(their_file, our_file)
+
+    status, out, err = run_cli(capsys, "red", "--model", str(ours), "--gallery", str(folder), "-k", "1", "--json")
+    assert status == 0
+    assert f"{our_file} is not the file this index wrote (its sha256 differs); rebuilding the index" in err
+    assert json.loads(out)[0]["image_id"] == "red.png"
+    # Rebuilt from our encoder: the file holds our embeddings again, and is reused from now on.
+    expected = load_encoder(ours / "vision_encoder")([(folder / name).read_bytes() for name in json.loads(
+        (our_file.parent / "meta.json").read_text())["image_ids"]])
+    np.testing.assert_allclose(np.load(our_file), expected, atol=1e-6)
+    status, _, err = run_cli(capsys, "red", "--model", str(ours), "--gallery", str(folder), "-k", "1")
+    assert status == 0 and "rebuilding" not in err
+
+
+def test_run_directory_that_is_read_only_is_one_line(colour_root, tmp_path):
+    run_copy = tmp_path / "run"
+    shutil.copytree(colour_root / "runs/latest", run_copy, ignore=shutil.ignore_patterns("index"))
+    with read_only(run_copy) as prefix:
+        completed = subprocess.run(
+            [*prefix, sys.executable, str(REPO / "search.py"), "red", "--model", str(run_copy), "-k", "1"],
+            cwd=colour_root, env=_plain_env(), capture_output=True, text=True, timeout=180, check=False,
+        )
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert completed.stderr.startswith(f"error: cannot write the gallery index {run_copy / 'index'}/")
+    assert completed.stderr.count("\n") == 1 and "make the run directory writable" in completed.stderr
+    assert not (run_copy / "index").exists()

@@ -119,7 +119,7 @@ def test_demo_run_writes_config_encoders_curves_metrics_and_log(cached_run):
     assert [row["epoch"] for row in rows] == [str(epoch) for epoch in range(EPOCHS)]
     for column in ["loss", "val_loss"] + [f"val_{name}" for name in METRIC_NAMES]:
         assert all(np.isfinite(float(row[column])) for row in rows), column
-    # BackupAndRestore's state goes once the run has finished.
+    # The backup goes once the run has finished.
     assert not (run_dir / "backup").exists()
 
 
@@ -377,8 +377,9 @@ def test_killed_run_resumes_without_redoing_finished_epochs(demo_data, tmp_path)
             first.wait()
     run_dir = (tmp_path / "runs" / "latest").resolve()
     logged_before = len(csv_rows(log_csv))
-    backed_up = json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"]
-    assert 2 <= logged_before < RESUME_EPOCHS and backed_up in (logged_before - 1, logged_before)
+    backed_up = max(int(backup.name.removeprefix("epoch-")) for backup in (run_dir / "backup").glob("epoch-*"))
+    # The log is rewritten just after each backup is committed.
+    assert 2 <= logged_before < RESUME_EPOCHS and backed_up in (logged_before, logged_before + 1)
     assert not (run_dir / "metrics.json").exists()
     config_stamp = (run_dir / "config.json").stat().st_mtime_ns
 
@@ -392,35 +393,3 @@ def test_killed_run_resumes_without_redoing_finished_epochs(demo_data, tmp_path)
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_trained"] == RESUME_EPOCHS
     assert (run_dir / "config.json").stat().st_mtime_ns == config_stamp
     assert sorted(os.listdir(tmp_path / "runs")) == sorted(["latest", run_dir.name])
-
-
-# --- the CSV log on resume ----------------------------------------------------------------------
-
-
-def _write_log(path: Path, epochs: int) -> None:
-    lines = ["epoch,loss,val_loss"] + [f"{epoch},{2.0 - epoch / 10},{1.5 + epoch}" for epoch in range(epochs)]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def test_trim_log_keeps_only_the_epochs_the_backup_holds(tmp_path):
-    from dualenc.training import read_history, trim_log
-
-    log_csv = tmp_path / "training_log.csv"
-    _write_log(log_csv, 3)
-    trim_log(log_csv, 2)
-    assert [row["epoch"] for row in csv_rows(log_csv)] == ["0", "1"]
-    assert read_history(log_csv) == {"loss": [2.0, 1.9], "val_loss": [1.5, 2.5]}
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["training_log.csv"]
-    trim_log(log_csv, 0)
-    assert log_csv.read_text() == ""
-    trim_log(tmp_path / "absent.csv", 1)
-    assert not (tmp_path / "absent.csv").exists()
-
-
-def test_backed_up_epochs_reads_the_keras_backup(tmp_path):
-    from dualenc.training import backed_up_epochs
-
-    assert backed_up_epochs(tmp_path / "backup") == 0
-    (tmp_path / "backup").mkdir()
-    write_json(tmp_path / "backup" / "training_metadata.json", {"epoch": 3, "batch": 0})
-    assert backed_up_epochs(tmp_path / "backup") == 3

@@ -3,19 +3,27 @@
 Each packer writes ``{split}-{index}-of-{count}.tfrecord`` shards and ``manifest.json`` into
 ``--out``. Re-running the same command resumes an interrupted run (or does nothing when it
 finished); an ``--out`` holding another dataset is refused unless ``--overwrite`` is given.
-Heavy modules are imported inside the subcommands, so worker processes and ``--help`` start fast.
+Heavy modules are imported inside the subcommands, so worker processes and ``--help`` start fast,
+and TensorFlow only after the annotations, flags and ``--out`` were checked: a mistake there is
+reported within a second, and TensorFlow's start-up chatter stays off the terminal unless
+``--verbose`` (or ``DUALENC_TF_LOG=1``) asks for it (`dualenc.startup`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from dualenc.errors import DualEncError
 
 DEFAULT_COCO_DOWNLOAD = Path("data") / "coco"
+# What writing into a read-only, forbidden or full place raises: the user's to fix, not a bug.
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
 
 
 def _absolute(path: str) -> Path:
@@ -29,12 +37,24 @@ def _existing(flag: str, path: Path, kind: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _writing(flag: str, path: Path) -> Iterator[None]:
+    """Turn a failure to write under `path` (read-only, no permission, disk full) into one line."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in UNWRITABLE:
+            raise
+        raise DualEncError(f"cannot write to {flag} {path} ({error.strerror}); "
+                           f"choose a writable {flag} with free space") from None
+
+
 def _pack(splits_and_skipped: tuple, args: argparse.Namespace, source: dict) -> int:
     from tfrecords_tools.writer import pack
 
     splits, skipped = splits_and_skipped
     pack(splits, _absolute(args.out), source, skipped=skipped, resize=args.resize,
-         shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite)
+         shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite, verbose=args.verbose)
     return 0
 
 
@@ -80,9 +100,17 @@ def _run_folder(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
+    from dualenc.manifest import load_manifest
+    from dualenc.startup import import_tensorflow
+
+    data_dir = _absolute(args.data_dir)
+    load_manifest(data_dir)  # a missing or broken manifest is reported before TensorFlow loads
+    import_tensorflow(args.verbose)
     from tfrecords_tools.stats import write_stats
 
-    write_stats(_absolute(args.data_dir))
+    out_dir = _absolute(args.out) if args.out else data_dir / "stats"
+    with _writing("--out", out_dir):
+        write_stats(data_dir, out_dir)
     return 0
 
 
@@ -94,7 +122,8 @@ def _run_make_demo(args: argparse.Namespace) -> int:
     options = {"seed": args.seed}
     if args.identities is not None:
         options["identities"] = args.identities
-    made = make_demo(_absolute(args.out), **options)
+    with _writing("--out", _absolute(args.out)):
+        made = make_demo(_absolute(args.out), **options)
     counts = json.loads((made / MARKER_NAME).read_text(encoding="utf-8"))["counts"]
     for split, split_counts in counts.items():
         print(f"{split}: " + ", ".join(f"{value} {name}" for name, value in split_counts.items()))
@@ -113,6 +142,12 @@ def _packer_flags(parser: argparse.ArgumentParser) -> None:
                         help="processes reading images (default: all %(default)s cores)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a different dataset already packed in --out")
+    _verbose_flag(parser)
+
+
+def _verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's native log lines (also: DUALENC_TF_LOG=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = commands.add_parser("stats", help="count a packed dataset and chart it")
     stats.add_argument("data_dir", metavar="DIR")
+    stats.add_argument("--out", metavar="DIR", help="where charts and stats.json go (default: DIR/stats)")
+    _verbose_flag(stats)
     stats.set_defaults(run=_run_stats)
 
     demo = commands.add_parser("make-demo", help="generate the small synthetic CUHK-PEDES-layout demo")

@@ -11,8 +11,11 @@ Splits, one of:
   train and restval → "train", val → "val", test → "test". Images it does not list are
   reported as skipped.
 
-Labels: each packed image's index (0-based, `images` order, over all splits), so the captions of
-one image share a label.
+Labels: one per image, so the captions of an image share it: the images of the "train" split
+numbered 0..n-1 in `images` order, then those of the other splits (`train_first_labels`).
+
+An `id` listed twice in `images` is refused: captions name images by id, so they could not be
+told apart.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from dualenc.errors import DualEncError
 from dualenc.records import normalise_caption
-from tfrecords_tools.writer import ImageEntry, empty_caption_skip, group_pairs, read_json_file
+from tfrecords_tools.writer import ImageEntry, empty_caption_skip, group_pairs, read_json_file, train_first_labels
 
 HOLDOUT_SPLIT = "valid"
 HOLDOUT_SEED = 0
@@ -41,6 +44,19 @@ def _records(path: Path, content: object, key: str, fields: dict[str, type]) -> 
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise DualEncError(f"{path}: {key}[{index}] field {field!r} must be {kind.__name__}, got {value!r:.80}")
     return content[key]
+
+
+def _file_names(annotations: Path, image_records: list[dict]) -> dict[int, str]:
+    """Image id → file name relative to the image directory; `DualEncError` for a repeated id."""
+    file_names, first_index = {}, {}
+    for index, record in enumerate(image_records):
+        image = record["id"]
+        if image in first_index:
+            raise DualEncError(f"{annotations}: images[{index}] repeats id {image} of images[{first_index[image]}]; "
+                               "each image needs its own id")
+        first_index[image] = index
+        file_names[image] = PurePosixPath(record["file_name"]).as_posix()
+    return file_names
 
 
 def _karpathy_splits(karpathy: Path) -> dict[int, str]:
@@ -66,7 +82,7 @@ def load(annotations: Path, images: Path, *, split: str = "train", holdout_image
     content = read_json_file(annotations)
     image_records = _records(annotations, content, "images", {"id": int, "file_name": str})
     caption_records = _records(annotations, content, "annotations", {"image_id": int, "caption": str})
-    file_names = {record["id"]: PurePosixPath(record["file_name"]).as_posix() for record in image_records}
+    file_names = _file_names(annotations, image_records)
     captions: dict[int, list[str]] = {image: [] for image in file_names}
     skipped = []
     for index, record in enumerate(caption_records):
@@ -96,7 +112,7 @@ def load(annotations: Path, images: Path, *, split: str = "train", holdout_image
                 skipped.append({"path": str(images / file_names[image]),
                                 "reason": f"not listed in Karpathy splits {karpathy}",
                                 "pairs": len(captions[image])})
-    rows = [(split_of[image], file_names[image], str(images / file_names[image]), caption, label)
-            for label, image in enumerate(image for image in captioned if image in split_of)
-            for caption in captions[image]]
+    label_of = train_first_labels((image, split_of[image]) for image in captioned if image in split_of)
+    rows = [(split_of[image], file_names[image], str(images / file_names[image]), caption, label_of[image])
+            for image in label_of for caption in captions[image]]
     return group_pairs(rows), skipped

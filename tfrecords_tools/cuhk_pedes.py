@@ -5,8 +5,10 @@ Each entry is ``{"id": int, "file_path": "CUHK01/0363004.png", "captions": [str,
 `caption_all.json` has the same fields but no `split`; then every entry goes to
 `default_split`. A file must give `split` on every entry or on none.
 
-Labels: the identity `id`s of the whole file, sorted, numbered 0..n-1 (the real dataset's ids
-are 1..13003, so this is id − 1 there; gaps in a subset are closed).
+Labels: the identity `id`s of the "train" split, sorted, numbered 0..n-1, then those of the
+other splits, sorted, from n on (`train_first_labels`): training sizes its classifier to the
+train identities. The real dataset's train ids are its lowest (1..11003), so a label is id − 1
+there; gaps in a subset are closed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from pathlib import Path, PurePosixPath
 
 from dualenc.errors import DualEncError
 from dualenc.records import normalise_caption
-from tfrecords_tools.writer import SPLIT_NAME, ImageEntry, empty_caption_skip, group_pairs, read_json_file
+from tfrecords_tools.writer import (
+    SPLIT_NAME,
+    ImageEntry,
+    empty_caption_skip,
+    group_pairs,
+    read_json_file,
+    train_first_labels,
+)
 
 
 def _checked_entry(annotations: Path, index: int, entry: object, with_split: bool) -> dict:
@@ -47,7 +56,8 @@ def load(annotations: Path, images: Path,
         raise DualEncError(f"{annotations}: expected a JSON list of entries, got {type(content).__name__}")
     with_split = bool(content) and isinstance(content[0], dict) and "split" in content[0]
     entries = [_checked_entry(annotations, index, entry, with_split) for index, entry in enumerate(content)]
-    label_of = {identity: label for label, identity in enumerate(sorted({entry["id"] for entry in entries}))}
+    split_of = [entry["split"] if with_split else default_split for entry in entries]
+    label_of = train_first_labels(sorted((entry["id"], split) for entry, split in zip(entries, split_of)))
     rows, skipped = [], []
     for index, entry in enumerate(entries):
         image_id = PurePosixPath(entry["file_path"].replace("\\", "/")).as_posix()
@@ -56,6 +66,5 @@ def load(annotations: Path, images: Path,
             if not normalise_caption(caption):
                 skipped.append(empty_caption_skip(path, f"{annotations} entry {index} caption {caption_index}"))
                 continue
-            split = entry["split"] if with_split else default_split
-            rows.append((split, image_id, path, caption, label_of[entry["id"]]))
+            rows.append((split_of[index], image_id, path, caption, label_of[entry["id"]]))
     return group_pairs(rows), skipped

@@ -15,6 +15,14 @@ so the renames to ``{split}-{index}-of-{count}.tfrecord`` happen then. A re-run 
 fingerprint keeps the journalled shards whose checksums still match and continues after them;
 because shard boundaries depend only on the input, the result equals a clean run's. Hidden
 temporary names never match ``*.tfrecord``, so they cannot be mistaken for shards.
+
+Bad input and a hostile system: everything stored has passed Pillow's checks in the workers
+and then TensorFlow's own decoder here (`dualenc.images.tensorflow_problems`), so training never
+meets an image it cannot decode. One packer at a time holds ``--out`` (`dualenc.locking`); a
+second is told the holder's pid. A full disk ends the run with one line and removes the open
+shard's ``.partial``; the finished shards stay journalled, so re-running resumes. Workers end
+with the packer, even when it is killed with ``kill -9``. TensorFlow is imported only after the
+options and ``--out`` were checked, so those mistakes are reported at once.
 """
 
 from __future__ import annotations
@@ -22,32 +30,44 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tensorflow as tf
 from tqdm import tqdm
 
-from dualenc.data import sha256_of_file
 from dualenc.errors import DualEncError
-from dualenc.files import move_into_place, temporary_sibling, write_json_atomic
+from dualenc.files import move_into_place, sha256_of_file, temporary_sibling, write_json_atomic
+from dualenc.images import prepare_images, tensorflow_problems
+from dualenc.locking import directory_lock
 from dualenc.manifest import Manifest, SplitSummary, manifest_path, read_manifest_file
 from dualenc.records import FORMAT_VERSION, MANIFEST_NAME, serialize_example, shard_name
-from dualenc.images import prepare_images
+from dualenc.startup import import_tensorflow, native_stderr_dropped
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 DEFAULT_SHARD_SIZE = 2000  # seed 003's shards held 2,000 images
 IMAGES_PER_TASK = 8
 TASKS_IN_FLIGHT_PER_WORKER = 4  # bounds the image bytes waiting in memory
+# Images TensorFlow decodes per check (in parallel, `tensorflow_problems`): enough to amortise
+# building the tf.data map, few enough that their bytes stay a few tens of MB.
+TENSORFLOW_CHECK_IMAGES = 512
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SKIPS_SHOWN = 5
 PATH_KEYS = ("annotations", "images", "karpathy")
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
+# The split `train.py` trains on (dualenc.training.TRAIN_SPLIT); its labels size the CMPC classifier.
+TRAIN_SPLIT = "train"
 # The resume journal: what an unfinished run has completed so far (removed when it finishes).
 JOURNAL_NAME = ".pack-journal.json"
 
@@ -79,6 +99,18 @@ def group_pairs(rows: Iterable[tuple[str, str, str, str, int]]) -> dict[str, lis
         split: [ImageEntry(image_id, path, tuple(pairs)) for image_id, (path, pairs) in images.items()]
         for split, images in grouped.items()
     }
+
+
+def train_first_labels(keys: Iterable[tuple[Hashable, str]]) -> dict[Hashable, int]:
+    """A label per identity key from (key, split) pairs: the keys seen in the "train" split get
+    0..n-1, then the others n, n+1, ..., each group in order of first appearance.
+
+    Training sizes the CMPC classifier to the train split's identities (the manifest's ``ids``),
+    so that split's labels must be exactly 0..n-1, whatever other splits hold.
+    """
+    pairs = list(keys)
+    ordered = [key for key, split in pairs if split == TRAIN_SPLIT] + [key for key, _ in pairs]
+    return {key: label for label, key in enumerate(dict.fromkeys(ordered))}
 
 
 def read_json_file(path: Path) -> object:
@@ -191,9 +223,6 @@ def _claim_out_dir(out_dir: Path, run_fingerprint: str, overwrite: bool) -> dict
     The same fingerprint always resumes or reuses; a different dataset is replaced only with
     `overwrite` (which deletes only files named like the packer's own).
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DualEncError(f"--out {out_dir} is a file; give a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
     manifest = _bookkeeping_or_none(_manifest_or_none, out_dir, overwrite)
     journal = _bookkeeping_or_none(_read_journal, out_dir / JOURNAL_NAME, overwrite)
     if manifest is not None and manifest.source.get("fingerprint") == run_fingerprint:
@@ -216,10 +245,37 @@ def _claim_out_dir(out_dir: Path, run_fingerprint: str, overwrite: bool) -> dict
     return {"journal": {"fingerprint": run_fingerprint, "splits": {}}}
 
 
-def _prepared(entries: list[ImageEntry], resize: int | None, pool: concurrent.futures.Executor | None,
-              workers: int) -> Iterator[tuple[bytes | None, str | None]]:
-    """(bytes, None) or (None, reason) per entry, in order; at most a few tasks per worker in
-    flight so finished images never pile up in memory."""
+def _make_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DualEncError(f"--out {out_dir} is a file; give a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DualEncError(f"cannot create --out {out_dir} ({error.strerror or error}); "
+                           "choose a writable directory") from None
+
+
+def _exit_with_parent() -> None:
+    """Pool initializer: end this worker as soon as the packer is gone, however it died.
+
+    Otherwise a ``kill -9`` of the packer leaves its spawned workers waiting on their task queue
+    for ever, and the resource tracker, which waits for them, running too.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _pillow_prepared(entries: list[ImageEntry], resize: int | None, pool: concurrent.futures.Executor | None,
+                     workers: int) -> Iterator[tuple[bytes | None, str | None]]:
+    """(bytes, None) or (None, reason) per entry after Pillow's checks, in order; at most a few
+    tasks per worker in flight so finished images never pile up in memory."""
     tasks = [([entry.path for entry in entries[start:start + IMAGES_PER_TASK]], resize)
              for start in range(0, len(entries), IMAGES_PER_TASK)]
     if pool is None:
@@ -236,6 +292,32 @@ def _prepared(entries: list[ImageEntry], resize: int | None, pool: concurrent.fu
         yield from pending.popleft().result()
 
 
+def _tensorflow_checked(results: list[tuple[bytes | None, str | None]],
+                        verbose: bool) -> list[tuple[bytes | None, str | None]]:
+    """`results` with each image TensorFlow cannot decode turned into (None, reason); libjpeg's
+    warnings about damaged JPEGs are kept off the terminal unless `verbose`."""
+    with native_stderr_dropped(verbose):
+        problems = iter(tensorflow_problems([image for image, _ in results if image is not None]))
+    checked = []
+    for image, reason in results:
+        problem = None if image is None else next(problems)
+        checked.append((image, reason) if problem is None else (None, problem))
+    return checked
+
+
+def _prepared(entries: list[ImageEntry], resize: int | None, pool: concurrent.futures.Executor | None,
+              workers: int, verbose: bool) -> Iterator[tuple[bytes | None, str | None]]:
+    """(bytes, None) or (None, reason) per entry, in order: Pillow's checks and re-encoding in
+    the workers, then TensorFlow's decoder over each batch of what would be stored."""
+    batch = []
+    for result in _pillow_prepared(entries, resize, pool, workers):
+        batch.append(result)
+        if len(batch) == TENSORFLOW_CHECK_IMAGES:
+            yield from _tensorflow_checked(batch, verbose)
+            batch = []
+    yield from _tensorflow_checked(batch, verbose)
+
+
 class _SplitWriter:
     """Writes one split's shards, journalling each closed shard."""
 
@@ -250,13 +332,29 @@ class _SplitWriter:
         self.pending_skips: list[dict] = []
 
     def add(self, entry: ImageEntry, image: bytes) -> None:
+        import tensorflow as tf
+
         if self.records is None:
-            partial = self.out_dir / _temporary_name(self.split, len(self.state["shards"]), "partial")
-            self.records = tf.io.TFRecordWriter(str(partial))
+            self.records = tf.io.TFRecordWriter(str(self._partial()))
         for caption, label in entry.pairs:
             self.records.write(serialize_example(caption, image, entry.image_id, label))
         self.shard_pairs += len(entry.pairs)
         self.shard_images += 1
+
+    def _partial(self) -> Path:
+        return self.out_dir / _temporary_name(self.split, len(self.state["shards"]), "partial")
+
+    def abandon(self) -> None:
+        """Drop the open shard (the run failed): close it if it still closes, remove its file."""
+        import tensorflow as tf
+
+        if self.records is not None:
+            try:
+                self.records.close()
+            except (OSError, tf.errors.OpError):
+                pass  # a full disk fails the close too; the file goes either way
+            self.records = None
+        self._partial().unlink(missing_ok=True)
 
     def skip(self, position: int, reason: str) -> None:
         self.pending_skips.append({"image": position, "reason": reason})
@@ -267,7 +365,7 @@ class _SplitWriter:
             return
         self.records.close()
         index = len(self.state["shards"])
-        partial = self.out_dir / _temporary_name(self.split, index, "partial")
+        partial = self._partial()
         digest = sha256_of_file(partial)
         move_into_place(partial, self.out_dir / _temporary_name(self.split, index, "done"))
         self.state["shards"].append({"pairs": self.shard_pairs, "images": self.shard_images,
@@ -309,11 +407,31 @@ def _finalise_split(out_dir: Path, split: str, journal: dict) -> None:
             move_into_place(done, out_dir / shard["name"])
 
 
+def _skip_reasons(split_state: dict) -> dict[int, str]:
+    """Position → reason of each image of a finished split that was skipped."""
+    return {skip["image"]: skip["reason"]
+            for skips in [shard["skipped"] for shard in split_state["shards"]] + [split_state["tail_skipped"]]
+            for skip in skips}
+
+
+def _label_gap_warning(entries: list[ImageEntry], split_state: dict) -> str | None:
+    """A warning when the stored labels of the finished train split are not 0..n-1, else None.
+
+    The packers number labels so, but an unreadable image leaves a gap, as can a table's own
+    labels; `train.py --loss cmpc` sizes its classifier to the n identities and cannot use them.
+    """
+    reasons = _skip_reasons(split_state)
+    labels = {label for position, entry in enumerate(entries) if position not in reasons for _, label in entry.pairs}
+    if labels == set(range(len(labels))):
+        return None
+    return (f"warning: the {len(labels)} identities of split {TRAIN_SPLIT!r} have labels up to {max(labels)}, "
+            f"not 0..{len(labels) - 1} (skipped images or the annotations' own labels leave gaps); "
+            "`train.py --loss cmpc` cannot train on them: renumber the labels from 0 without gaps")
+
+
 def _split_summary(entries: list[ImageEntry], split_state: dict) -> tuple[SplitSummary, list[dict]]:
     """The manifest entry of a finished split and its skipped images."""
-    reasons = {skip["image"]: skip["reason"]
-               for skips in [shard["skipped"] for shard in split_state["shards"]] + [split_state["tail_skipped"]]
-               for skip in skips}
+    reasons = _skip_reasons(split_state)
     kept = [entry for position, entry in enumerate(entries) if position not in reasons]
     pairs = sum(len(entry.pairs) for entry in kept)
     written = sum(shard["pairs"] for shard in split_state["shards"])
@@ -333,7 +451,7 @@ def _split_summary(entries: list[ImageEntry], split_state: dict) -> tuple[SplitS
 
 def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: dict,
                  resize: int | None, shard_size: int, pool: concurrent.futures.Executor | None,
-                 workers: int) -> tuple[SplitSummary, list[dict]]:
+                 workers: int, verbose: bool) -> tuple[SplitSummary, list[dict]]:
     split_state = journal["splits"].setdefault(split, {"shards": [], "tail_skipped": [], "complete": False})
     if split_state["complete"]:
         _finalise_split(out_dir, split, journal)
@@ -349,16 +467,20 @@ def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: 
     with tqdm(total=total_pairs, initial=done_pairs, unit="pair", desc=f"packing {split}",
               file=sys.stderr, dynamic_ncols=True) as progress:
         remaining = entries[start:]
-        for position, entry, (image, reason) in zip(range(start, len(entries)), remaining,
-                                                     _prepared(remaining, resize, pool, workers)):
-            if image is None:
-                writer.skip(position, reason)
-            else:
-                if writer.shard_pairs and writer.shard_pairs + len(entry.pairs) > shard_size:
-                    writer.close_shard(next_image=position)
-                writer.add(entry, image)
-            progress.update(len(entry.pairs))
-    writer.close_shard(next_image=len(entries))
+        try:
+            for position, entry, (image, reason) in zip(range(start, len(entries)), remaining,
+                                                         _prepared(remaining, resize, pool, workers, verbose)):
+                if image is None:
+                    writer.skip(position, reason)
+                else:
+                    if writer.shard_pairs and writer.shard_pairs + len(entry.pairs) > shard_size:
+                        writer.close_shard(next_image=position)
+                    writer.add(entry, image)
+                progress.update(len(entry.pairs))
+            writer.close_shard(next_image=len(entries))
+        except BaseException:
+            writer.abandon()
+            raise
     split_state["tail_skipped"] = writer.pending_skips
     _finalise_split(out_dir, split, journal)
     return _split_summary(entries, split_state)
@@ -389,10 +511,38 @@ def _report(out_dir: Path, manifest: Manifest) -> None:
               f"(all listed in {manifest_path(out_dir)})", file=sys.stderr)
 
 
+def _disk_full(error: BaseException, tf: Any) -> bool:
+    """Whether `error` says the disk (or the user's quota) is full: an `OSError` from Python,
+    or the `ResourceExhaustedError` TensorFlow's record writer raises for ENOSPC."""
+    if isinstance(error, OSError):
+        return error.errno in DISK_FULL
+    return isinstance(error, tf.errors.ResourceExhaustedError)
+
+
+def _write_all(splits: dict[str, list[ImageEntry]], out_dir: Path, journal: dict, resize: int | None,
+               shard_size: int, workers: int, verbose: bool) -> tuple[dict[str, SplitSummary], list[dict]]:
+    """Write every split's shards; returns their summaries and the images skipped."""
+    image_count = sum(len(entries) for entries in splits.values())
+    # Spawned (not forked) workers: the parent has TensorFlow's threads running.
+    pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                   initializer=_exit_with_parent)
+            if workers > 1 and image_count > IMAGES_PER_TASK else None)
+    summaries, image_skips = {}, []
+    try:
+        for split in sorted(splits):
+            summaries[split], split_skips = _write_split(out_dir, split, splits[split], journal,
+                                                          resize, shard_size, pool, workers, verbose)
+            image_skips.extend(split_skips)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return summaries, image_skips
+
+
 def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
          skipped: Iterable[dict] = (), resize: int | None = None,
          shard_size: int | None = None, workers: int | None = None,
-         overwrite: bool = False) -> Manifest:
+         overwrite: bool = False, verbose: bool = False) -> Manifest:
     """Pack `splits` into shards and `manifest.json` in `out_dir`; returns the manifest.
 
     `source` describes the input (``format``, absolute ``annotations``/``images`` paths, and any
@@ -400,34 +550,37 @@ def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
     already dropped. `shard_size` defaults to `DEFAULT_SHARD_SIZE`. Images are validated in
     `workers` processes (default: all cores). A directory holding the same fingerprint is
     resumed or, when finished, reused as is; another dataset is refused unless `overwrite`.
+    `verbose` lets TensorFlow's native log lines through (`dualenc.startup`).
     """
     shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
     _check_options(splits, resize, shard_size, workers)
     prior_skipped = list(skipped)
     run_fingerprint = fingerprint(splits, source, prior_skipped, resize, shard_size)
-    claim = _claim_out_dir(out_dir, run_fingerprint, overwrite)
-    if "manifest" in claim:
-        print(f"{out_dir} already holds this dataset, packed and verified; nothing to do", file=sys.stderr)
-        return claim["manifest"]
-    journal = claim["journal"]
-    workers = workers or os.cpu_count() or 1
-    image_count = sum(len(entries) for entries in splits.values())
-    # Spawned (not forked) workers: the parent has TensorFlow's threads running.
-    pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            if workers > 1 and image_count > IMAGES_PER_TASK else None)
-    summaries, image_skips = {}, []
-    try:
-        for split in sorted(splits):
-            summaries[split], split_skips = _write_split(out_dir, split, splits[split], journal,
-                                                          resize, shard_size, pool, workers)
-            image_skips.extend(split_skips)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    manifest = Manifest.create({**source, "fingerprint": run_fingerprint}, summaries,
-                               prior_skipped + image_skips, resize)
-    manifest.write(out_dir)
-    shards = {name for summary in summaries.values() for name in summary.shards}
-    _remove_packer_files(out_dir, keep=shards | {manifest_path(out_dir).name})
+    _make_out_dir(out_dir)
+    with directory_lock(out_dir, "packer"):
+        claim = _claim_out_dir(out_dir, run_fingerprint, overwrite)
+        if "manifest" in claim:
+            print(f"{out_dir} already holds this dataset, packed and verified; nothing to do", file=sys.stderr)
+            return claim["manifest"]
+        journal = claim["journal"]
+        tf = import_tensorflow(verbose)
+        try:
+            summaries, image_skips = _write_all(splits, out_dir, journal, resize, shard_size,
+                                                workers or os.cpu_count() or 1, verbose)
+            manifest = Manifest.create({**source, "fingerprint": run_fingerprint}, summaries,
+                                       prior_skipped + image_skips, resize)
+            manifest.write(out_dir)
+        except (OSError, tf.errors.ResourceExhaustedError) as error:
+            if not _disk_full(error, tf):
+                raise
+            finished = sum(len(split["shards"]) for split in journal["splits"].values())
+            raise DualEncError(f"no space left on the disk of --out {out_dir}; free some space and re-run "
+                               f"the same command: it resumes after the {finished} finished shard(s)") from None
+        shards = {name for summary in summaries.values() for name in summary.shards}
+        _remove_packer_files(out_dir, keep=shards | {manifest_path(out_dir).name})
     _report(out_dir, manifest)
+    if TRAIN_SPLIT in splits:
+        warning = _label_gap_warning(splits[TRAIN_SPLIT], journal["splits"][TRAIN_SPLIT])
+        if warning is not None:
+            print(warning, file=sys.stderr)
     return manifest

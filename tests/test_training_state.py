@@ -1,0 +1,275 @@
+"""Honest training state (issue 12): logged means are true means, resume replays the same run,
+the exported weights are the selected ones, the temperature is bounded, the precision policy
+is restored, and a dataset without a validation split validates on held-out training pairs.
+
+Runs call `run_training` in-process on the tiny packed demo with a frozen small CNN; the model
+that is exported is captured for comparison with independent references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support.training import csv_rows
+
+
+def _tiny_config(data_dir: Path, dropout: float = 0.0, **changes):
+    from dualenc.presets import preset
+
+    config = preset("demo")
+    model = dataclasses.replace(
+        config.model,
+        vision=dataclasses.replace(config.model.vision, trainable=False, image_size=(64, 32)),
+        text=dataclasses.replace(config.model.text, vocab_size=200, embedding_dim=16, lstm_units=16, max_tokens=24),
+        projection_dim=32,
+        dropout=dropout,
+    )
+    return dataclasses.replace(config, model=model, data=str(data_dir), batch_size=8, **changes)
+
+
+def _train(config, run_dir: Path, **kwargs):
+    """`run_training` into `run_dir`; returns (report, the DualEncoder it exported)."""
+    import dualenc.training
+    from dualenc.runs import RunPaths
+
+    paths = RunPaths(run_dir)
+    config = dualenc.training.resolve_config(config, dualenc.training.load_manifest(config.data), paths)
+    exported = {}
+    export_encoders = dualenc.training.export_encoders
+
+    def export_and_keep(root, **arguments):
+        exported["model"] = arguments["encode_images"].__self__
+        export_encoders(root, **arguments)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dualenc.training, "export_encoders", export_and_keep)
+        report = dualenc.training.run_training(config, paths, **{"verbose": 0, **kwargs})
+    return report, exported["model"], config
+
+
+def _mean_loss(model, config, batches) -> float:
+    """The loss of every batch from the model's embeddings, averaged in float64 by NumPy."""
+    from dualenc import losses
+    from dualenc.training import model_inputs
+
+    values = []
+    for batch in model_inputs(batches):
+        caption_embeddings, image_embeddings = model(batch, training=False)
+        values.append(float(losses.dual_encoder_loss(
+            config.model.loss, image_embeddings=image_embeddings, caption_embeddings=caption_embeddings,
+            labels=batch["label"], temperature=model.temperature, class_weights=model.class_weights)))
+    return float(np.mean(np.asarray(values, np.float64)))
+
+
+@pytest.mark.slow
+def test_logged_epoch_means_equal_a_separate_evaluation(demo_data, tmp_path):
+    from dualenc.preprocessing import build_text_preprocessor
+    from dualenc.training import model_inputs, pair_batches
+
+    # A rate so small the weights stay put: the epoch's train mean is then the mean loss of
+    # the epoch's batches under the final weights (no dropout; the frozen CNN is in inference mode).
+    config = _tiny_config(demo_data, epochs=1, learning_rate=1e-9)
+    report, model, config = _train(config, tmp_path / "run", use_feature_cache=False)
+    row = csv_rows(tmp_path / "run" / "training_log.csv")[0]
+    text_preprocessor = build_text_preprocessor(config.model.text)
+    train = pair_batches(Path(config.data), "train", config, text_preprocessor, {}, training=True, epochs=range(1))
+    validation = pair_batches(Path(config.data), "val", config, text_preprocessor, {}, training=False)
+    assert float(row["loss"]) == pytest.approx(_mean_loss(model, config, train), rel=1e-4)
+    assert float(row["val_loss"]) == pytest.approx(_mean_loss(model, config, validation), rel=1e-4)
+    evaluated = model.evaluate(model_inputs(validation), return_dict=True, verbose=0)
+    assert float(row["val_loss"]) == pytest.approx(evaluated["loss"], rel=1e-5)
+    assert float(row["val_r1_t2i"]) == pytest.approx(evaluated["r1_t2i"], rel=1e-5)
+
+
+# --- resume: the same run as without the interruption ------------------------------------------
+
+RESUME_EPOCHS = 8
+# Short patience, so that a few epochs see the rate cut and the run stop early.
+SHORT_SCHEDULE = {"lr_patience": 1, "stop_patience": 3}
+
+
+class Interrupted(Exception):
+    """Stands in for a kill: raised where the process would have died."""
+
+
+def _test_embeddings(model, config):
+    from dualenc.preprocessing import build_text_preprocessor
+    from dualenc.training import model_inputs, pair_batches
+
+    batches = pair_batches(Path(config.data), "test", config, build_text_preprocessor(config.model.text), {}, training=False)
+    images, captions = [], []
+    for batch in model_inputs(batches):
+        captions_part, images_part = model(batch, training=False)
+        images.append(np.asarray(images_part))
+        captions.append(np.asarray(captions_part))
+    return np.concatenate(images), np.concatenate(captions)
+
+
+def _log_columns(run_dir: Path) -> dict[str, np.ndarray]:
+    rows = csv_rows(run_dir / "training_log.csv")
+    return {key: np.array([float(row[key]) for row in rows]) for key in rows[0]}
+
+
+@pytest.mark.slow
+def test_a_run_interrupted_after_its_best_epoch_and_during_export_resumes_to_the_same_result(demo_data, tmp_path):
+    import dualenc.selection
+    import dualenc.training
+    from dualenc.selection import Schedule
+
+    # Dropout on: a resumed run must draw the masks the uninterrupted one drew.
+    config = _tiny_config(demo_data, dropout=0.2, epochs=RESUME_EPOCHS, seed=3, monitor="val_loss")
+    schedule = Schedule.following(config.monitor, **SHORT_SCHEDULE)
+    report, model, config = _train(config, tmp_path / "whole", schedule=schedule)
+    whole = _log_columns(tmp_path / "whole")
+    # The uninterrupted run exercises what resume must replay: a cut in the rate and an early stop.
+    assert report["epochs_trained"] < RESUME_EPOCHS
+    assert len(set(whole["learning_rate"])) > 1
+    # Killed before committing the epoch after the best (numbered from 1, as epochs_done counts).
+    kill_at = report["best_epoch"] + 1
+
+    commit_backup = dualenc.selection.commit_backup
+
+    def die_before_commit(backup_dir, model, state):
+        if state.epochs_done == kill_at:
+            raise Interrupted(f"killed before committing epoch {kill_at}")
+        commit_backup(backup_dir, model, state)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dualenc.selection, "commit_backup", die_before_commit)
+        with pytest.raises(Interrupted):
+            _train(config, tmp_path / "resumed", schedule=schedule)
+    # The epoch that was not committed is not logged either: it is trained again.
+    assert len(csv_rows(tmp_path / "resumed" / "training_log.csv")) == kill_at - 1
+
+    def die_in_export(*args, **kwargs):
+        raise Interrupted("killed while exporting")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dualenc.training, "export_encoders", die_in_export)
+        with pytest.raises(Interrupted):
+            dualenc.training.run_training(config, dualenc.training.RunPaths(tmp_path / "resumed"), resume=True,
+                                          verbose=0, schedule=schedule)
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+
+    epochs_trained = []
+    with pytest.MonkeyPatch.context() as patch:
+        on_epoch_end = dualenc.selection.ModelSelection.on_epoch_end
+        patch.setattr(dualenc.selection.ModelSelection, "on_epoch_end",
+                      lambda self, epoch, logs=None: (epochs_trained.append(epoch), on_epoch_end(self, epoch, logs)))
+        resumed_report, resumed_model, _ = _train(config, tmp_path / "resumed", schedule=schedule, resume=True)
+    # The export is redone without training again.
+    assert epochs_trained == []
+    assert {key: resumed_report[key] for key in ("epochs_trained", "best_epoch")} == \
+        {key: report[key] for key in ("epochs_trained", "best_epoch")}
+    # Equal to the bit: the CPU kernels used here are deterministic (a GPU run would need a
+    # float tolerance), and the same seeds, data order and dropout draws make the same run.
+    resumed = _log_columns(tmp_path / "resumed")
+    assert sorted(resumed) == sorted(whole)
+    for key in whole:
+        np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
+    for want, got in zip(_test_embeddings(model, config), _test_embeddings(resumed_model, config)):
+        np.testing.assert_array_equal(got, want)
+    assert not (tmp_path / "resumed" / "backup").exists()
+    assert [path.name for path in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["best.weights.h5"]
+
+
+def test_building_a_mixed_precision_model_leaves_the_global_policy_as_it_was(tmp_path):
+    import keras
+
+    from dualenc.config import TrainConfig
+    from dualenc.training import build_model
+    from tests.support.stand_ins import factory_config
+
+    keras.mixed_precision.set_global_policy("bfloat16")
+    try:
+        model = build_model(TrainConfig(model=factory_config(tmp_path), mixed_precision=True))
+        assert keras.mixed_precision.global_policy().name == "bfloat16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.image_head.dtype_policy.name == "mixed_float16"
+    assert type(model.optimizer).__name__ == "LossScaleOptimizer"
+    assert not model.optimizer.inner_optimizer.use_ema
+
+
+# --- no validation split: held-out training identities ------------------------------------------
+
+
+@pytest.mark.slow
+def test_without_a_validation_split_training_identities_are_held_out_and_test_scores_only_at_the_end(
+    demo_data, tmp_path, capsys
+):
+    import json
+
+    import dualenc.training
+    from dualenc.preprocessing import build_text_preprocessor
+    from tests.support.packed import read_records
+    from tests.support.training import copy_dataset, write_json
+
+    data = copy_dataset(demo_data, tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    del manifest["splits"]["val"]
+    write_json(data / "manifest.json", manifest)
+    train_labels = np.array([record["label"] for record in read_records(data, "train")])
+
+    requested = []
+    pair_batches = dualenc.training.pair_batches
+
+    def recording(data_dir, split, config, *args, **kwargs):
+        requested.append((split, kwargs["training"], kwargs.get("holdout")))
+        return pair_batches(data_dir, split, config, *args, **kwargs)
+
+    config = _tiny_config(data, epochs=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dualenc.training, "pair_batches", recording)
+        capsys.readouterr()
+        report, model, config = _train(config, tmp_path / "run", verbose=1)
+    out = capsys.readouterr().out
+    holdout = requested[0][2]
+    assert holdout is not None and len(holdout.labels) == 1  # a tenth of 10 identities
+    assert f"validating on 1 training identities ({holdout.pairs} of {len(train_labels)} pairs) held out" in out
+    assert holdout.pairs == np.isin(train_labels, holdout.labels).sum() > 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["validation"] == "train-holdout"
+    assert report["split"] == "test" and "held out" in report["validation"]
+    # Validation and training came from train; the test split was read once, for the final score.
+    assert [(split, training) for split, training, _ in requested] == [("train", False), ("train", True), ("test", False)]
+
+    # The held-out pairs are exactly the validation batches, and never in a training epoch.
+    text_preprocessor = build_text_preprocessor(config.model.text)
+    validation = pair_batches(data, "train", config, text_preprocessor, {}, training=False, holdout=holdout)
+    train = pair_batches(data, "train", config, text_preprocessor, {}, training=True, epochs=range(3), holdout=holdout)
+    validation_labels = np.concatenate([batch["label"].numpy() for batch in validation])
+    seen_in_training = np.concatenate([batch["label"].numpy() for batch in train])
+    np.testing.assert_array_equal(np.sort(validation_labels), np.sort(train_labels[np.isin(train_labels, holdout.labels)]))
+    assert not np.isin(seen_in_training, holdout.labels).any()
+    assert len(seen_in_training) == 3 * ((len(train_labels) - holdout.pairs) // config.batch_size) * config.batch_size
+
+
+def test_identity_batches_for_cmpm_have_a_known_length_leave_held_out_identities_out_and_resume_in_step(demo_data):
+    import tensorflow as tf
+
+    from dualenc.manifest import load_manifest
+    from dualenc.training import choose_holdout, pair_batches
+
+    config = _tiny_config(demo_data, seed=5)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, loss="cmpm"))
+    holdout = choose_holdout(demo_data, load_manifest(demo_data), config.seed)
+    count_words = tf.strings.length  # a stand-in text preprocessor: the batches' strings, not the model, matter here
+
+    def batches(epochs: range) -> list[dict]:
+        stream = pair_batches(demo_data, "train", config, count_words, {}, training=True, epochs=epochs, holdout=holdout)
+        found = [{key: batch[key].numpy() for key in ("label", "image_id")} for batch in stream]
+        assert int(stream.cardinality()) == len(found)
+        return found
+
+    whole_run, resumed = batches(range(3)), batches(range(1, 3))
+    assert len(whole_run) % 3 == 0 and len(whole_run) > 0
+    for batch in whole_run:
+        labels = batch["label"]
+        assert len(set(labels.tolist())) == config.batch_size // 4 and not np.isin(labels, holdout.labels).any()
+    assert len(resumed) == 2 * len(whole_run) // 3
+    for alone, in_run in zip(resumed, whole_run[len(whole_run) // 3 :]):
+        np.testing.assert_array_equal(alone["image_id"], in_run["image_id"])
