@@ -3,6 +3,7 @@
     python train.py --epochs 30                      # the embedded demo, built on first use
     python train.py --preset coco --data data/coco   # seed 003: frozen Xception + small BERT
     python train.py --preset cuhk-pedes --data data/cuhk --placement split
+    python -m dualenc.launch --workers 2 -- train.py --data data/cuhk --out runs/two --placement multi-worker
 
 Flags override the preset, and a --config JSON file sits between the two. Everything lands in
 --out (default runs/<timestamp>, with runs/latest pointing at it once training starts); the same
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from dualenc import config as configs
 from dualenc import runs
+from dualenc.cluster import training_cluster
 from dualenc.errors import DualEncError
 from dualenc.presets import PRESETS, preset
 
@@ -51,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-encoder", help="TF Hub handle or local SavedModel dir of the BERT encoder")
     parser.add_argument("--train-backbones", action=argparse.BooleanOptionalAction, default=None,
                         help="fine-tune (or, with --no-train-backbones, freeze) both backbones")
-    parser.add_argument("--placement", choices=configs.PLACEMENTS)
+    parser.add_argument("--placement", choices=configs.PLACEMENTS,
+                        help="multi-worker: one of several machines (TF_CONFIG); auto: multi-worker when TF_CONFIG names several")
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--monitor", choices=configs.MONITORS,
@@ -123,6 +126,7 @@ def check_before_tensorflow(args: argparse.Namespace) -> configs.TrainConfig:
     file, where the run will be written and the dataset's manifest."""
     config = build_config(args)
     configs.check_weights_file(config.model.vision)
+    training_cluster(config.placement, args.out, config.data)  # TF_CONFIG and the shared directories
     if args.out is not None:
         runs.check_out(args.out)
     else:
@@ -141,7 +145,9 @@ def train(args: argparse.Namespace, config: configs.TrainConfig) -> tuple[runs.R
     """Claim the run directory and train into it; runs/latest moves only once training starts."""
     from dualenc.startup import import_tensorflow
 
-    import_tensorflow(args.verbose)
+    cluster = training_cluster(config.placement, args.out, config.data)
+    # A multi-worker strategy must start TensorFlow's runtime itself (run_training creates it).
+    import_tensorflow(args.verbose, create_devices=cluster is None)
     from dualenc.manifest import load_manifest
     from dualenc.towers.keras_hub import resolve_model_config
     from dualenc.training import resolve_config, run_training
@@ -158,6 +164,11 @@ def train(args: argparse.Namespace, config: configs.TrainConfig) -> tuple[runs.R
     def resolved(candidate: runs.RunPaths) -> configs.TrainConfig:
         return resolve_config(config, manifest, candidate)
 
+    if cluster is not None and not cluster.is_chief:
+        # Only the chief claims and writes the run directory; this worker follows its backup.
+        paths = runs.RunPaths(Path(args.out).resolve())
+        return paths, run_training(resolved(paths), paths, resume=paths.backup.is_dir(),
+                                   use_feature_cache=not args.no_feature_cache, verbose=0 if args.quiet else 1)
     paths, _ = runs.choose_run_dir(args.out, RUNS_ROOT, resolved)
     with runs.claim_run_dir(paths.root) as claim:
         # Decided again under the lock: another process may have used the directory meanwhile.

@@ -33,7 +33,7 @@ LOSSES = ("soft_target", "clip", "cmpm", "cmpc", "cmpm+cmpc", "siglip", "sdm", "
 # t' = log 10, b = -10); `--loss siglip` starts from them.
 SIGLIP_TEMPERATURE = 0.1
 SIGLIP_BIAS = -10.0
-PLACEMENTS = ("single", "split", "mirrored")
+PLACEMENTS = ("single", "split", "mirrored", "multi-worker", "auto")
 # Epoch-end values that learning-rate reduction, early stopping and checkpoints may follow.
 MONITORS = ("val_loss", "val_t2i_r1", "val_t2i_r10", "val_i2t_r1", "val_i2t_r10", "val_t2i_map", "val_i2t_map")
 

@@ -7,6 +7,9 @@
 - "mirrored": `tf.distribute.MirroredStrategy` data parallelism. Each replica embeds its slice
   of the batch; `gather_replicas` concatenates the slices so every replica's contrastive loss
   sees the whole global batch as negatives (as open_clip's `gather_features` does).
+- "multi-worker": the same across machines, on `dualenc.multiworker.MultiWorkerStrategy`, with
+  the workers named by `TF_CONFIG` (`dualenc.cluster`); create it before any other TF op.
+- "auto": "multi-worker" when `TF_CONFIG` names more than one worker, else "single".
 
 Without enough devices "split" and "mirrored" fall back to "single" with a warning, so a
 config written for a two-GPU machine still trains on a laptop.
@@ -21,8 +24,10 @@ from typing import ContextManager
 
 import tensorflow as tf
 
+from dualenc.cluster import Cluster, cluster_from_environment, resolve_placement
 from dualenc.config import PLACEMENTS
 from dualenc.errors import DualEncError
+from dualenc.multiworker import create_strategy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +35,8 @@ class Placement:
     """A resolved placement; build one with `make_placement`.
 
     `text_device`/`vision_device` are full logical device names for "split" and None otherwise;
-    `strategy` is the `MirroredStrategy` for "mirrored" and None otherwise.
+    `strategy` is the `MirroredStrategy` for "mirrored", the `MultiWorkerStrategy` for
+    "multi-worker" and None otherwise; `cluster` is this worker's place for "multi-worker".
     """
 
     kind: str = "single"
@@ -38,6 +44,7 @@ class Placement:
     text_device: str | None = None
     vision_device: str | None = None
     strategy: tf.distribute.Strategy | None = dataclasses.field(default=None, compare=False, repr=False)
+    cluster: Cluster | None = None
 
     def scope(self) -> ContextManager:
         """Context to build and compile the model in: the strategy's scope, or a no-op."""
@@ -45,7 +52,7 @@ class Placement:
 
     @property
     def num_replicas(self) -> int:
-        """Model copies that each see a slice of every batch (1 unless mirrored)."""
+        """Model copies that each see a slice of every batch (1 unless mirrored or multi-worker)."""
         return self.strategy.num_replicas_in_sync if self.strategy is not None else 1
 
 
@@ -87,17 +94,22 @@ def _default_devices() -> tuple[str, ...]:
     return tuple(device.name for device in tf.config.list_logical_devices("CPU"))
 
 
-def make_placement(kind: str, devices: list[str] | None = None) -> Placement:
+def make_placement(kind: str, devices: list[str] | None = None, *, config_fingerprint: str = "") -> Placement:
     """Resolve placement `kind` (one of `PLACEMENTS`) onto `devices` or the visible ones.
 
     Explicit `devices` must exist and number at least two for "split" (the first two are used)
     and at least one for "mirrored". Without explicit devices, fewer than two usable devices
-    fall back to "single" with a warning.
+    fall back to "single" with a warning. "multi-worker" needs `TF_CONFIG`, ignores `devices`
+    (each worker uses its own GPUs, or its CPU) and starts only once every worker has checked
+    in with the same `config_fingerprint` (`dualenc.rendezvous`).
     """
     if kind not in PLACEMENTS:
         raise DualEncError(f"unknown placement {kind!r}; choose one of: {', '.join(PLACEMENTS)}")
+    kind = resolve_placement(kind)
     if kind == "single":
         return Placement()
+    if kind == "multi-worker":
+        return _multi_worker_placement(config_fingerprint)
     if devices is not None:
         chosen = _resolve(list(devices))
         if kind == "split" and len(chosen) < 2:
@@ -112,6 +124,16 @@ def make_placement(kind: str, devices: list[str] | None = None) -> Placement:
     if kind == "split":
         return Placement("split", chosen[:2], text_device=chosen[0], vision_device=chosen[1])
     return Placement("mirrored", chosen, strategy=tf.distribute.MirroredStrategy(list(chosen)))
+
+
+def _multi_worker_placement(config_fingerprint: str) -> Placement:
+    cluster = cluster_from_environment()
+    if cluster is None:
+        raise DualEncError(
+            "placement 'multi-worker' needs TF_CONFIG naming the workers; "
+            "see README 'Training on several machines' or start them with python -m dualenc.launch"
+        )
+    return Placement("multi-worker", strategy=create_strategy(cluster, config_fingerprint), cluster=cluster)
 
 
 def gather_replicas(tensor: tf.Tensor) -> tf.Tensor:

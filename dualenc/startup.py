@@ -22,15 +22,17 @@ from types import ModuleType
 LOG_ENV = "DUALENC_TF_LOG"
 
 
-def import_tensorflow(verbose: bool = False) -> ModuleType:
+def import_tensorflow(verbose: bool = False, create_devices: bool = True) -> ModuleType:
     """TensorFlow, imported with its devices created; start-up chatter dropped unless `verbose`
-    or `DUALENC_TF_LOG=1`."""
+    or `DUALENC_TF_LOG=1`. Without `create_devices` the runtime is left unstarted, as a
+    multi-worker strategy needs (it starts it itself)."""
     if not _log_wanted(verbose):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with native_stderr_dropped(verbose):
         import tensorflow as tf
 
-        tf.config.list_logical_devices()
+        if create_devices:
+            tf.config.list_logical_devices()
     return tf
 
 

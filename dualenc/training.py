@@ -38,8 +38,9 @@ from dualenc.files import atomic_file, write_json_atomic
 from dualenc.images import decode_image
 from dualenc.manifest import Manifest, load_manifest
 from dualenc.model import CAPTION_FEATURES, IMAGE_FEATURES, TOKENS, DualEncoder, build_dual_encoder
+from dualenc.multiworker import fingerprint, input_sharding, join_run, worker_cache_dir, worker_callbacks
 from dualenc.packed import record_dataset, split_captions
-from dualenc.placement import make_placement
+from dualenc.placement import Placement, make_placement
 from dualenc.preprocessing import build_text_preprocessor
 from dualenc.records import CAPTION, FEATURE_SPEC, IMAGE, IMAGE_ID, LABEL, parse_example
 from dualenc.runs import RunPaths, cache_root
@@ -348,10 +349,10 @@ def precision_policy(mixed_precision: bool) -> Iterator[None]:
         keras.mixed_precision.set_global_policy(before)
 
 
-def build_model(config: configs.TrainConfig) -> DualEncoder:
+def build_model(config: configs.TrainConfig, placement: Placement | None = None) -> DualEncoder:
     """The compiled dual encoder for `config` (placement, mixed precision, AdamW), built under
     `precision_policy` so the caller's global policy is left as it was."""
-    placement = make_placement(config.placement)
+    placement = placement if placement is not None else make_placement(config.placement)
     with precision_policy(config.mixed_precision), placement.scope():
         model = build_dual_encoder(config.model, placement)
         model.compile(
@@ -410,13 +411,18 @@ def train_epochs(
     *,
     resume: bool,
     verbose: int,
+    placement: Placement | None = None,
+    shard: Callable[[tf.data.Dataset, str], tf.data.Dataset] | None = None,
 ) -> SelectionState:
     """Fit the epochs the run still lacks (from the newest backup when `resume`); the run's final state.
 
     A backup whose state has stopped, or has every epoch, trains nothing: an export killed
-    after the last epoch is redone without retraining.
+    after the last epoch is redone without retraining. Under "multi-worker" `shard` gives each
+    split's inputs their sharding ("train" or "validation"), and `placement`'s callbacks run first.
     """
-    state = (restore_backup(paths.backup, model) if resume else None) or SelectionState(config.learning_rate)
+    # In the strategy's scope: restoring builds the optimizer, whose variables a strategy must create.
+    with placement.scope() if placement is not None else contextlib.nullcontext():
+        state = (restore_backup(paths.backup, model) if resume else None) or SelectionState(config.learning_rate)
     # Drops the rows of epochs logged after the backup, which are trained again.
     write_log(paths.log_csv, state.history)
     epochs = range(state.epochs_done, config.epochs)
@@ -425,15 +431,16 @@ def train_epochs(
     selection = ModelSelection(schedule, state, backup_dir=paths.backup, checkpoints=paths.best_weights.parent,
                                log_csv=paths.log_csv)
     train_batches = train(epochs)
+    shard = shard or (lambda dataset, role: dataset)
     model.fit(
-        model_inputs(train_batches),
-        validation_data=model_inputs(validation.batches),
+        shard(model_inputs(train_batches), "train"),
+        validation_data=shard(model_inputs(validation.batches), "validation"),
         initial_epoch=epochs.start,
         epochs=config.epochs,
         # One pass over the stream is the rest of the run, each epoch in its own seeded order.
         steps_per_epoch=int(train_batches.cardinality()) // len(epochs),
         shuffle=False,
-        callbacks=_callbacks(paths, config, validation, selection, verbose),
+        callbacks=[*worker_callbacks(placement), *_callbacks(paths, config, validation, selection, verbose)],
         verbose=verbose,
     )
     return selection.state
@@ -465,11 +472,23 @@ def run_training(
     holdout = None
     if validation_split == HELD_OUT_VALIDATION:
         holdout, validation_split = choose_holdout(data_dir, manifest, config.seed), TRAIN_SPLIT
-    if config.model.text.tower == "bilstm":
-        learn_vocabulary(data_dir, config.model.text)
+    # Before any TensorFlow op: MultiWorkerMirroredStrategy configures TensorFlow's runtime.
+    placement = make_placement(
+        config.placement, config_fingerprint=fingerprint(json.dumps(configs.to_dict(config), sort_keys=True) + str(paths.root))
+    )
+    cluster = placement.cluster
+
+    def prepare() -> None:
+        if config.model.text.tower == "bilstm":
+            learn_vocabulary(data_dir, config.model.text)
+
+    if cluster is None:
+        prepare()
+    else:
+        paths = join_run(placement.strategy, cluster, paths, prepare)
     keras.utils.set_random_seed(config.seed)
     text_preprocessor = build_text_preprocessor(config.model.text)
-    model = build_model(config)
+    model = build_model(config, placement)
     paths.root.mkdir(parents=True, exist_ok=True)
     if not resume:
         configs.save(config, paths.config)
@@ -483,7 +502,8 @@ def run_training(
         state = best_weights = None
     else:
         caches = (
-            feature_caches(model, config, text_preprocessor, data_dir, sorted({TRAIN_SPLIT, validation_split}), cache_root(cache_dir))
+            feature_caches(model, config, text_preprocessor, data_dir, sorted({TRAIN_SPLIT, validation_split}),
+                           worker_cache_dir(cache_root(cache_dir), cluster))
             if use_feature_cache
             else {}
         )
@@ -495,6 +515,7 @@ def run_training(
             lambda epochs: pair_batches(data_dir, TRAIN_SPLIT, config, text_preprocessor, caches, training=True, epochs=epochs,
                                         holdout=holdout),
             validation, schedule or Schedule.following(config.monitor), resume=resume, verbose=verbose,
+            placement=placement, shard=input_sharding(cluster, manifest, data_dir, (TRAIN_SPLIT, validation_split)),
         )
         if state.best_epoch is None:
             raise DualEncError(f"no epoch gave a usable {config.monitor} (NaN); lower --learning-rate and start a new run")
