@@ -43,7 +43,7 @@ import_tensorflow()
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor  # noqa: E402
 
 from dualenc.errors import DualEncError  # noqa: E402
-from dualenc.files import atomic_file, write_json_atomic  # noqa: E402
+from dualenc.files import atomic_file, probe_writable, write_json_atomic  # noqa: E402
 
 FOLDER_CHUNK = 256
 ROWS_PREFIX = "rows-"
@@ -239,10 +239,7 @@ def _meta(gallery, rows: list[dict]) -> dict:
 
 def _check_writable(directory: Path) -> None:
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-check-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(directory)
     except OSError as error:
         raise DualEncError(f"cannot write the index under {directory} ({error.strerror or error}); "
                            "pass a --model run directory you can write to") from None

@@ -46,6 +46,17 @@ def sha256_of_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def probe_writable(directory: str | Path) -> None:
+    """Create `directory` if needed and write and remove a probe file in it; raises `OSError`
+    when that fails, so a job can refuse an unwritable output before it does any work (a
+    permission check alone misses read-only mounts and full disks)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-check-{os.getpid()}-{os.urandom(4).hex()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def fsync_path(path: str | Path) -> None:
     """Flush a file's or directory's content (a directory: its entries) to disk."""
     descriptor = os.open(path, os.O_RDONLY)

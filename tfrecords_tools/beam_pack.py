@@ -40,7 +40,7 @@ from dualenc.startup import import_tensorflow
 import_tensorflow()
 
 from dualenc.errors import DualEncError  # noqa: E402
-from dualenc.files import move_into_place, write_json_atomic  # noqa: E402
+from dualenc.files import move_into_place, probe_writable, write_json_atomic  # noqa: E402
 from dualenc.manifest import Manifest  # noqa: E402
 from dualenc.records import MANIFEST_NAME, shard_name  # noqa: E402
 from tfrecords_tools.writer import (  # noqa: E402
@@ -171,10 +171,7 @@ def _check_writable(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         return  # `_claim_out_dir` names this case
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-check-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(out_dir)
     except OSError as error:
         raise DualEncError(f"--out {out_dir} is not writable ({error.strerror or error}); choose another --out") from None
 
