@@ -129,9 +129,7 @@ def build_vision_tower(config: VisionConfig, projection: str = "heads") -> keras
         from dualenc.towers import keras_hub
 
         return keras_hub.build_vision_tower(config, projection)
-    if config.backbone == "small_cnn":
-        if config.weights == "imagenet":
-            raise DualEncError("vision backbone 'small_cnn' has no ImageNet weights; use weights none or a local file")
+    if config.backbone == "small_cnn":  # VisionConfig refuses "imagenet" weights for it
         backbone = _small_cnn(config.image_size)
         preprocessing = keras.layers.Rescaling(1.0 / 255.0, name="preprocessing")
     else:
