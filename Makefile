@@ -23,7 +23,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt | check-python
 	@touch $(STAMP)
 
 demo: check-python $(STAMP)
-	$(BIN)/python train.py --epochs 30
+	$(BIN)/python train.py
 	$(BIN)/python search.py "a woman in a red coat" --grid runs/latest/search.png \
 		--gallery "$${DUALENC_CACHE:-$$HOME/.cache/dualenc}/demo-attributes/imgs"
 

