@@ -325,15 +325,15 @@ def pillow_reason(data: bytes) -> str | None:
     return None
 
 
-def read_image_files(paths: Sequence[str | Path], max_side: int | None = None,
-                     workers: int | None = None) -> Iterator[tuple[bytes | None, str | None]]:
+def read_image_files(paths: Sequence[str | Path], max_side: int | None = None, workers: int | None = None,
+                     check_pixels: bool = True) -> Iterator[tuple[bytes | None, str | None]]:
     """`prepare_images` in a thread pool (Pillow decodes without holding the GIL), yielded in
     the order of `paths` with a few reads per thread in flight, so memory stays bounded."""
     workers = workers or os.cpu_count() or 1
     pending: collections.deque = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for path in paths:
-            pending.append(pool.submit(_bytes_or_reason, path, max_side))
+            pending.append(pool.submit(_bytes_or_reason, path, max_side, check_pixels))
             if len(pending) >= workers * READS_IN_FLIGHT_PER_WORKER:
                 yield pending.popleft().result()
         while pending:
