@@ -74,7 +74,7 @@ def bench_packing(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[
         runs = common.interleaved("packing", ["seed", "ours"], sizes["repeats"], params)
         results[name] = _pair_summary(runs, "pairs_per_s", higher_is_better=True)
         rows.append(_row(f"packing ({name}, {source['pairs']} pairs)", results[name],
-                         "ours: 1 process/core, validates every image"))
+                         "ours: 1 thread/core, validates every image"))
     return results, rows
 
 

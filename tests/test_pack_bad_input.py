@@ -15,8 +15,10 @@ import os
 import signal
 import socket
 import subprocess
+import struct
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dualenc.images import PARALLEL_DECODE_MIN, decode_image, tensorflow_problems
+from dualenc.images import (
+    PARALLEL_DECODE_MIN,
+    canonical_image_bytes,
+    decode_image,
+    pillow_reason,
+    tensorflow_problems,
+)
 from dualenc.records import serialize_example
 from tests.support.images import write_image
 from tests.support.packed import read_records
@@ -33,7 +41,7 @@ from tfrecords_tools.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-GOOD_IMAGES = 9  # more than writer.IMAGES_PER_TASK, so `--workers 2` really starts workers
+GOOD_IMAGES = 9  # more than writer.IMAGES_PER_TASK, so `--workers 2` really starts a thread pool
 PROCESS_WAIT_S = 60
 
 
@@ -119,6 +127,66 @@ def test_tensorflow_problems_in_parallel_name_the_same_images_as_one_by_one():
     assert [position for position, problem in enumerate(problems) if problem] == [7, 100]
     assert problems[7] == tensorflow_problems([damaged])[0]  # few: one by one
     assert problems[100].startswith("corrupt GIF: TensorFlow's decoder refuses it (")
+
+
+def _damaged_jpegs() -> list[bytes]:
+    """Cut-short, byte-flipped and shortened copies of a baseline, a progressive and a greyscale
+    JPEG (seeded, so the same ones every run)."""
+    rng = np.random.default_rng(0)
+    sources = []
+    for options, shape in (({"quality": 90}, (48, 64, 3)), ({"progressive": True}, (40, 56, 3)), ({}, (37, 53))):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buffer, "JPEG", **options)
+        sources.append(buffer.getvalue())
+    damaged = []
+    for source in sources:
+        size = len(source)
+        damaged += [source[:cut] for cut in rng.integers(2, size, 40)]
+        for _ in range(60):
+            flipped = bytearray(source)
+            flipped[rng.integers(2, size)] ^= int(rng.integers(1, 256))
+            damaged.append(bytes(flipped))
+        for _ in range(20):
+            start = int(rng.integers(2, size - 40))
+            damaged.append(source[:start] + source[start + int(rng.integers(1, 40)):])
+    return damaged
+
+
+def _damaged_pngs() -> list[bytes]:
+    """Copies of an RGB and a grey PNG with one IDAT chunk's data flipped, cut or extended and its
+    CRC recomputed, so only decoding the pixels can tell them from good ones."""
+    rng = np.random.default_rng(1)
+    damaged = []
+    for shape in ((40, 30, 3), (24, 36)):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buffer, "PNG")
+        data = buffer.getvalue()
+        length = struct.unpack_from(">I", data, 33)[0]  # signature (8) and IHDR (25): the first IDAT
+        assert data[37:41] == b"IDAT"
+        pixels = data[41:41 + length]
+        for _ in range(60):
+            at = int(rng.integers(0, length))
+            changed = [pixels[:at] + bytes([pixels[at] ^ int(rng.integers(1, 256))]) + pixels[at + 1:],
+                       pixels[:at], pixels + bytes(rng.integers(0, 256, 8, dtype=np.uint8))][int(rng.integers(3))]
+            chunk = b"IDAT" + changed
+            damaged.append(data[:33] + struct.pack(">I", len(changed)) + chunk
+                           + struct.pack(">I", zlib.crc32(chunk)) + data[45 + length:])
+    return damaged
+
+
+@pytest.mark.parametrize("damaged", [_damaged_jpegs, _damaged_pngs], ids=["jpeg", "png"])
+def test_tensorflow_refuses_every_damaged_image_pillow_refuses(damaged):
+    # Why the packer may leave a JPEG or PNG kept as is to TensorFlow's check alone (check_pixels=False).
+    damaged = damaged()
+    refused_by_pillow = [data for data in damaged if pillow_reason(data) is not None]
+    assert len(refused_by_pillow) > len(damaged) // 4  # the damage is real
+    assert all(tensorflow_problems(refused_by_pillow))
+
+
+def test_a_cut_jpeg_is_left_to_tensorflow_and_keeps_pillows_reason():
+    cut = _damaged_jpegs()[0]
+    assert canonical_image_bytes(cut, check_pixels=False) == cut  # its header is intact
+    assert pillow_reason(cut).startswith("truncated or corrupt JPEG (image file is truncated")
 
 
 # 2: the train split's labels are 0..n-1, as the CMPC classifier is sized (manifest "ids").
@@ -343,7 +411,7 @@ def test_a_read_only_out_gives_one_line(tmp_path, capsys, command):
     assert f"cannot write to {'--out ' if command != 'folder' else ''}{out}" in _one_error_line(capsys)
 
 
-# 12, 18: a second packer into the same --out, and kill -9 of a packer with workers.
+# 12, 18: a second packer into the same --out, and kill -9 of a packer reading with 2 threads.
 
 def _descendants(pid: int) -> set[int]:
     """The processes below `pid` (Linux's /proc children lists)."""
@@ -370,7 +438,7 @@ def _running(pid: int) -> bool:
                     or not hasattr(os, "mkfifo"), reason="needs Linux's /proc children lists and named pipes")
 def test_a_second_packer_is_told_the_holder_and_kill_9_leaves_no_process(tmp_path):
     rows = _good_images(tmp_path)
-    os.mkfifo(tmp_path / "images" / "stuck.png")  # a worker reading it waits until it is killed
+    os.mkfifo(tmp_path / "images" / "stuck.png")  # a reader thread opening it waits until it is killed
     table = _folder(tmp_path, [("stuck.png", "never read"), *rows])
     command = [sys.executable, "-m", "tfrecords_tools", "folder", "--captions", str(table),
                "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out")]
@@ -379,12 +447,11 @@ def test_a_second_packer_is_told_the_holder_and_kill_9_leaves_no_process(tmp_pat
     helpers: set[int] = set()
     try:
         deadline = time.monotonic() + PROCESS_WAIT_S
-        while len(helpers) < 2 and time.monotonic() < deadline:  # the two workers are up
-            time.sleep(0.2)
-            helpers = _descendants(first.pid)
-        assert len(helpers) >= 2, helpers
-        time.sleep(0.5)
-        helpers = _descendants(first.pid)  # with the resource tracker, where there is one
+        lock = tmp_path / "out" / ".lock"
+        while time.monotonic() < deadline and not (lock.exists() and lock.read_text().startswith(f"{first.pid} ")):
+            time.sleep(0.2)  # the first packer holds --out
+        time.sleep(1.0)
+        helpers = _descendants(first.pid)  # whatever processes it started (it packs in threads)
 
         second = subprocess.run([*command, "--workers", "1"], cwd=REPO, env=CHILD_ENV,
                                 capture_output=True, text=True, timeout=PROCESS_WAIT_S)

@@ -145,7 +145,7 @@ def _packer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, metavar="N",
                         help="records per shard, whole images only (default: 2000, seed 003's shards)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
-                        help="processes reading images (default: all %(default)s cores)")
+                        help="threads reading images (default: one per core, %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a different dataset already packed in --out")
     parser.add_argument("--runner", metavar="NAME",
