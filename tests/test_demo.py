@@ -263,10 +263,10 @@ def test_interrupted_build_leaves_no_dataset(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_default_size_gives_about_six_thousand_training_pairs():
+def test_default_size_gives_about_twenty_five_thousand_training_pairs():
     sizes = demo.split_sizes(demo.DEFAULT_IDENTITIES)
     assert sum(sizes.values()) == demo.DEFAULT_IDENTITIES
     mean_images = sum(demo.IMAGES_PER_IDENTITY) / 2
     mean_captions = sum(demo.CAPTIONS_PER_IMAGE) / 2
-    assert 5000 <= sizes["train"] * mean_images * mean_captions <= 7500
+    assert 22000 <= sizes["train"] * mean_images * mean_captions <= 28000
     assert demo.split_sizes(10) == {"train": 8, "val": 1, "test": 1}
