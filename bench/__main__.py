@@ -4,8 +4,11 @@ Five benchmarks (packing, input pipeline, frozen-backbone training, index build,
 latency) each run the reference approach (``ref``, a faithful re-implementation of the keras.io
 example's code) and ours on the same data in the same run, interleaved, every measurement in
 its own process (see `bench.common`). A sixth, the search service under concurrent clients,
-has no reference (the seed has no service): its rows leave ``ref`` and the ratio empty. Prints a table of medians, ratios (> 1: ours is faster)
-and peak memory, and writes everything, with the machine's description, as JSON.
+has no reference (the seed has no service): its rows leave ``ref`` and the ratio empty. The
+full run adds rows without a seed counterpart, ours against ours: a 10M-row compressed index,
+Beam against the local packer and indexer (`bench.large_index`), and two training workers
+against one process (`bench.multiworker`). Prints a table of medians, ratios (> 1: ours is
+faster) and peak memory, and writes everything, with the machine's description, as JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import common, large_index
+from bench import common, large_index, multiworker
 from dualenc.files import write_json_atomic
 
 # A smoke run of every code path (the test suite runs it): the smallest demo (10 identities), two
@@ -217,6 +220,7 @@ def run_all(quick: bool, scratch: Path) -> dict:
         ("query", lambda: bench_query(sizes)),
         ("service", lambda: bench_service(sizes, inputs, scratch)),
         *large_index.full_run_steps(quick, scratch),  # 10M compressed index, Beam vs local (full run only)
+        *([] if quick else [("multiworker", lambda: multiworker.multiworker_rows(scratch))]),
     ]
     for name, step in steps:
         print(f"running {name} ...", file=sys.stderr, flush=True)
