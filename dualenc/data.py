@@ -38,8 +38,6 @@ def verify_checksums(data_dir: str | Path, split: str) -> None:
             )
 
 
-
-
 def pair_dataset(data_dir: str | Path, split: str, *, image_size: tuple[int, int],
                  batch_size: int | None = None, shuffle: bool = False, seed: int | None = None,
                  drop_remainder: bool = False, repeat: bool = False, deterministic: bool = True) -> tf.data.Dataset:
