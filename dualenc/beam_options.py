@@ -19,7 +19,7 @@ import logging
 import os
 
 from dualenc.errors import DualEncError
-from dualenc.startup import LOG_ENV
+from dualenc.startup import LOG_ENV, QUIET_TF_LOG_LEVEL
 
 BEAM_SEPARATOR = "--"
 # Beam's own loggers announce every bundle and worker at INFO; a packer prints its own summary.
@@ -75,7 +75,7 @@ def pipeline_options(runner: str, beam_args: list[str]):
         logging.getLogger(name).setLevel(BEAM_LOG_LEVEL)
     if os.environ.get(LOG_ENV, "") in ("", "0"):
         # Local workers inherit it: TensorFlow's start-up notices stay off the terminal there too.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)
     # Unknown options are reported below as an error, not as Beam's "discarding" warning.
     logging.getLogger("apache_beam.options.pipeline_options").setLevel(logging.ERROR)
     _check_runner(runner)

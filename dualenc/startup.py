@@ -8,6 +8,11 @@ devices with descriptor 2 pointed at a temporary file, then puts it back: the ch
 or replayed when the import fails, when `verbose` is asked for, or when the environment variable
 `DUALENC_TF_LOG=1` is set. Command-line tools call it before importing any module that imports
 TensorFlow, and only after checking what they can check without it.
+
+Quiet runs also set `TF_CPP_MIN_LOG_LEVEL` to 3 (unless the user set it): TensorFlow logs some
+run-time notices at its error level, after start-up, such as oneDNN falling back to Eigen for
+int64 and bool ops on CPUs without AVX-512, which would land among a search's results. Errors
+that stop a command still reach the user, as the Python exceptions TensorFlow raises.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Iterator
 from types import ModuleType
 
 LOG_ENV = "DUALENC_TF_LOG"
+QUIET_TF_LOG_LEVEL = "3"  # TF_CPP_MIN_LOG_LEVEL of a quiet run: native info, warnings and errors off
 
 
 def import_tensorflow(verbose: bool = False, create_devices: bool = True) -> ModuleType:
@@ -27,7 +33,7 @@ def import_tensorflow(verbose: bool = False, create_devices: bool = True) -> Mod
     or `DUALENC_TF_LOG=1`. Without `create_devices` the runtime is left unstarted, as a
     multi-worker strategy needs (it starts it itself)."""
     if not _log_wanted(verbose):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)
     with native_stderr_dropped(verbose):
         import tensorflow as tf
 

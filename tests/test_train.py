@@ -393,3 +393,19 @@ def test_killed_run_resumes_without_redoing_finished_epochs(demo_data, tmp_path)
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_trained"] == RESUME_EPOCHS
     assert (run_dir / "config.json").stat().st_mtime_ns == config_stamp
     assert sorted(os.listdir(tmp_path / "runs")) == sorted(["latest", run_dir.name])
+
+
+def test_a_search_on_the_trained_model_writes_nothing_to_stderr(cached_run, demo_data):
+    # TensorFlow logs some run-time notices at its error level (oneDNN falling back to Eigen for
+    # int64 ops on CPUs without AVX-512, while the BiLSTM's tokens flow), which would land among
+    # the user's results.
+    env = {key: value for key, value in os.environ.items() if key not in ("TF_CPP_MIN_LOG_LEVEL", "DUALENC_TF_LOG")}
+    env["PYTHONPATH"] = str(Path(train.__file__).resolve().parent)
+    completed = subprocess.run(
+        [sys.executable, str(Path(train.__file__).resolve().parent / "search.py"), "a woman in a red coat",
+         "--model", str(cached_run.run_dir), "--data", str(demo_data), "-k", "2"],
+        cwd=cached_run.workdir, env=env, capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stderr == ""
+    assert completed.stdout.startswith('results for "a woman in a red coat":')
