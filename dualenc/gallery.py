@@ -261,7 +261,7 @@ def _embed_files(encoder: LoadedEncoder, directory: Path, relative_paths: list[s
     """
     embedded, chunks, skipped = [], [], []
 
-    def readable_batches() -> Iterator[tuple[dict[str, bytes], list[str], list[bytes]]]:
+    def readable_batches() -> Iterator[tuple[tuple[list[str], list[bytes]], list[str], list[bytes]]]:
         names, blobs = [], []
         images = read_image_files([directory / name for name in relative_paths], check_pixels=False)
         with tqdm(total=len(relative_paths), unit="img", desc=f"indexing {directory.name}", file=sys.stderr, disable=None) as bar:
@@ -272,17 +272,17 @@ def _embed_files(encoder: LoadedEncoder, directory: Path, relative_paths: list[s
                     names.append(name)
                     blobs.append(blob)
                     if len(blobs) == EMBED_BATCH:
-                        yield dict(zip(names, blobs)), names, blobs
+                        yield (names, blobs), names, blobs
                         names, blobs = [], []
                 bar.update(1)
         if blobs:
-            yield dict(zip(names, blobs)), names, blobs
+            yield (names, blobs), names, blobs
 
-    for blobs, (embeddings, kept, bad) in _embedded(encoder, readable_batches()):
-        names = list(blobs)
+    for (names, blobs), (embeddings, kept, bad) in _embedded(encoder, readable_batches()):
         chunks.append(embeddings)
         embedded.extend(names[position] for position in kept)
-        skipped.extend((name, pillow_reason(blobs[name]) or reason) for name, reason in bad)
+        blob_of = dict(zip(names, blobs))
+        skipped.extend((name, pillow_reason(blob_of[name]) or reason) for name, reason in bad)
     return _stack(chunks, encoder.dimension), embedded, skipped
 
 
