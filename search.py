@@ -11,10 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-from dualenc import config as run_config
-from dualenc.errors import DualEncError, first_line
-from dualenc.grid import check_grid_path
-from dualenc.query import check_query, result_dicts
+from dualenc.core import config as run_config
+from dualenc.core.errors import DualEncError, first_line
+from dualenc.retrieval.grid import check_grid_path
+from dualenc.retrieval.query import check_query, result_dicts
 
 DEFAULT_RUN = "runs/latest"
 
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_run(run_dir: Path) -> Path:
     """`run_dir` if it holds both exported encoders, else a `DualEncError` saying what to do."""
-    from dualenc.export import TEXT_ENCODER_DIR, VISION_ENCODER_DIR
+    from dualenc.export.encoders import TEXT_ENCODER_DIR, VISION_ENCODER_DIR
 
     if not run_dir.is_dir():
         raise DualEncError(f"run directory {run_dir} does not exist; run `python train.py` first or pass --model RUN_DIR")
@@ -84,8 +84,8 @@ def check_run(run_dir: Path) -> Path:
 
 
 def model_run(model: str) -> Path:
-    """The run directory `--model` names; a keras-hub preset becomes a zero-shot run (`dualenc.zero_shot`)."""
-    from dualenc.zero_shot import looks_like_preset, zero_shot_run
+    """The run directory `--model` names; a keras-hub preset becomes a zero-shot run (`dualenc.export.zero_shot`)."""
+    from dualenc.export.zero_shot import looks_like_preset, zero_shot_run
 
     if looks_like_preset(model):
         return zero_shot_run(model, Path(DEFAULT_RUN).parent)
@@ -94,9 +94,9 @@ def model_run(model: str) -> Path:
 
 def choose_gallery(args: argparse.Namespace, run_dir: Path):
     """The gallery the flags name; by default the run's own dataset, test split."""
-    from dualenc.data import TEST_SPLITS
-    from dualenc.gallery import FolderGallery, PackedGallery
-    from dualenc.manifest import load_manifest
+    from dualenc.data.pipeline import TEST_SPLITS
+    from dualenc.retrieval.gallery import FolderGallery, PackedGallery
+    from dualenc.data.manifest import load_manifest
 
     if args.gallery is not None:
         if args.split is not None:
@@ -123,11 +123,11 @@ def choose_gallery(args: argparse.Namespace, run_dir: Path):
 
 
 def _query_embedding(args: argparse.Namespace, run_dir: Path):
-    from dualenc.export import TEXT_ENCODER_DIR, VISION_ENCODER_DIR, load_encoder
+    from dualenc.export.encoders import TEXT_ENCODER_DIR, VISION_ENCODER_DIR, load_encoder
 
     if args.image is None:
         return load_encoder(run_dir / TEXT_ENCODER_DIR)([args.query])
-    from dualenc.images import ImageProblem, read_image_file
+    from dualenc.data.images import ImageProblem, read_image_file
 
     try:
         image_bytes = read_image_file(args.image)
@@ -151,8 +151,8 @@ def print_results(results: list[dict], query_text: str) -> None:
 
 
 def draw_grid(path: Path, results: list[dict], gallery, query_text: str) -> None:
-    from dualenc.grid import save_result_grid
-    from dualenc.images import ImageProblem, decode_rgb
+    from dualenc.retrieval.grid import save_result_grid
+    from dualenc.data.images import ImageProblem, decode_rgb
 
     blobs = gallery.read_images([result["image_id"] for result in results])
     try:
@@ -165,13 +165,13 @@ def draw_grid(path: Path, results: list[dict], gallery, query_text: str) -> None
 
 def evaluate(run_dir: Path, gallery, index) -> dict:
     """Retrieval metrics of the run on a packed split, a `PackedGallery` (see
-    `dualenc.evaluation.retrieval_report`)."""
+    `dualenc.retrieval.evaluation.retrieval_report`)."""
     import numpy as np
 
-    from dualenc.attributes import run_attribute_report
-    from dualenc.evaluation import SplitEmbeddings, retrieval_report
-    from dualenc.export import TEXT_ENCODER_DIR, load_encoder
-    from dualenc.packed import split_captions
+    from dualenc.retrieval.attributes import run_attribute_report
+    from dualenc.retrieval.evaluation import SplitEmbeddings, retrieval_report
+    from dualenc.export.encoders import TEXT_ENCODER_DIR, load_encoder
+    from dualenc.data.packed import split_captions
 
     captions, _, labels = split_captions(gallery.data_dir, gallery.split)
     text_encoder = load_encoder(run_dir / TEXT_ENCODER_DIR, batch_size=256)
@@ -225,20 +225,20 @@ def run(args: argparse.Namespace) -> int:
         raise DualEncError("--runner builds the index with Apache Beam; add --build-index")
     beam_options = None
     if args.runner is not None:
-        from dualenc.beam_options import pipeline_options
+        from dualenc.beam.options import pipeline_options
 
         beam_options = pipeline_options(args.runner, args.beam_args)
 
-    from dualenc.startup import import_tensorflow
+    from dualenc.core.startup import import_tensorflow
 
     import_tensorflow(args.verbose)
-    from dualenc.index import open_index
-    from dualenc.retrieval import resolve_ann
+    from dualenc.retrieval.index import open_index
+    from dualenc.retrieval.knn import resolve_ann
 
     run_dir = model_run(args.model)
     gallery = choose_gallery(args, run_dir)
     if beam_options is not None:
-        from dualenc.beam_index import build_index_with_beam
+        from dualenc.beam.index import build_index_with_beam
 
         index = build_index_with_beam(run_dir, gallery, beam_options, float16=args.float16)
     else:
@@ -278,7 +278,7 @@ def serve(run_dir: Path, gallery, **options) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dualenc.beam_options import has_runner_flag, split_beam_args
+    from dualenc.beam.options import has_runner_flag, split_beam_args
 
     argv = sys.argv[1:] if argv is None else list(argv)
     own_args, beam_args = split_beam_args(argv) if has_runner_flag(argv) else (argv, [])

@@ -17,11 +17,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from dualenc import config as configs
-from dualenc import runs
-from dualenc.cluster import training_cluster
-from dualenc.errors import DualEncError
-from dualenc.presets import PRESETS, preset
+from dualenc.core import config as configs
+from dualenc.core import runs
+from dualenc.distribute.cluster import training_cluster
+from dualenc.core.errors import DualEncError
+from dualenc.training.presets import PRESETS, preset
 
 RUNS_ROOT = Path("runs")
 
@@ -132,7 +132,7 @@ def check_before_tensorflow(args: argparse.Namespace) -> configs.TrainConfig:
     else:
         runs.check_writable(RUNS_ROOT, "runs folder")
     if config.data is not None:
-        from dualenc.manifest import load_manifest
+        from dualenc.data.manifest import load_manifest
 
         config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
         load_manifest(config.data)
@@ -143,14 +143,14 @@ def check_before_tensorflow(args: argparse.Namespace) -> configs.TrainConfig:
 
 def train(args: argparse.Namespace, config: configs.TrainConfig) -> tuple[runs.RunPaths, dict]:
     """Claim the run directory and train into it; runs/latest moves only once training starts."""
-    from dualenc.startup import import_tensorflow
+    from dualenc.core.startup import import_tensorflow
 
     cluster = training_cluster(config.placement, args.out, config.data)
     # A multi-worker strategy must start TensorFlow's runtime itself (run_training creates it).
     import_tensorflow(args.verbose, create_devices=cluster is None)
-    from dualenc.manifest import load_manifest
-    from dualenc.towers.keras_hub import resolve_model_config
-    from dualenc.training import resolve_config, run_training
+    from dualenc.data.manifest import load_manifest
+    from dualenc.models.towers.keras_hub import resolve_model_config
+    from dualenc.training.loop import resolve_config, run_training
 
     # Image size, sequence length and projection width of keras-hub presets.
     config = dataclasses.replace(config, model=resolve_model_config(config.model))
@@ -195,12 +195,12 @@ def point_latest_run(paths: runs.RunPaths) -> None:
 
 
 def _with_attribute_scores(report: dict, paths: runs.RunPaths, data_dir: Path) -> dict:
-    """Add attribute-query precision@9 (`dualenc.attributes`) to the report and metrics.json.
+    """Add attribute-query precision@9 (`dualenc.retrieval.attributes`) to the report and metrics.json.
 
     Only for the built-in demo (no --data): `search.py --evaluate` scores any other demo pack.
     """
-    from dualenc.attributes import run_attribute_report
-    from dualenc.files import write_json_atomic
+    from dualenc.retrieval.attributes import run_attribute_report
+    from dualenc.core.files import write_json_atomic
 
     scores = run_attribute_report(paths.root, data_dir)
     if scores is None:

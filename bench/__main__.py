@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from bench import common, large_index, multiworker
-from dualenc.files import write_json_atomic
+from dualenc.core.files import write_json_atomic
 
 # A smoke run of every code path (the test suite runs it): the smallest demo (10 identities), two
 # training epochs (the later-epoch median needs one after the first) and MobileNetV2's
@@ -42,14 +42,9 @@ FULL = {
     "query_batch": 64, "batch_count": 10,
     "service_clients": (1, 8, 32), "service_queries_per_client": 25,
 }
-TABLE_COLUMNS = [
-    ("benchmark", "benchmark"), ("metric", "metric"), ("ref", "ref (seed 003)"), ("ours", "ours"),
-    ("ratio", "ours vs ref (>1 better)"), ("ref_peak_mb", "ref peak MiB"), ("ours_peak_mb", "ours peak MiB"),
-    ("note", "note"),
-]
 
 
-def _pair_summary(runs: dict[str, list[dict]], key: str, higher_is_better: bool) -> dict:
+def pair_summary(runs: dict[str, list[dict]], key: str, higher_is_better: bool) -> dict:
     """Medians of `key` for ref and ours, their ratio oriented so > 1 means ours is better, peaks."""
     ref, ours = common.median_of(runs["seed"], key), common.median_of(runs["ours"], key)
     return {
@@ -75,7 +70,7 @@ def bench_packing(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[
                     "out": str(out)}
 
         runs = common.interleaved("packing", ["seed", "ours"], sizes["repeats"], params)
-        results[name] = _pair_summary(runs, "pairs_per_s", higher_is_better=True)
+        results[name] = pair_summary(runs, "pairs_per_s", higher_is_better=True)
         rows.append(_row(f"packing ({name}, {source['pairs']} pairs)", results[name],
                          "ours: 1 thread/core, validates every image"))
     return results, rows
@@ -86,8 +81,8 @@ def bench_pipeline(sizes: dict, inputs: dict) -> tuple[dict, list[dict]]:
     params = {"data_dir": inputs["coco"]["packed"], "batch_size": sizes["pipeline_batch"],
               "image_size": list(sizes["pipeline_image_size"])}
     runs = common.interleaved("pipeline", ["seed", "ours"], sizes["repeats"], params)
-    summary = _pair_summary(runs, "pairs_per_s", higher_is_better=True)
-    per_cpu = _pair_summary(runs, "pairs_per_cpu_s", higher_is_better=True)
+    summary = pair_summary(runs, "pairs_per_s", higher_is_better=True)
+    per_cpu = pair_summary(runs, "pairs_per_cpu_s", higher_is_better=True)
     height, width = sizes["pipeline_image_size"]
     note = (f"640x480 JPEG -> {height}x{width}, batch {sizes['pipeline_batch']}; ref float32, ours uint8 "
             "(1/2-scale DCT, no antialias under 2x, deterministic=False)")
@@ -103,7 +98,7 @@ def bench_training(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list
               "scratch": str(scratch), "preprocessor": inputs["bert"]["preprocessor"],
               "encoder": inputs["bert"]["encoder"]}
     runs = common.interleaved("training", ["seed", "ours"], sizes["training_repeats"], params)
-    summaries = {key: _pair_summary(runs, key, higher_is_better=False)
+    summaries = {key: pair_summary(runs, key, higher_is_better=False)
                  for key in ("first_epoch_seconds", "later_epoch_seconds", "run_30_seconds")}
     height, width = sizes["training_image_size"]
     name = f"training ({inputs['demo']['train_pairs']} pairs, {height}x{width})"
@@ -119,7 +114,7 @@ def bench_index(sizes: dict, inputs: dict) -> tuple[dict, list[dict]]:
               "image_size": list(sizes["index_image_size"]), "run_dir": inputs["encoder"]["run_dir"],
               "keras_model": inputs["encoder"]["keras_model"]}
     runs = common.interleaved("index", ["seed", "ours"], sizes["index_repeats"], params)
-    summaries = {key: _pair_summary(runs, key, higher_is_better=True)
+    summaries = {key: pair_summary(runs, key, higher_is_better=True)
                  for key in ("images_per_s", "embed_images_per_s")}
     name = f"index build ({len(list(Path(inputs['coco']['images']).glob('*.jpg')))} JPEGs)"
     notes = {"images_per_s": "includes loading the encoder", "embed_images_per_s": "encoder load excluded"}
@@ -143,15 +138,15 @@ def bench_query(sizes: dict) -> tuple[dict, list[dict]]:
         params = {"n": count, "dim": 256, "k": 10, "queries": sizes["query_count"]}
         runs = common.interleaved("query", ["seed", "ours", "faiss"], 1, params)
         bound_ms = 1000 * count * 256 * 4 / bandwidth
-        exact = _pair_summary(runs, "p50_ms", higher_is_better=False)
-        exact_p95 = _pair_summary(runs, "p95_ms", higher_is_better=False)
+        exact = pair_summary(runs, "p50_ms", higher_is_better=False)
+        exact_p95 = pair_summary(runs, "p95_ms", higher_is_better=False)
         faiss = runs["faiss"][0]
         batch_params = {**params, "queries": sizes["batch_count"], "batch": batch}
-        batched = _pair_summary(common.interleaved("query", ["seed", "ours"], 1, batch_params), "p50_ms",
+        batched = pair_summary(common.interleaved("query", ["seed", "ours"], 1, batch_params), "p50_ms",
                                 higher_is_better=False)
         batch_bound_ms = max(bound_ms, 1000 * 2 * count * 256 * batch / flops)
         half_runs = common.interleaved("query", ["seed", "ours"], 1, {**params, "float16": True})
-        half = _pair_summary(half_runs, "p50_ms", higher_is_better=False)
+        half = pair_summary(half_runs, "p50_ms", higher_is_better=False)
         results["sizes"][str(count)] = {
             "exact_p50": exact, "exact_p95": exact_p95, "bound_ms": bound_ms,
             "exact_p50_over_bound": exact["ours"] / bound_ms,
@@ -244,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = report["machine"]
     print(f"{machine['cores']} cores, {machine['cpu_model']}, {machine['memory_gib']} GiB, "
           f"TensorFlow {machine['tensorflow']}, {machine['date']}, load {machine['load_average_1_5_15']}")
-    print(common.format_table(report["table"], TABLE_COLUMNS))
+    print(common.format_table(report["table"], common.TABLE_COLUMNS))
     if args.json:
         write_json_atomic(args.json, report, indent=1)
     return 0

@@ -21,6 +21,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+# The columns of every benchmark table, in order: (key in a row, heading).
+TABLE_COLUMNS = [
+    ("benchmark", "benchmark"), ("metric", "metric"), ("ref", "ref (seed 003)"), ("ours", "ours"),
+    ("ratio", "ours vs ref (>1 better)"), ("ref_peak_mb", "ref peak MiB"), ("ours_peak_mb", "ours peak MiB"),
+    ("note", "note"),
+]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_MARKER = "BENCH-RESULT "
 CHILD_TIMEOUT_S = 1200

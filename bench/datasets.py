@@ -10,7 +10,7 @@
   frozen text tower that needs no download.
 - ``encoder``: a small vision encoder (frozen MobileNetV2, random weights, + Dense(256)), saved
   both as a Keras model (how seed 003 saves its encoders) and exported with
-  `dualenc.export.export_vision_encoder` (bytes in, unit embeddings out).
+  `dualenc.export.encoders.export_vision_encoder` (bytes in, unit embeddings out).
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def build_small_encoder(image_size: tuple[int, int]):
     """Frozen MobileNetV2 (random weights: no ImageNet download here) + Dense(256): pixels → [B, 256]."""
     import keras
 
-    from dualenc.config import VisionConfig
-    from dualenc.towers.vision import build_vision_tower
+    from dualenc.core.config import VisionConfig
+    from dualenc.models.towers.vision import build_vision_tower
 
     keras.utils.set_random_seed(0)
     tower = build_vision_tower(VisionConfig("mobilenet_v2", None, trainable=False, image_size=tuple(image_size)))
@@ -125,7 +125,7 @@ def build_small_encoder(image_size: tuple[int, int]):
 
 
 def _make_encoder(params: dict) -> dict:
-    from dualenc.export import VISION_ENCODER_DIR, export_vision_encoder
+    from dualenc.export.encoders import VISION_ENCODER_DIR, export_vision_encoder
 
     run_dir = Path(params["root"])
     run_dir.mkdir(parents=True, exist_ok=True)

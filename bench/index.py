@@ -1,4 +1,4 @@
-"""Index build, a folder of JPEGs → image embeddings: seed 003's `predict` vs `dualenc.index.open_index`.
+"""Index build, a folder of JPEGs → image embeddings: seed 003's `predict` vs `dualenc.retrieval.index.open_index`.
 
 Both start from a saved encoder of the same architecture (`bench.datasets.build_small_encoder`)
 and a folder of COCO-like JPEGs, and end with the embeddings in memory.
@@ -10,7 +10,7 @@ The seed then L2-normalises the gallery on every query (see `bench.query`).
 
 ``ours``: ``open_index(run_dir, FolderGallery(images), rebuild=True)``: loads the exported
 SavedModel (which decodes and resizes in-graph), reads files in parallel with prefetch,
-fingerprints the encoder and the folder, embeds in batches of `dualenc.index.EMBED_BATCH`,
+fingerprints the encoder and the folder, embeds in batches of `dualenc.retrieval.index.EMBED_BATCH`,
 normalises once and writes ``embeddings.npy`` + ``meta.json`` atomically.
 """
 
@@ -33,7 +33,7 @@ def measure(variant: str, params: dict) -> dict:
     if variant == "seed":
         import keras
 
-        import dualenc.towers.vision  # noqa: F401  registers the backbone preprocessing layer
+        import dualenc.models.towers.vision  # noqa: F401  registers the backbone preprocessing layer
 
         image_size = tuple(params["image_size"])
 
@@ -50,9 +50,9 @@ def measure(variant: str, params: dict) -> dict:
         seconds = load_clock.seconds + embed_clock.seconds
         load_seconds = load_clock.seconds
     else:
-        from dualenc.export import VISION_ENCODER_DIR, load_encoder
-        from dualenc.gallery import FolderGallery
-        from dualenc.index import open_index
+        from dualenc.export.encoders import VISION_ENCODER_DIR, load_encoder
+        from dualenc.retrieval.gallery import FolderGallery
+        from dualenc.retrieval.index import open_index
 
         run_dir = Path(params["run_dir"])
         # A separate load, timed on its own, only to split open_index's total into load + embed.

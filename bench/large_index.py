@@ -4,7 +4,7 @@
 10M × 256 build takes about ten minutes on 2 cores); ``python -m bench`` (full run) adds all
 rows through `full_run_steps`.
 
-Large index (`dualenc.large_index`): ``build`` indexes `count` synthetic unit embeddings of
+Large index (`dualenc.retrieval.large_index`): ``build`` indexes `count` synthetic unit embeddings of
 dimension 256, generated shard by shard (never all in memory) from a fixed seed; ``query`` opens
 the written index memory-mapped and times single queries. Synthetic embeddings are clustered in
 two levels, like a photo collection's topics and the near-duplicate groups within them (uniform
@@ -15,7 +15,7 @@ p50 ≤ 10 ms at recall@10 ≥ 0.90.
 
 Beam vs local: the demo packed by `tfrecords_tools.writer.pack` (one process per core) and by
 the Beam pipeline on the DirectRunner with 2 worker processes; a folder embedded by
-`dualenc.index.open_index` and by `dualenc.beam_index` (RunInference). Beam's numbers include
+`dualenc.retrieval.index.open_index` and by `dualenc.beam.index` (RunInference). Beam's numbers include
 starting its worker processes, which is most of the time at this size.
 """
 
@@ -83,7 +83,7 @@ def synthetic_shards(count: int, parts: tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _measure_build(params: dict) -> dict:
-    from dualenc.large_index import build_large_index
+    from dualenc.retrieval.large_index import build_large_index
 
     parts = _generator_parts(seed=0)
     queries = synthetic_rows(QUERIES, seed=7, parts=parts)
@@ -96,7 +96,7 @@ def _measure_build(params: dict) -> dict:
 
 
 def _measure_query(params: dict) -> dict:
-    from dualenc.large_index import open_large_index
+    from dualenc.retrieval.large_index import open_large_index
 
     with common.Stopwatch() as load_clock:
         index = open_large_index(Path(params["path"]))
@@ -121,7 +121,7 @@ def _measure_packing(variant: str, params: dict) -> dict:
         if variant == "local":
             manifest = pack(splits, Path(params["out"]), source, skipped=skipped)
         else:
-            from dualenc.beam_options import pipeline_options
+            from dualenc.beam.options import pipeline_options
             from tfrecords_tools.beam_pack import pack_with_beam
 
             options = pipeline_options("DirectRunner", DIRECT_OPTIONS)
@@ -132,16 +132,16 @@ def _measure_packing(variant: str, params: dict) -> dict:
 
 
 def _measure_embedding(variant: str, params: dict) -> dict:
-    from dualenc.gallery import FolderGallery
-    from dualenc.index import open_index
+    from dualenc.retrieval.gallery import FolderGallery
+    from dualenc.retrieval.index import open_index
 
     gallery = FolderGallery(Path(params["images"]))
     with common.ChildMemoryMonitor() as workers, common.Stopwatch() as clock:
         if variant == "local":
             index = open_index(Path(params["run_dir"]), gallery, rebuild=True, log=io.StringIO())
         else:
-            from dualenc.beam_index import build_index_with_beam
-            from dualenc.beam_options import pipeline_options
+            from dualenc.beam.index import build_index_with_beam
+            from dualenc.beam.options import pipeline_options
 
             options = pipeline_options("DirectRunner", DIRECT_OPTIONS)
             index = build_index_with_beam(Path(params["run_dir"]), gallery, options, log=io.StringIO())
@@ -231,8 +231,7 @@ def full_run_steps(quick: bool, scratch: Path) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the large-index rows (and, with --beam, the Beam vs local rows); print and save them."""
-    from bench.__main__ import TABLE_COLUMNS
-    from dualenc.files import write_json_atomic
+    from dualenc.core.files import write_json_atomic
 
     parser = argparse.ArgumentParser(prog="python -m bench.large_index", description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=FULL_COUNT, help="gallery rows (default %(default)s)")
@@ -248,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             report["benchmarks"][name], rows = step()
             report["table"] += rows
-    print(common.format_table(report["table"], TABLE_COLUMNS))
+    print(common.format_table(report["table"], common.TABLE_COLUMNS))
     if args.json:
         write_json_atomic(args.json, report, indent=1)
     else:

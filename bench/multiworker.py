@@ -1,8 +1,8 @@
-"""Multi-worker training on one machine: one process against ``dualenc.launch --workers 2``.
+"""Multi-worker training on one machine: one process against ``dualenc.distribute.launch --workers 2``.
 
 Both variants run the same ``train.py`` command (the demo preset on a packed demo, the same
 seed and epochs) from a fresh interpreter; ``two-workers`` adds ``--placement multi-worker``
-under `dualenc.launch`, which starts two workers on 127.0.0.1 that split every batch. The
+under `python -m dualenc.launch`, which starts two workers on 127.0.0.1 that split every batch. The
 seed has no multi-worker training, so there is no reference: the single process is the
 baseline. `run_seconds` is the whole command's wall time (TensorFlow start-up, rendezvous,
 vocabulary, the epochs, export and test scoring); `cpu_seconds` is the CPU time of it and its
@@ -71,11 +71,10 @@ def multiworker_rows(scratch: Path, identities: int = IDENTITIES, epochs: int = 
 
 def main() -> int:
     """``python -m bench.multiworker``: print the row's table."""
-    from bench.__main__ import TABLE_COLUMNS
 
     with tempfile.TemporaryDirectory(prefix="dualenc-bench-mw-") as scratch:
         _, rows = multiworker_rows(Path(scratch))
-    print(common.format_table(rows, TABLE_COLUMNS))
+    print(common.format_table(rows, common.TABLE_COLUMNS))
     return 0
 
 

@@ -3,13 +3,13 @@
 ``seed``: list_files → TFRecordDataset → map(parse, decode_jpeg, resize to the image size;
 AUTOTUNE, deterministic=False) → shuffle(batch × 10) of *decoded* float32 images → prefetch →
 batch. It reads our packed shards, parsing our ``image`` key where the seed's shards say
-``raw_image`` (the only difference). ``ours``: `dualenc.data.pair_dataset(shuffle=True, deterministic=False)`.
+``raw_image`` (the only difference). ``ours``: `dualenc.data.pipeline.pair_dataset(shuffle=True, deterministic=False)`.
 
 Each is compared at its natural output: float32 [B, H, W, 3] for the seed (what
 `tf.image.resize` returns), uint8 for ours (the towers cast and preprocess in-graph; uint8
 batches are 4× smaller to move). Ours decodes a JPEG at least twice the target at libjpeg's
 reduced DCT scale and antialiases only what still shrinks by more than 2×
-(`dualenc.images.decode_image`), and its map runs with ``deterministic=False`` as the seed's
+(`dualenc.data.images.decode_image`), and its map runs with ``deterministic=False`` as the seed's
 does. Time covers one full pass including the first batch's latency (shuffle-buffer fill); CPU
 seconds (all threads) are reported too, steadier than wall time on a shared machine.
 """
@@ -49,7 +49,7 @@ def measure(variant: str, params: dict) -> dict:
     """One pass over the packed split in `params["data_dir"]`; pairs/s."""
     import tensorflow as tf
 
-    from dualenc.data import pair_dataset
+    from dualenc.data.pipeline import pair_dataset
 
     data_dir, batch_size = Path(params["data_dir"]), params["batch_size"]
     image_size = tuple(params["image_size"])

@@ -3,8 +3,8 @@
 ``seed``: seed 003's `find_matches` minus the text encoder (identical for all variants):
 ``tf.math.l2_normalize`` of the whole gallery (a NumPy array, as `predict` returns it) and of
 the query, ``tf.matmul(query, gallery, transpose_b=True)``, ``tf.math.top_k``, on every query.
-``ours``: `dualenc.retrieval.exact_search` over the gallery normalised once at index time.
-``faiss``: `dualenc.retrieval.build_ann(kind="hnsw")` + `ann_search`; build time and recall@10
+``ours``: `dualenc.retrieval.knn.exact_search` over the gallery normalised once at index time.
+``faiss``: `dualenc.retrieval.knn.build_ann(kind="hnsw")` + `ann_search`; build time and recall@10
 against exact search are reported too (ours, with `--ann hnsw` or `auto` above 50k).
 ``bandwidth``: memory read bandwidth of this machine (all cores summing disjoint slices of a
 large array), from which the lower bound of any exact search, N·D·4 bytes / bandwidth, follows,
@@ -118,7 +118,7 @@ def measure(variant: str, params: dict) -> dict:
     per search call, and float16: the gallery stored in half precision); see the module docstring."""
     if variant == "bandwidth":
         return {"bytes_per_s": read_bandwidth(params["megabytes"]), "flops": matmul_flops()}
-    from dualenc import retrieval
+    from dualenc.retrieval import knn
 
     batch = params.get("batch", 1)
     gallery = synthetic_gallery(params["n"], params["dim"])
@@ -131,13 +131,13 @@ def measure(variant: str, params: dict) -> dict:
         search, time_limit = _seed_search(gallery, k), SEED_QUERY_SECONDS
         search(queries[:batch])  # warm-up: TF's first op runs start the runtime
     elif variant == "ours":
-        search, time_limit = (lambda query: retrieval.exact_search(query, gallery, k)), None
+        search, time_limit = (lambda query: knn.exact_search(query, gallery, k)), None
     else:
         with Stopwatch() as build:
-            index = retrieval.build_ann(gallery, "hnsw")
-        search, time_limit = (lambda query: retrieval.ann_search(index, query, k)), None
+            index = knn.build_ann(gallery, "hnsw")
+        search, time_limit = (lambda query: knn.ann_search(index, query, k)), None
         result["build_seconds"] = build.seconds
-        result["recall_at_10"] = retrieval.ann_recall(index, gallery, queries, k=10)
+        result["recall_at_10"] = knn.ann_recall(index, gallery, queries, k=10)
     search(queries[:batch])
     latencies = _latencies(search, queries, time_limit, batch)
     result.update(

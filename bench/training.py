@@ -3,10 +3,10 @@
 Same model, data, batch and optimiser for both: a frozen MobileNetV2 (random weights, since
 ImageNet weights cannot be downloaded here; speed does not depend on the values) and a frozen
 tiny BERT (the test fixture, standing in for the seed's frozen small BERT), soft-target loss,
-trainable projection heads. Batches come from `dualenc.training.pair_batches`:
+trainable projection heads. Batches come from `dualenc.training.loop.pair_batches`:
 
 ``seed``: no caches, so each step decodes the images and runs both frozen towers again.
-``ours``: `dualenc.training.feature_caches` computes both towers' features once (timed as
+``ours``: `dualenc.training.loop.feature_caches` computes both towers' features once (timed as
 part of the first epoch), then epochs look them up.
 
 Epoch times come from a callback around `model.fit`; the first epoch also holds tracing.
@@ -25,7 +25,7 @@ EXTRAPOLATED_EPOCHS = 30
 
 
 def _config(params: dict):
-    from dualenc import config as configs
+    from dualenc.core import config as configs
 
     model = configs.ModelConfig(
         vision=configs.VisionConfig("mobilenet_v2", None, trainable=False, image_size=tuple(params["image_size"])),
@@ -39,8 +39,8 @@ def measure(variant: str, params: dict) -> dict:
     """Train `params["epochs"]` epochs; per-epoch seconds and the 30-epoch extrapolation."""
     import keras
 
-    from dualenc.preprocessing import build_text_preprocessor
-    from dualenc.training import build_model, feature_caches, model_inputs, pair_batches
+    from dualenc.models.preprocessing import build_text_preprocessor
+    from dualenc.training.loop import build_model, feature_caches, model_inputs, pair_batches
 
     config = _config(params)
     data_dir = Path(params["data_dir"])

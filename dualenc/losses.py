@@ -26,8 +26,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from dualenc.config import SIGLIP_BIAS, SIGLIP_TEMPERATURE  # noqa: F401  re-exported: SigLIP's initialisation
-from dualenc.errors import DualEncError
+from dualenc.core.config import SIGLIP_BIAS, SIGLIP_TEMPERATURE  # noqa: F401  re-exported: SigLIP's initialisation
+from dualenc.core.errors import DualEncError
 
 LOSS_NAMES = ("soft_target", "clip", "cmpm", "cmpc", "cmpm+cmpc", "siglip", "sdm", "sdm+cmpc")
 

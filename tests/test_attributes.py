@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dualenc import attributes
+from dualenc.retrieval import attributes
 from tfrecords_tools import demo
 
 # The checker's own vocabulary, written from the attribute values, not from the query templates.

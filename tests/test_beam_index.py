@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import search
-from dualenc.gallery import FolderGallery, PackedGallery
-from dualenc.index import load_index, open_index
+from dualenc.retrieval.gallery import FolderGallery, PackedGallery
+from dualenc.retrieval.index import load_index, open_index
 from tests.support.beam import DIRECT_OPTIONS
 from tests.support.colour_run import COLOURS, colour_records, encode_png, make_colour_run, solid_image, write_packed_dataset
 
@@ -32,7 +32,7 @@ def local_then_beam(run_dir, gallery, flags: list[str], monkeypatch):
     local_meta.pop("embeddings_sha256")
     local_embeddings = np.load(local.directory / "embeddings.npy")
     shutil.rmtree(local.directory)
-    monkeypatch.setattr("dualenc.index.open_index", None)  # the Beam path must not fall back to it
+    monkeypatch.setattr("dualenc.retrieval.index.open_index", None)  # the Beam path must not fall back to it
     argv = ["--build-index", "--model", str(run_dir), *flags, "--ann", "exact", "--runner", "DirectRunner", "--",
             *DIRECT_OPTIONS]
     assert search.main(argv) == 0
@@ -84,8 +84,8 @@ def test_runner_mistakes_are_one_line_errors(colour_run, capsys):
 
 
 def test_a_gallery_over_the_memory_budget_gets_a_compressed_index_that_search_uses(colour_run, tmp_path):
-    from dualenc.beam_index import build_index_with_beam
-    from dualenc.retrieval import exact_search
+    from dualenc.beam.index import build_index_with_beam
+    from dualenc.retrieval.knn import exact_search
     from tests.support.beam import direct_options
 
     folder = tmp_path / "photos"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench import common, packing, query
-from dualenc import retrieval
+from dualenc.retrieval import knn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("packing", "pipeline", "training", "index", "query", "service")
@@ -23,16 +23,16 @@ def test_percentile_matches_numpy_linear_interpolation():
 
 
 def test_pair_ratio_is_oriented_so_above_one_means_ours_is_better():
-    from bench.__main__ import _pair_summary
+    from bench.__main__ import pair_summary
 
     def runs(values):
         return [{"seconds": value, "rss_mb": {"self": 10.0, "workers": 5.0}} for value in values]
 
-    summary = _pair_summary({"seed": runs([4.0, 6.0, 5.0]), "ours": runs([1.0, 2.0, 3.0])}, "seconds",
+    summary = pair_summary({"seed": runs([4.0, 6.0, 5.0]), "ours": runs([1.0, 2.0, 3.0])}, "seconds",
                             higher_is_better=False)
     assert (summary["ref"], summary["ours"], summary["ratio"]) == (5.0, 2.0, 2.5)
     assert summary["ref_peak_mb"] == 15.0
-    faster = _pair_summary({"seed": runs([10.0]), "ours": runs([30.0])}, "seconds", higher_is_better=True)
+    faster = pair_summary({"seed": runs([10.0]), "ours": runs([30.0])}, "seconds", higher_is_better=True)
     assert faster["ratio"] == 3.0
 
 
@@ -64,7 +64,7 @@ def test_reference_find_matches_returns_what_exact_search_returns():
     queries = query.synthetic_queries(gallery, 5)
     find_matches = query._seed_search(gallery * scales, k=10)
     for row in queries:
-        _, ours = retrieval.exact_search(row[None, :], gallery, 10)
+        _, ours = knn.exact_search(row[None, :], gallery, 10)
         np.testing.assert_array_equal(find_matches(row[None, :])[0], ours[0])
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from dualenc import config
-from dualenc.errors import DualEncError
+from dualenc.core import config
+from dualenc.core.errors import DualEncError
 
 
 def test_defaults_fill_image_size_from_backbone():

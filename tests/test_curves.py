@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from dualenc.curves import curves_figure, plot_curves
+from dualenc.training.curves import curves_figure, plot_curves
 
 
 def _history(epochs: int = 4) -> dict[str, list[float]]:

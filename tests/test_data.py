@@ -1,4 +1,4 @@
-"""dualenc.data: manifest validation, checksums, image decoding and the pair pipeline."""
+"""dualenc.data.pipeline: manifest validation, checksums, image decoding and the pair pipeline."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dualenc.data import pair_dataset, verify_checksums
-from dualenc.manifest import load_manifest
-from dualenc.images import decode_image
-from dualenc.errors import DualEncError
+from dualenc.data.pipeline import pair_dataset, verify_checksums
+from dualenc.data.manifest import load_manifest
+from dualenc.data.images import decode_image
+from dualenc.core.errors import DualEncError
 from tests.support.images import HEIGHT, WIDTH, write_image
 from tfrecords_tools.writer import ImageEntry, pack
 

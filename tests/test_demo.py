@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dualenc.errors import DualEncError
+from dualenc.core.errors import DualEncError
 from tfrecords_tools import demo, demo_captions, demo_render
 
 IDENTITIES = 24

@@ -2,7 +2,7 @@
 
 One small demo run (the demo preset on 80 identities, 12 epochs of 15 steps) is trained
 through `train.main` and then judged only by what it retrieves: in-batch and held-out recall
-against their chance levels, and the public attribute queries of `dualenc.attributes` (as
+against their chance levels, and the public attribute queries of `dualenc.retrieval.attributes` (as
 `search.py --evaluate` reports them) against the ground truth of unseen people.
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 import search
 import train
-from dualenc import attributes
+from dualenc.retrieval import attributes
 from tfrecords_tools.demo_cache import packed_demo
 
 IDENTITIES = 80
@@ -86,7 +86,7 @@ def test_held_out_recall_rises_far_above_chance(demo_run):
 
 
 def test_attribute_queries_find_people_with_those_attributes(demo_run, monkeypatch, capsys):
-    """The public attribute queries (`dualenc.attributes`) over unseen people, as `search.py --evaluate` reports them."""
+    """The public attribute queries (`dualenc.retrieval.attributes`) over unseen people, as `search.py --evaluate` reports them."""
     monkeypatch.setattr(attributes, "GALLERY_IDENTITIES", GALLERY_IDENTITIES)
     assert search.main(["--evaluate", "--model", str(demo_run["run"]), "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)["attributes"]

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from dualenc.errors import DualEncError
+from dualenc.core.errors import DualEncError
 from tfrecords_tools import download
 from tfrecords_tools.download import ANNOTATIONS_ARCHIVE, IMAGES_ARCHIVE, download_coco
 

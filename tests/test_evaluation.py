@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dualenc import metrics
-from dualenc.evaluation import SplitEmbeddings, embed_split, retrieval_metrics, retrieval_report
-from dualenc.metrics import mean_average_precision, recall_at_k, top_k_accuracy
+from dualenc.retrieval import metrics
+from dualenc.retrieval.evaluation import SplitEmbeddings, embed_split, retrieval_metrics, retrieval_report
+from dualenc.retrieval.metrics import mean_average_precision, recall_at_k, top_k_accuracy
 
 
 def _reference_scores(queries, gallery, query_labels, gallery_labels, ks):

@@ -1,10 +1,10 @@
-"""`dualenc.exact.exact_top_k` (blocked, threaded scan) against NumPy float64 references."""
+"""`dualenc.retrieval.exact.exact_top_k` (blocked, threaded scan) against NumPy float64 references."""
 
 import numpy as np
 import pytest
 
-from dualenc import exact
-from dualenc.exact import exact_top_k
+from dualenc.retrieval import exact
+from dualenc.retrieval.exact import exact_top_k
 
 
 def unit_rows(count: int, dimension: int, seed: int) -> np.ndarray:

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dualenc.export import export_encoders, export_text_encoder, export_vision_encoder, load_encoder
-from dualenc.errors import DualEncError
+from dualenc.export.encoders import export_encoders, export_text_encoder, export_vision_encoder, load_encoder
+from dualenc.core.errors import DualEncError
 from tests.support.colour_run import COLOURS, IMAGE_SIZE, encode_png, solid_image
 
 
@@ -87,7 +87,7 @@ def unit(rows) -> np.ndarray:
 
 
 def test_round_trip_in_fresh_process_matches_in_memory(tmp_path):
-    from dualenc.images import decode_image
+    from dualenc.data.images import decode_image
 
     # Seeded: an unseeded ReLU encoder sometimes maps an image to an all-zero row, whose unit
     # vector is NaN in the NumPy reference (and 0 in the export), making the test flaky.
@@ -112,9 +112,9 @@ def test_bert_tower_with_its_hub_preprocessor_in_front(tmp_path, tiny_bert):
     """A TF-Hub-style BERT encoder (TFSMLayer) behind its TF-Hub preprocessor, exported captions-in."""
     preprocessor_dir, encoder_dir = tiny_bert
 
-    from dualenc.config import TextConfig
-    from dualenc.preprocessing import build_text_preprocessor
-    from dualenc.towers.text import build_text_tower
+    from dualenc.core.config import TextConfig
+    from dualenc.models.preprocessing import build_text_preprocessor
+    from dualenc.models.towers.text import build_text_tower
 
     config = TextConfig(tower="bert", preprocessor=str(preprocessor_dir), encoder=str(encoder_dir))
     bert, projection = build_text_tower(config), keras.layers.Dense(4)
@@ -150,11 +150,11 @@ print(json.dumps(out))
 
 def test_dual_encoder_exports_run_under_the_tf1_session_loader_and_tflite(tmp_path):
     """TensorFlow Serving's TF1 loader and the TFLite interpreter, each against the Keras model."""
-    from dualenc.config import ModelConfig, TextConfig, VisionConfig
-    from dualenc.images import decode_image
-    from dualenc.model import build_dual_encoder
-    from dualenc.preprocessing import build_text_preprocessor
-    from dualenc.vocabulary import learn_wordpiece_vocabulary
+    from dualenc.core.config import ModelConfig, TextConfig, VisionConfig
+    from dualenc.data.images import decode_image
+    from dualenc.models.model import build_dual_encoder
+    from dualenc.models.preprocessing import build_text_preprocessor
+    from dualenc.models.vocabulary import learn_wordpiece_vocabulary
 
     vocabulary = learn_wordpiece_vocabulary(["a woman in a red coat", "a man with a blue bag"] * 3, 40, tmp_path / "vocab.txt")
     config = ModelConfig(

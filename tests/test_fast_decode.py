@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dualenc.images import JPEG_SCALES, decode_image, jpeg_scale
+from dualenc.data.images import JPEG_SCALES, decode_image, jpeg_scale
 
 # Mean absolute difference to Pillow, in levels: measured 0.9 on 640x480 photo-like JPEGs and
 # 1.6-1.9 on a real photograph (full-resolution decoding with antialiasing: 0.1-0.2).

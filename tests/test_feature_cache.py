@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dualenc import feature_cache
-from dualenc.data import record_dataset, sha256_of_file
-from dualenc.images import decode_image
-from dualenc.feature_cache import CachedFeatures, cached_features, tower_fingerprint
-from dualenc.records import CAPTION, IMAGE, IMAGE_ID, parse_example
+from dualenc.training import feature_cache
+from dualenc.data.pipeline import record_dataset, sha256_of_file
+from dualenc.data.images import decode_image
+from dualenc.training.feature_cache import CachedFeatures, cached_features, tower_fingerprint
+from dualenc.data.records import CAPTION, IMAGE, IMAGE_ID, parse_example
 from tests.support.training import copy_dataset
 
 IMAGE_SIZE = (128, 64)
@@ -156,8 +156,8 @@ def test_training_caches_merge_splits_that_share_captions(demo_data, train_recor
     import dataclasses
     import types
 
-    from dualenc import config as configs
-    from dualenc.training import feature_caches
+    from dualenc.core import config as configs
+    from dualenc.training.loop import feature_caches
 
     # The validation split becomes a copy of the training split: every caption is shared.
     shared = copy_dataset(demo_data, tmp_path / "shared")

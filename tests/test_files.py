@@ -1,4 +1,4 @@
-"""dualenc.files: atomic file and directory writes keep the old content on failure, and sync
+"""dualenc.core.files: atomic file and directory writes keep the old content on failure, and sync
 the new content (and the rename) before and after renaming it into place."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from dualenc import files  # noqa: E402
+from dualenc.core import files  # noqa: E402
 
 
 class Crash(Exception):

@@ -1,4 +1,4 @@
-"""dualenc.gallery: both Gallery implementations (key, fingerprint, description, embedding,
+"""dualenc.retrieval.gallery: both Gallery implementations (key, fingerprint, description, embedding,
 image bytes), with a stand-in encoder whose expected output is known from the pixels drawn."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dualenc.gallery import FolderGallery, PackedGallery
-from dualenc.records import serialize_example, shard_name
+from dualenc.retrieval.gallery import FolderGallery, PackedGallery
+from dualenc.data.records import serialize_example, shard_name
 
 COLOURS = {"red": (200, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 200), "grey": (90, 90, 90)}
 

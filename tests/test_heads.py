@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dualenc.heads import L2Normalize, ProjectionHead, build_encoder
+from dualenc.models.heads import L2Normalize, ProjectionHead, build_encoder
 
 _erf = np.vectorize(math.erf)
 

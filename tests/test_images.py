@@ -1,4 +1,4 @@
-"""dualenc.images: twins of one photo get the same pixels and embeddings on every path.
+"""dualenc.data.images: twins of one photo get the same pixels and embeddings on every path.
 
 A twin is one picture stored another way (EXIF-rotated JPEG, 16-bit PNG/TIFF, palette BMP, GIF,
 WebP, TIFF, CMYK JPEG, RGBA PNG ...). Its correct pixels are a NumPy array built independently of
@@ -25,7 +25,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dualenc.images import (
+from dualenc.data.images import (
     SUPPORTED_SUFFIXES,
     ImageProblem,
     canonical_image_bytes,
@@ -214,7 +214,7 @@ def check_pixels(twin: Twin, pixels: np.ndarray) -> None:
 
 def test_the_pillow_half_does_not_import_tensorflow():
     completed = subprocess.run(
-        [sys.executable, "-c", "import sys, dualenc.images; print('tensorflow' in sys.modules)"],
+        [sys.executable, "-c", "import sys, dualenc.data.images; print('tensorflow' in sys.modules)"],
         cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True,
     )
     assert completed.stdout.strip() == "False"
@@ -326,7 +326,7 @@ def layout_encoder() -> keras.Model:
 @pytest.fixture(scope="module")
 def vision_run(tmp_path_factory) -> Path:
     """A run directory holding only an exported vision encoder (the one place that exports)."""
-    from dualenc.export import VISION_ENCODER_DIR, export_vision_encoder
+    from dualenc.export.encoders import VISION_ENCODER_DIR, export_vision_encoder
 
     run_dir = tmp_path_factory.mktemp("run")
     export_vision_encoder(layout_encoder(), ENCODER_SIZE, run_dir / VISION_ENCODER_DIR)
@@ -346,7 +346,7 @@ def twin_folder(tmp_path_factory, twins) -> Path:
 
 
 def embed(run_dir: Path, blobs: list[bytes]) -> np.ndarray:
-    from dualenc.export import VISION_ENCODER_DIR, load_encoder
+    from dualenc.export.encoders import VISION_ENCODER_DIR, load_encoder
 
     return load_encoder(run_dir / VISION_ENCODER_DIR)(blobs)
 
@@ -377,7 +377,7 @@ def pack(folder: Path, out: Path, twins: dict[str, Twin], *options: str) -> dict
     assert main(["folder", "--captions", str(table), "--images", str(folder), "--out", str(out),
                  "--workers", "1", *options]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    from dualenc.records import parse_example
+    from dualenc.data.records import parse_example
 
     shards = [str(out / name) for name in manifest["splits"]["train"]["shards"]]
     stored = {}
@@ -412,8 +412,8 @@ def test_twins_through_packing(twin_folder, vision_run, twins, tmp_path):
 
 
 def test_twins_through_a_folder_gallery(twin_folder, vision_run, twins):
-    from dualenc.gallery import FolderGallery
-    from dualenc.index import open_index
+    from dualenc.retrieval.gallery import FolderGallery
+    from dualenc.retrieval.index import open_index
 
     log = io.StringIO()
     index = open_index(vision_run, FolderGallery(twin_folder), log=log)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dualenc.export import export_vision_encoder, load_encoder
-from dualenc.gallery import FolderGallery, PackedGallery
-from dualenc.index import open_index
-from dualenc.records import parse_example
+from dualenc.export.encoders import export_vision_encoder, load_encoder
+from dualenc.retrieval.gallery import FolderGallery, PackedGallery
+from dualenc.retrieval.index import open_index
+from dualenc.data.records import parse_example
 from tests.support.colour_run import (
     COLOURS,
     IMAGE_SIZE,

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from dualenc.config import ModelConfig, TextConfig, VisionConfig
+from dualenc.core.config import ModelConfig, TextConfig, VisionConfig
 from tests.support.keras_hub_presets import IMAGE_SIZE, SEQUENCE_LENGTH
 
 CAPTIONS = ["a man in a red coat", "the woman with blue and black", "white coat, 2 dogs!"]
@@ -46,7 +46,7 @@ def _keras_hub_reference(preset, family):
 
 
 def _zero_shot_config(preset, family, projection="preset"):
-    from dualenc.towers.keras_hub import resolve_model_config
+    from dualenc.models.towers.keras_hub import resolve_model_config
 
     return resolve_model_config(
         ModelConfig(
@@ -62,8 +62,8 @@ def _zero_shot_config(preset, family, projection="preset"):
 def test_towers_and_preprocessor_give_keras_hub_embeddings(keras_hub_presets, family):
     import tensorflow as tf
 
-    from dualenc.model import build_dual_encoder
-    from dualenc.preprocessing import build_text_preprocessor
+    from dualenc.models.model import build_dual_encoder
+    from dualenc.models.preprocessing import build_text_preprocessor
 
     preset = keras_hub_presets[family]
     config = _zero_shot_config(preset, family)
@@ -78,7 +78,7 @@ def test_towers_and_preprocessor_give_keras_hub_embeddings(keras_hub_presets, fa
 
 
 def test_heads_projection_stops_before_the_preset_projection(keras_hub_presets):
-    from dualenc.model import build_dual_encoder
+    from dualenc.models.model import build_dual_encoder
 
     config = _zero_shot_config(keras_hub_presets["clip"], "clip", projection="heads")
     model = build_dual_encoder(config)
@@ -113,11 +113,11 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_zero_shot_evaluation_equals_the_in_memory_keras_hub_model(keras_hub_presets, demo_data, tmp_path, capsys, monkeypatch):
     import search
-    from dualenc.evaluation import SplitEmbeddings, retrieval_report
-    from dualenc.gallery import PackedGallery
-    from dualenc.images import decode_image
-    from dualenc.index import open_index
-    from dualenc.packed import split_captions
+    from dualenc.retrieval.evaluation import SplitEmbeddings, retrieval_report
+    from dualenc.retrieval.gallery import PackedGallery
+    from dualenc.data.images import decode_image
+    from dualenc.retrieval.index import open_index
+    from dualenc.data.packed import split_captions
 
     monkeypatch.chdir(tmp_path)
     preset = keras_hub_presets["clip"]
@@ -159,8 +159,8 @@ def test_zero_shot_evaluation_equals_the_in_memory_keras_hub_model(keras_hub_pre
 @pytest.mark.slow
 def test_one_epoch_from_siglip_preset_trains_and_serves_in_a_fresh_process(keras_hub_presets, demo_data, tmp_path):
     import train
-    from dualenc.gallery import PackedGallery
-    from dualenc.packed import split_captions
+    from dualenc.retrieval.gallery import PackedGallery
+    from dualenc.data.packed import split_captions
 
     preset = str(keras_hub_presets["siglip"])
     out = tmp_path / "run"
@@ -182,10 +182,10 @@ def test_keras_hub_bert_text_tower_gives_keras_hub_pooled_output(keras_hub_prese
     import keras_hub
     import tensorflow as tf
 
-    from dualenc.export import export_text_encoder
-    from dualenc.preprocessing import build_text_preprocessor
-    from dualenc.towers import build_text_tower
-    from dualenc.towers.keras_hub import resolve_model_config
+    from dualenc.export.encoders import export_text_encoder
+    from dualenc.models.preprocessing import build_text_preprocessor
+    from dualenc.models.towers import build_text_tower
+    from dualenc.models.towers.keras_hub import resolve_model_config
 
     preset = str(keras_hub_presets["bert"])
     config = resolve_model_config(ModelConfig(text=TextConfig("bert", preset=preset))).text
@@ -207,7 +207,7 @@ def test_search_a_folder_straight_from_a_preset(keras_hub_presets, tmp_path, cap
     from PIL import Image
 
     import search
-    from dualenc.images import decode_image
+    from dualenc.data.images import decode_image
 
     gallery = tmp_path / "photos"
     gallery.mkdir()
@@ -276,7 +276,7 @@ def test_search_with_an_unreachable_preset_exits_2_with_one_line(tmp_path, capsy
 @pytest.mark.parametrize("name, loss", [("cuhk-pedes-clip", "sdm+cmpc"), ("coco-clip", "clip")])
 def test_clip_presets_run_from_a_local_preset_directory(name, loss, keras_hub_presets):
     import train
-    from dualenc.towers.keras_hub import resolve_model_config
+    from dualenc.models.towers.keras_hub import resolve_model_config
 
     clip = str(keras_hub_presets["clip"])
     config = train.build_config(train.parse_args(["--preset", name, "--vision-preset", clip, "--text-preset", clip]))
@@ -289,7 +289,7 @@ def test_clip_presets_run_from_a_local_preset_directory(name, loss, keras_hub_pr
 def test_model_with_preset_towers_saves_and_loads_as_a_keras_file(keras_hub_presets, tmp_path):
     import keras
 
-    from dualenc.model import build_dual_encoder
+    from dualenc.models.model import build_dual_encoder
 
     model = build_dual_encoder(_zero_shot_config(keras_hub_presets["clip"], "clip"))
     model.save(tmp_path / "model.keras")
@@ -299,7 +299,7 @@ def test_model_with_preset_towers_saves_and_loads_as_a_keras_file(keras_hub_pres
 
 
 def test_keras_hub_configs_round_trip_through_json(keras_hub_presets):
-    from dualenc import config as configs
+    from dualenc.core import config as configs
 
     clip = str(keras_hub_presets["clip"])
     config = configs.TrainConfig(
@@ -313,9 +313,9 @@ def test_keras_hub_configs_round_trip_through_json(keras_hub_presets):
 @pytest.mark.slow
 def test_train_with_zero_epochs_exports_the_preset_as_keras_hub_computes_it(keras_hub_presets, demo_data, tmp_path):
     import train
-    from dualenc.gallery import PackedGallery
-    from dualenc.images import decode_image
-    from dualenc.packed import split_captions
+    from dualenc.retrieval.gallery import PackedGallery
+    from dualenc.data.images import decode_image
+    from dualenc.data.packed import split_captions
 
     preset = str(keras_hub_presets["clip"])
     out = tmp_path / "run"

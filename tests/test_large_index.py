@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dualenc.errors import DualEncError
-from dualenc.large_index import (
+from dualenc.core.errors import DualEncError
+from dualenc.retrieval.large_index import (
     build_large_index,
     needs_compressed_index,
     open_large_index,

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dualenc import config, losses
-from dualenc.errors import DualEncError
+from dualenc.core import config
+
+from dualenc import losses
+from dualenc.core.errors import DualEncError
 
 RTOL = 1e-5
 

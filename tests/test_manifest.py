@@ -1,4 +1,4 @@
-"""dualenc.manifest: the one validation of manifest.json, its JSON round trip and stable bytes."""
+"""dualenc.data.manifest: the one validation of manifest.json, its JSON round trip and stable bytes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 import pytest
 import tensorflow as tf
 
-from dualenc.errors import DualEncError
-from dualenc.manifest import Manifest, SplitSummary, load_manifest, read_manifest_file
-from dualenc.records import serialize_example, shard_name
+from dualenc.core.errors import DualEncError
+from dualenc.data.manifest import Manifest, SplitSummary, load_manifest, read_manifest_file
+from dualenc.data.records import serialize_example, shard_name
 
 
 def _write_dataset(data_dir) -> dict:

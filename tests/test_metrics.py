@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dualenc import metrics
-from dualenc.errors import DualEncError
+from dualenc.retrieval import metrics
+from dualenc.core.errors import DualEncError
 
 CHUNK_SIZES = [1, 7, 1024]  # one query at a time, a size not dividing Q, larger than Q
 

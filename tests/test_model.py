@@ -1,7 +1,7 @@
 """DualEncoder: shapes, train/test steps, feature cache, temperature and its bound, CMPC weights, errors.
 
 Stand-in towers (`tests.support.stand_ins`: a Dense vision tower on 8x8 float images, a hashed
-bag-of-words text tower) keep these tests independent of `dualenc.towers`.
+bag-of-words text tower) keep these tests independent of `dualenc.models.towers`.
 """
 
 import dataclasses
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dualenc.config import ModelConfig
-from dualenc.errors import DualEncError
-from dualenc.model import MODEL_FORMAT_VERSION, DualEncoder, build_dual_encoder, in_batch_recall_at_1
-from dualenc.preprocessing import build_text_preprocessor
+from dualenc.core.config import ModelConfig
+from dualenc.core.errors import DualEncError
+from dualenc.models.model import MODEL_FORMAT_VERSION, DualEncoder, build_dual_encoder, in_batch_recall_at_1
+from dualenc.models.preprocessing import build_text_preprocessor
 from tests.support.stand_ins import IMAGE_SIZE, NUM_CLASSES, factory_config, matching_batch, stand_in_towers
 
 
@@ -224,13 +224,13 @@ def test_factory_builds_both_towers_and_every_variable(tmp_path):
 
 
 def test_factory_rejects_an_unpooled_tower(tmp_path, monkeypatch):
-    import dualenc.towers
+    import dualenc.models.towers
 
     def unpooled_tower(config, projection="heads"):
         images = keras.Input((*config.image_size, 3))
         return keras.Model(images, keras.layers.Conv2D(4, 3)(images))
 
-    monkeypatch.setattr(dualenc.towers, "build_vision_tower", unpooled_tower)
+    monkeypatch.setattr(dualenc.models.towers, "build_vision_tower", unpooled_tower)
     with pytest.raises(DualEncError, match=r"vision tower returns shape \[2, 30, 30, 4\].*\(B, F\)"):
         build_dual_encoder(factory_config(tmp_path))
 

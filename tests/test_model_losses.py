@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 from dualenc import losses
-from dualenc.config import ModelConfig
-from dualenc.model import DualEncoder
+from dualenc.core.config import ModelConfig
+from dualenc.models.model import DualEncoder
 from tests.support.stand_ins import NUM_CLASSES, matching_batch, stand_in_towers
 
 

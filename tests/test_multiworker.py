@@ -1,6 +1,6 @@
 """Multi-worker training: TF_CONFIG checks, the local launcher, and two real workers on 127.0.0.1.
 
-The slow tests start worker processes with `dualenc.launch` (or by hand, to kill one): a step
+The slow tests start worker processes with `python -m dualenc.launch` (or by hand, to kill one): a step
 on a fixed global batch against one process and a NumPy float64 reference; workers that never
 come up or disagree on the config; a demo run killed mid-epoch and resumed.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dualenc import launch
-from dualenc.cluster import Cluster, parse_tf_config, resolve_placement, training_cluster
-from dualenc.errors import DualEncError
+from dualenc.distribute import launch
+from dualenc.distribute.cluster import Cluster, parse_tf_config, resolve_placement, training_cluster
+from dualenc.core.errors import DualEncError
 from tests.support.training import REPO_ROOT, csv_rows, subprocess_env, train_command
 
 STEP_SCRIPT = REPO_ROOT / "tests" / "support" / "multiworker_step.py"
@@ -152,7 +152,7 @@ def test_free_ports_are_distinct_and_configs_name_them_all():
 
 
 def test_placement_multi_worker_needs_tf_config_and_auto_without_it_is_single(monkeypatch):
-    from dualenc.placement import make_placement
+    from dualenc.distribute.placement import make_placement
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(DualEncError, match="placement 'multi-worker' needs TF_CONFIG"):
@@ -167,7 +167,7 @@ def _check_in_all(fingerprints: list[str | None], timeout_s: float = 30.0) -> li
     """Run `check_in` for each worker whose fingerprint is not None, in threads; each one's error or "ok"."""
     import threading
 
-    from dualenc.rendezvous import check_in
+    from dualenc.distribute.rendezvous import check_in
 
     clusters = [parse_tf_config(text) for text in launch.tf_configs(launch.free_ports(len(fingerprints)))]
     outcomes = ["absent"] * len(fingerprints)
@@ -218,7 +218,7 @@ def test_rendezvous_names_a_chief_that_never_comes():
 
 
 def test_sharding_by_file_needs_a_file_per_worker():
-    from dualenc.multiworker import SHARD_BY_DATA, SHARD_BY_FILE, shard_mode
+    from dualenc.distribute.multiworker import SHARD_BY_DATA, SHARD_BY_FILE, shard_mode
 
     assert shard_mode(4, 2) == shard_mode(2, 2) == SHARD_BY_FILE
     assert shard_mode(1, 2) == SHARD_BY_DATA

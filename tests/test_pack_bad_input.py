@@ -26,14 +26,14 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dualenc.images import (
+from dualenc.data.images import (
     PARALLEL_DECODE_MIN,
     canonical_image_bytes,
     decode_image,
     pillow_reason,
     tensorflow_problems,
 )
-from dualenc.records import serialize_example
+from dualenc.data.records import serialize_example
 from tests.support.images import write_image
 from tests.support.packed import read_records
 from tfrecords_tools import writer

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dualenc.data import sha256_of_file
+from dualenc.data.pipeline import sha256_of_file
 from tests.support.cuhk_pedes import ENTRIES, make_cuhk_pedes, pack
 from tests.support.packed import read_records
 from tfrecords_tools.__main__ import main

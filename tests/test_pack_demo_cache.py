@@ -6,7 +6,7 @@ import json
 
 
 from tfrecords_tools.__main__ import main
-from dualenc.runs import cache_root
+from dualenc.core.runs import cache_root
 from tfrecords_tools.demo_cache import packed_demo
 
 

@@ -1,4 +1,4 @@
-"""The packer's view of `dualenc.images`: validation and the keep-or-re-encode rules."""
+"""The packer's view of `dualenc.data.images`: validation and the keep-or-re-encode rules."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dualenc.images import ImageProblem, prepare_images, read_image_file
+from dualenc.data.images import ImageProblem, prepare_images, read_image_file
 from tests.support.images import write_image
 
 

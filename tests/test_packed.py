@@ -1,4 +1,4 @@
-"""dualenc.packed, the one reader of packed splits, against records parsed independently with
+"""dualenc.data.packed, the one reader of packed splits, against records parsed independently with
 `tf.train.Example` straight from the shard files."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dualenc.errors import DualEncError
-from dualenc.packed import distinct_images, distinct_records, first_occurrences, read_batches, record_dataset, split_captions
-from dualenc.records import CAPTION, IMAGE_ID, serialize_example, shard_name
+from dualenc.core.errors import DualEncError
+from dualenc.data.packed import distinct_images, distinct_records, first_occurrences, read_batches, record_dataset, split_captions
+from dualenc.data.records import CAPTION, IMAGE_ID, serialize_example, shard_name
 
 # (caption, image_id, label) per shard of "train"; images repeat within and across shards, and
 # one caption ("a dog") belongs to two images.

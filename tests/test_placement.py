@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dualenc.errors import DualEncError
-from dualenc.placement import make_placement
+from dualenc.core.errors import DualEncError
+from dualenc.distribute.placement import make_placement
 
 TIMEOUT_S = 300
 
@@ -28,8 +28,8 @@ def _two_device_measurements() -> dict:
 
     import keras
 
-    from dualenc.config import ModelConfig
-    from dualenc.model import DualEncoder, build_dual_encoder
+    from dualenc.core.config import ModelConfig
+    from dualenc.models.model import DualEncoder, build_dual_encoder
     from tests.support.stand_ins import factory_config, matching_batch, stand_in_towers
 
     results = {}

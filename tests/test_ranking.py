@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dualenc import ranking
+from dualenc.retrieval import ranking
 
 
 def lexsort_order(scores: np.ndarray) -> np.ndarray:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dualenc import retrieval
-from dualenc.errors import DualEncError
+from dualenc.retrieval import knn
+from dualenc.core.errors import DualEncError
 
 
 def random_unit(rows: int, dimension: int, seed: int) -> np.ndarray:
@@ -16,10 +16,10 @@ def random_unit(rows: int, dimension: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("k", [1, 7, 300, 500])
 def test_exact_search_matches_float64_argsort(monkeypatch, k):
-    monkeypatch.setattr(retrieval, "QUERY_BATCH", 16)  # several query batches
+    monkeypatch.setattr(knn, "QUERY_BATCH", 16)  # several query batches
     gallery = random_unit(300, 24, seed=1)
     queries = np.random.default_rng(2).standard_normal((50, 24)) * 3.0  # not unit: normalised inside
-    scores, indices = retrieval.exact_search(queries, gallery, k)
+    scores, indices = knn.exact_search(queries, gallery, k)
 
     unit_queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     reference_scores = unit_queries @ gallery.astype(np.float64).T
@@ -32,7 +32,7 @@ def test_exact_search_matches_float64_argsort(monkeypatch, k):
 
 def test_exact_search_ties_keep_gallery_order():
     gallery = np.repeat(random_unit(1, 8, seed=3), 6, axis=0)
-    _, indices = retrieval.exact_search(gallery[:1], gallery, 4)
+    _, indices = knn.exact_search(gallery[:1], gallery, 4)
     np.testing.assert_array_equal(indices, [[0, 1, 2, 3]])
 
 
@@ -57,7 +57,7 @@ def lexsort_top_k(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.
 
 
 def assert_matches_lexsort(queries: np.ndarray, gallery: np.ndarray, k: int) -> None:
-    scores, indices = retrieval.exact_search(queries, gallery, k)
+    scores, indices = knn.exact_search(queries, gallery, k)
     reference_scores, reference_indices = lexsort_top_k(queries, gallery, k)
     np.testing.assert_array_equal(indices, reference_indices)
     np.testing.assert_array_equal(scores, reference_scores)  # exact: grid scores have no rounding
@@ -65,19 +65,19 @@ def assert_matches_lexsort(queries: np.ndarray, gallery: np.ndarray, k: int) -> 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 17, 39, 40, 41])
 def test_exact_search_all_equal_scores_come_back_in_gallery_order(monkeypatch, k):
-    monkeypatch.setattr(retrieval, "QUERY_BATCH", 3)
+    monkeypatch.setattr(knn, "QUERY_BATCH", 3)
     queries, _ = grid_problem(7, 1, 8, levels=2, seed=6)
     gallery = np.tile(np.float32([0.25, -0.5, 0, 0.75, 0.25, 0, 0, -0.25]), (40, 1))
     orthogonal_query = np.float32([[0, 0, 0.5, 0, 0, 0.5, 0.5, -0.5]])  # scores 0 against every row
     queries = np.concatenate([queries, orthogonal_query])
-    _, indices = retrieval.exact_search(queries, gallery, k)
+    _, indices = knn.exact_search(queries, gallery, k)
     np.testing.assert_array_equal(indices, np.tile(np.arange(min(k, 40)), (len(queries), 1)))
     assert_matches_lexsort(queries, gallery, k)
 
 
 @pytest.mark.parametrize("seed", [7, 8, 9])
 def test_exact_search_ties_straddling_the_kth_score_match_lexsort(monkeypatch, seed):
-    monkeypatch.setattr(retrieval, "QUERY_BATCH", 16)  # 64 queries in four batches
+    monkeypatch.setattr(knn, "QUERY_BATCH", 16)  # 64 queries in four batches
     queries, gallery = grid_problem(64, 300, 6, levels=1, seed=seed)
     scores = queries.astype(np.float64) @ gallery.astype(np.float64).T
     straddled = 0
@@ -100,7 +100,7 @@ def test_exact_search_duplicate_gallery_rows_keep_ascending_order():
 
 def test_exact_search_rejects_dimension_mismatch():
     with pytest.raises(DualEncError, match="rebuild the index"):
-        retrieval.exact_search(random_unit(2, 8, 0), random_unit(5, 9, 1), 3)
+        knn.exact_search(random_unit(2, 8, 0), random_unit(5, 9, 1), 3)
 
 
 @pytest.fixture(scope="module")
@@ -112,25 +112,25 @@ def ann_gallery() -> np.ndarray:
 def test_faiss_agrees_with_exact(ann_gallery, kind, tmp_path):
     pytest.importorskip("faiss")
     queries = random_unit(200, 64, seed=5)
-    index = retrieval.build_ann(ann_gallery, kind)
-    assert retrieval.ann_recall(index, ann_gallery, queries, k=10) >= 0.95
+    index = knn.build_ann(ann_gallery, kind)
+    assert knn.ann_recall(index, ann_gallery, queries, k=10) >= 0.95
 
     # Independent recall: overlap with a float64 brute-force top 10.
     reference = np.argsort(-(queries.astype(np.float64) @ ann_gallery.T.astype(np.float64)), axis=1)[:, :10]
-    scores, indices = retrieval.ann_search(index, queries, 10)
+    scores, indices = knn.ann_search(index, queries, 10)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(reference, indices)])
     assert overlap >= 0.95
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ ann_gallery.T, indices, axis=1), atol=1e-4)
 
     path = tmp_path / f"{kind}.faiss"
-    retrieval.save_ann(index, path)
-    _, reloaded = retrieval.ann_search(retrieval.load_ann(path), queries, 10)
+    knn.save_ann(index, path)
+    _, reloaded = knn.ann_search(knn.load_ann(path), queries, 10)
     np.testing.assert_array_equal(reloaded, indices)
 
 
 def test_resolve_ann():
-    assert retrieval.resolve_ann("auto", retrieval.AUTO_ANN_THRESHOLD) == "exact"
-    assert retrieval.resolve_ann("auto", retrieval.AUTO_ANN_THRESHOLD + 1) == "hnsw"
-    assert retrieval.resolve_ann("ivf", 10) == "ivf"
+    assert knn.resolve_ann("auto", knn.AUTO_ANN_THRESHOLD) == "exact"
+    assert knn.resolve_ann("auto", knn.AUTO_ANN_THRESHOLD + 1) == "hnsw"
+    assert knn.resolve_ann("ivf", 10) == "ivf"
     with pytest.raises(DualEncError, match="choose one of"):
-        retrieval.resolve_ann("lsh", 10)
+        knn.resolve_ann("lsh", 10)

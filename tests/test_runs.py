@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from dualenc import config as configs
-from dualenc import runs
-from dualenc.errors import DualEncError
-from dualenc.runs import RunPaths, choose_run_dir, point_latest
+from dualenc.core import config as configs
+from dualenc.core import runs
+from dualenc.core.errors import DualEncError
+from dualenc.core.runs import RunPaths, choose_run_dir, point_latest
 
 FIXED_NOW = datetime.datetime(2024, 5, 6, 7, 8, 9)
 

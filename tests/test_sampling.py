@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dualenc.errors import DualEncError
-from dualenc.sampling import identity_batch_count, identity_batch_plan, identity_batches
+from dualenc.core.errors import DualEncError
+from dualenc.data.sampling import identity_batch_count, identity_batch_plan, identity_batches
 
 P, K = 3, 2
 

@@ -15,10 +15,10 @@ import tensorflow as tf
 from PIL import Image
 
 import search
-from dualenc import config as run_config
-from dualenc import metrics
-from dualenc.export import export_vision_encoder, load_encoder
-from dualenc.records import parse_example
+from dualenc.core import config as run_config
+from dualenc.retrieval import metrics
+from dualenc.export.encoders import export_vision_encoder, load_encoder
+from dualenc.data.records import parse_example
 from tests.support.colour_run import (
     COLOURS,
     IMAGE_SIZE,

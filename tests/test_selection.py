@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from dualenc.selection import Schedule, SelectionState, advance, commit_backup, restore_backup
+from dualenc.training.selection import Schedule, SelectionState, advance, commit_backup, restore_backup
 
 
 def _keras_reference(values, mode, lr_patience, stop_patience, factor=0.2, learning_rate=1.0):

@@ -34,8 +34,8 @@ from PIL import Image
 
 import search
 import train
-from dualenc.gallery import FolderGallery, PackedGallery
-from dualenc.query import RESULT_FIELDS
+from dualenc.retrieval.gallery import FolderGallery, PackedGallery
+from dualenc.retrieval.query import RESULT_FIELDS
 from dualenc.service import server as service_server
 from dualenc.service.app import create_app
 from dualenc.service.batching import EmbeddingBatcher

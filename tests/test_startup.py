@@ -6,7 +6,7 @@ import sys
 
 PROGRAM = (
     "import sys\n"
-    "from dualenc.startup import import_tensorflow\n"
+    "from dualenc.core.startup import import_tensorflow\n"
     "tf = import_tensorflow()\n"
     "tf.constant(1.0) + 1\n"
     "print('done', file=sys.stderr)\n"

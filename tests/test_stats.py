@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dualenc.errors import DualEncError
-from dualenc.records import MANIFEST_NAME, serialize_example, shard_name
+from dualenc.core.errors import DualEncError
+from dualenc.data.records import MANIFEST_NAME, serialize_example, shard_name
 from tfrecords_tools.stats import write_stats
 
 # Images are never decoded, so they need not be real JPEGs.

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dualenc import hub
-from dualenc.config import TextConfig
-from dualenc.errors import DualEncError
-from dualenc.preprocessing import build_text_preprocessor
-from dualenc.towers import build_text_tower
-from dualenc.vocabulary import RESERVED_TOKENS, learn_wordpiece_vocabulary, read_vocabulary
+from dualenc.models import hub
+from dualenc.core.config import TextConfig
+from dualenc.core.errors import DualEncError
+from dualenc.models.preprocessing import build_text_preprocessor
+from dualenc.models.towers import build_text_tower
+from dualenc.models.vocabulary import RESERVED_TOKENS, learn_wordpiece_vocabulary, read_vocabulary
 from tests.support.tiny_bert import HIDDEN_SIZE, SEQ_LENGTH
 
 CAPTIONS = [

@@ -53,11 +53,11 @@ class TrainedRun:
 
 def _train_in_process(workdir: Path, cache_dir: Path, flags: list[str]) -> TrainedRun:
     """`train.main(flags)` run in `workdir`, keeping the DualEncoder it exports for comparison."""
-    import dualenc.training
+    import dualenc.training.loop
 
     workdir.mkdir(parents=True)
     exported = {}
-    export_encoders = dualenc.training.export_encoders
+    export_encoders = dualenc.training.loop.export_encoders
 
     def export_and_keep(run_dir, **kwargs):
         exported["model"] = kwargs["encode_images"].__self__
@@ -66,7 +66,7 @@ def _train_in_process(workdir: Path, cache_dir: Path, flags: list[str]) -> Train
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
         patch.setenv("DUALENC_CACHE", str(cache_dir))
-        patch.setattr(dualenc.training, "export_encoders", export_and_keep)
+        patch.setattr(dualenc.training.loop, "export_encoders", export_and_keep)
         exit_code = train.main(flags)
     return TrainedRun(flags, workdir, cache_dir, (workdir / "runs" / "latest").resolve(), exported.get("model"), exit_code)
 
@@ -175,8 +175,8 @@ print("project modules:", sorted(name for name in sys.modules if name.split(".")
 
 
 def _test_pairs(data_dir: Path) -> tuple[list[bytes], list[str]]:
-    from dualenc.data import record_dataset
-    from dualenc.records import CAPTION, IMAGE, parse_example
+    from dualenc.data.pipeline import record_dataset
+    from dualenc.data.records import CAPTION, IMAGE, parse_example
 
     images, captions = [], []
     for record in record_dataset(data_dir, "test"):
@@ -190,8 +190,8 @@ def _test_pairs(data_dir: Path) -> tuple[list[bytes], list[str]]:
 def test_exported_encoders_match_the_trained_towers_in_a_fresh_process(cached_run, demo_data, tmp_path):
     import tensorflow as tf
 
-    from dualenc.images import decode_image
-    from dualenc.preprocessing import build_text_preprocessor
+    from dualenc.data.images import decode_image
+    from dualenc.models.preprocessing import build_text_preprocessor
 
     model = cached_run.model
     images, captions = _test_pairs(demo_data)

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 import train
-from dualenc import config as configs
-from dualenc.locking import LOCK_NAME
-from dualenc.runs import claim_run_dir
+from dualenc.core import config as configs
+from dualenc.core.locking import LOCK_NAME
+from dualenc.core.runs import claim_run_dir
 from tests.support.read_only import read_only
 from tests.support.training import REPO_ROOT, TRAIN_SCRIPT, TINY_FLAGS, copy_dataset, file_stamps, write_json
 
@@ -169,7 +169,7 @@ def test_start_failing_after_the_vocabulary_leaves_no_directory_behind(out, work
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from dualenc.runs import claim_run_dir
+from dualenc.core.runs import claim_run_dir
 with claim_run_dir(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(300)

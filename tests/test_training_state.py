@@ -18,7 +18,7 @@ from tests.support.training import csv_rows
 
 
 def _tiny_config(data_dir: Path, dropout: float = 0.0, **changes):
-    from dualenc.presets import preset
+    from dualenc.training.presets import preset
 
     config = preset("demo")
     model = dataclasses.replace(
@@ -33,28 +33,28 @@ def _tiny_config(data_dir: Path, dropout: float = 0.0, **changes):
 
 def _train(config, run_dir: Path, **kwargs):
     """`run_training` into `run_dir`; returns (report, the DualEncoder it exported)."""
-    import dualenc.training
-    from dualenc.runs import RunPaths
+    import dualenc.training.loop
+    from dualenc.core.runs import RunPaths
 
     paths = RunPaths(run_dir)
-    config = dualenc.training.resolve_config(config, dualenc.training.load_manifest(config.data), paths)
+    config = dualenc.training.loop.resolve_config(config, dualenc.training.loop.load_manifest(config.data), paths)
     exported = {}
-    export_encoders = dualenc.training.export_encoders
+    export_encoders = dualenc.training.loop.export_encoders
 
     def export_and_keep(root, **arguments):
         exported["model"] = arguments["encode_images"].__self__
         export_encoders(root, **arguments)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dualenc.training, "export_encoders", export_and_keep)
-        report = dualenc.training.run_training(config, paths, **{"verbose": 0, **kwargs})
+        patch.setattr(dualenc.training.loop, "export_encoders", export_and_keep)
+        report = dualenc.training.loop.run_training(config, paths, **{"verbose": 0, **kwargs})
     return report, exported["model"], config
 
 
 def _mean_loss(model, config, batches) -> float:
     """The loss of every batch from the model's embeddings, averaged in float64 by NumPy."""
     from dualenc import losses
-    from dualenc.training import model_inputs
+    from dualenc.training.loop import model_inputs
 
     values = []
     for batch in model_inputs(batches):
@@ -67,8 +67,8 @@ def _mean_loss(model, config, batches) -> float:
 
 @pytest.mark.slow
 def test_logged_epoch_means_equal_a_separate_evaluation(demo_data, tmp_path):
-    from dualenc.preprocessing import build_text_preprocessor
-    from dualenc.training import model_inputs, pair_batches
+    from dualenc.models.preprocessing import build_text_preprocessor
+    from dualenc.training.loop import model_inputs, pair_batches
 
     # A rate so small the weights stay put: the epoch's train mean is then the mean loss of
     # the epoch's batches under the final weights (no dropout; the frozen CNN is in inference mode).
@@ -97,8 +97,8 @@ class Interrupted(Exception):
 
 
 def _test_embeddings(model, config):
-    from dualenc.preprocessing import build_text_preprocessor
-    from dualenc.training import model_inputs, pair_batches
+    from dualenc.models.preprocessing import build_text_preprocessor
+    from dualenc.training.loop import model_inputs, pair_batches
 
     batches = pair_batches(Path(config.data), "test", config, build_text_preprocessor(config.model.text), {}, training=False)
     images, captions = [], []
@@ -116,9 +116,9 @@ def _log_columns(run_dir: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_a_run_interrupted_after_its_best_epoch_and_during_export_resumes_to_the_same_result(demo_data, tmp_path):
-    import dualenc.selection
-    import dualenc.training
-    from dualenc.selection import Schedule
+    import dualenc.training.selection
+    import dualenc.training.loop
+    from dualenc.training.selection import Schedule
 
     # Dropout on: a resumed run must draw the masks the uninterrupted one drew.
     config = _tiny_config(demo_data, dropout=0.2, epochs=RESUME_EPOCHS, seed=3, monitor="val_loss")
@@ -131,7 +131,7 @@ def test_a_run_interrupted_after_its_best_epoch_and_during_export_resumes_to_the
     # Killed before committing the epoch after the best (numbered from 1, as epochs_done counts).
     kill_at = report["best_epoch"] + 1
 
-    commit_backup = dualenc.selection.commit_backup
+    commit_backup = dualenc.training.selection.commit_backup
 
     def die_before_commit(backup_dir, model, state):
         if state.epochs_done == kill_at:
@@ -139,7 +139,7 @@ def test_a_run_interrupted_after_its_best_epoch_and_during_export_resumes_to_the
         commit_backup(backup_dir, model, state)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dualenc.selection, "commit_backup", die_before_commit)
+        patch.setattr(dualenc.training.selection, "commit_backup", die_before_commit)
         with pytest.raises(Interrupted):
             _train(config, tmp_path / "resumed", schedule=schedule)
     # The epoch that was not committed is not logged either: it is trained again.
@@ -149,16 +149,16 @@ def test_a_run_interrupted_after_its_best_epoch_and_during_export_resumes_to_the
         raise Interrupted("killed while exporting")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dualenc.training, "export_encoders", die_in_export)
+        patch.setattr(dualenc.training.loop, "export_encoders", die_in_export)
         with pytest.raises(Interrupted):
-            dualenc.training.run_training(config, dualenc.training.RunPaths(tmp_path / "resumed"), resume=True,
+            dualenc.training.loop.run_training(config, dualenc.training.loop.RunPaths(tmp_path / "resumed"), resume=True,
                                           verbose=0, schedule=schedule)
     assert not (tmp_path / "resumed" / "metrics.json").exists()
 
     epochs_trained = []
     with pytest.MonkeyPatch.context() as patch:
-        on_epoch_end = dualenc.selection.ModelSelection.on_epoch_end
-        patch.setattr(dualenc.selection.ModelSelection, "on_epoch_end",
+        on_epoch_end = dualenc.training.selection.ModelSelection.on_epoch_end
+        patch.setattr(dualenc.training.selection.ModelSelection, "on_epoch_end",
                       lambda self, epoch, logs=None: (epochs_trained.append(epoch), on_epoch_end(self, epoch, logs)))
         resumed_report, resumed_model, _ = _train(config, tmp_path / "resumed", schedule=schedule, resume=True)
     # The export is redone without training again.
@@ -180,8 +180,8 @@ def test_a_run_interrupted_after_its_best_epoch_and_during_export_resumes_to_the
 def test_building_a_mixed_precision_model_leaves_the_global_policy_as_it_was(tmp_path):
     import keras
 
-    from dualenc.config import TrainConfig
-    from dualenc.training import build_model
+    from dualenc.core.config import TrainConfig
+    from dualenc.training.loop import build_model
     from tests.support.stand_ins import factory_config
 
     keras.mixed_precision.set_global_policy("bfloat16")
@@ -204,8 +204,8 @@ def test_without_a_validation_split_training_identities_are_held_out_and_test_sc
 ):
     import json
 
-    import dualenc.training
-    from dualenc.preprocessing import build_text_preprocessor
+    import dualenc.training.loop
+    from dualenc.models.preprocessing import build_text_preprocessor
     from tests.support.packed import read_records
     from tests.support.training import copy_dataset, write_json
 
@@ -216,7 +216,7 @@ def test_without_a_validation_split_training_identities_are_held_out_and_test_sc
     train_labels = np.array([record["label"] for record in read_records(data, "train")])
 
     requested = []
-    pair_batches = dualenc.training.pair_batches
+    pair_batches = dualenc.training.loop.pair_batches
 
     def recording(data_dir, split, config, *args, **kwargs):
         requested.append((split, kwargs["training"], kwargs.get("holdout")))
@@ -224,7 +224,7 @@ def test_without_a_validation_split_training_identities_are_held_out_and_test_sc
 
     config = _tiny_config(data, epochs=1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dualenc.training, "pair_batches", recording)
+        patch.setattr(dualenc.training.loop, "pair_batches", recording)
         capsys.readouterr()
         report, model, config = _train(config, tmp_path / "run", verbose=1)
     out = capsys.readouterr().out
@@ -251,8 +251,8 @@ def test_without_a_validation_split_training_identities_are_held_out_and_test_sc
 def test_identity_batches_for_cmpm_have_a_known_length_leave_held_out_identities_out_and_resume_in_step(demo_data):
     import tensorflow as tf
 
-    from dualenc.manifest import load_manifest
-    from dualenc.training import choose_holdout, pair_batches
+    from dualenc.data.manifest import load_manifest
+    from dualenc.training.loop import choose_holdout, pair_batches
 
     config = _tiny_config(demo_data, seed=5)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, loss="cmpm"))

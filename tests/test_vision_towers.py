@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dualenc.config import VisionConfig
-from dualenc.errors import DualEncError
-from dualenc.towers import build_vision_tower
-from dualenc.towers.vision import BACKBONE_LAYER_NAME, SMALL_CNN_FILTERS
+from dualenc.core.config import VisionConfig
+from dualenc.core.errors import DualEncError
+from dualenc.models.towers import build_vision_tower
+from dualenc.models.towers.vision import BACKBONE_LAYER_NAME, SMALL_CNN_FILTERS
 
 SMALL_SIZE = (64, 32)
 

@@ -6,7 +6,7 @@ finished); an ``--out`` holding another dataset is refused unless ``--overwrite`
 Heavy modules are imported inside the subcommands, so worker processes and ``--help`` start fast,
 and TensorFlow only after the annotations, flags and ``--out`` were checked: a mistake there is
 reported within a second, and TensorFlow's start-up chatter stays off the terminal unless
-``--verbose`` (or ``DUALENC_TF_LOG=1``) asks for it (`dualenc.startup`).
+``--verbose`` (or ``DUALENC_TF_LOG=1``) asks for it (`dualenc.core.startup`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from dualenc.errors import DualEncError
+from dualenc.core.errors import DualEncError
 
 DEFAULT_COCO_DOWNLOAD = Path("data") / "coco"
 # What writing into a read-only, forbidden or full place raises: the user's to fix, not a bug.
@@ -106,8 +106,8 @@ def _run_folder(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    from dualenc.manifest import load_manifest
-    from dualenc.startup import import_tensorflow
+    from dualenc.data.manifest import load_manifest
+    from dualenc.core.startup import import_tensorflow
 
     data_dir = _absolute(args.data_dir)
     load_manifest(data_dir)  # a missing or broken manifest is reported before TensorFlow loads
@@ -206,13 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; a user mistake prints ``error: ...`` and returns 2."""
-    from dualenc.beam_options import split_beam_args
+    from dualenc.beam.options import split_beam_args
 
     own_args, beam_args = split_beam_args(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own_args)
     try:
         if getattr(args, "runner", None) is not None or beam_args:
-            from dualenc.beam_options import check_runner_flags, pipeline_options
+            from dualenc.beam.options import check_runner_flags, pipeline_options
 
             check_runner_flags(getattr(args, "runner", None), beam_args)
             args.beam_options = pipeline_options(args.runner, beam_args)

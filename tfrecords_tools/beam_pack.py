@@ -4,7 +4,7 @@ The same input (`ImageEntry` lists per split from `coco`, `cuhk_pedes` or `folde
 output as `tfrecords_tools.writer.pack`: identical shards, byte for byte, under the same names,
 and the same ``manifest.json`` (only its ``created`` time differs). The pipeline:
 
-    entries ─ Reshuffle ─ prepare (dualenc.images.prepare_images, the local packer's function)
+    entries ─ Reshuffle ─ prepare (dualenc.data.images.prepare_images, the local packer's function)
        ├─ (split, position, pairs kept) ─ GroupByKey(split) ─ shard starts ─┐ side input
        ├─ kept images ─ key (split, shard) ─ GroupByKey ─ write one shard ◄─┘
        └─ skipped images ───────────────────────────────────────────────────┴─ result file
@@ -34,24 +34,24 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from dualenc.startup import import_tensorflow
+from dualenc.core.startup import import_tensorflow
 
 # Beam workers import this module first; `writer` below imports TensorFlow, quietly once it is loaded.
 import_tensorflow()
 
-from dualenc.errors import DualEncError  # noqa: E402
-from dualenc.files import move_into_place, probe_writable, write_json_atomic  # noqa: E402
-from dualenc.manifest import Manifest  # noqa: E402
-from dualenc.records import MANIFEST_NAME, shard_name  # noqa: E402
+from dualenc.core.errors import DualEncError  # noqa: E402
+from dualenc.core.files import move_into_place, probe_writable, write_json_atomic  # noqa: E402
+from dualenc.data.manifest import Manifest  # noqa: E402
+from dualenc.data.records import MANIFEST_NAME, shard_name  # noqa: E402
 from tfrecords_tools.writer import (  # noqa: E402
     DEFAULT_SHARD_SIZE,
     JOURNAL_NAME,
     ImageEntry,
-    _check_options,
-    _claim_out_dir,
-    _remove_packer_files,
-    _report,
-    _split_summary,
+    check_options,
+    claim_out_dir,
+    remove_packer_files,
+    report,
+    split_summary,
     fingerprint,
 )
 
@@ -73,7 +73,7 @@ def shard_starts(kept_pairs: Iterable[tuple[int, int]], shard_size: int) -> list
 
 
 def _prepare(item: tuple[str, int, ImageEntry], resize: int | None) -> tuple[str, int, ImageEntry, bytes | None, str | None]:
-    from dualenc.images import prepare_images
+    from dualenc.data.images import prepare_images
 
     split, position, entry = item
     [(image, reason)] = prepare_images([entry.path], resize)
@@ -102,8 +102,8 @@ def write_shard(keyed: tuple[tuple[str, int], Iterable[tuple[int, ImageEntry, by
     rename it to its final name; returns what the manifest needs: split, index, name, pairs,
     sha256. Running it twice for the same key writes the same bytes to the same name."""
     tf = import_tensorflow()
-    from dualenc.data import sha256_of_file
-    from dualenc.records import serialize_example
+    from dualenc.data.pipeline import sha256_of_file
+    from dualenc.data.records import serialize_example
 
     (split, index), images = keyed
     name = shard_name(split, index, len(layouts[split]))
@@ -169,7 +169,7 @@ def build_pipeline(pipeline, splits: dict[str, list[ImageEntry]], out_dir: Path,
 def _check_writable(out_dir: Path) -> None:
     """`DualEncError` when `out_dir` cannot be created or written (before any work starts)."""
     if out_dir.exists() and not out_dir.is_dir():
-        return  # `_claim_out_dir` names this case
+        return  # `claim_out_dir` names this case
     try:
         probe_writable(out_dir)
     except OSError as error:
@@ -194,21 +194,21 @@ def pack_with_beam(splits: dict[str, list[ImageEntry]], out_dir: Path, source: d
                    skipped: Sequence[dict] = (), resize: int | None = None, shard_size: int | None = None,
                    overwrite: bool = False, shard_writer: Callable = write_shard) -> Manifest:
     """`tfrecords_tools.writer.pack` run as a Beam pipeline with `options` (`PipelineOptions`,
-    see `dualenc.beam_options.pipeline_options`); returns the manifest it wrote."""
+    see `dualenc.beam.options.pipeline_options`); returns the manifest it wrote."""
     import apache_beam as beam
 
     shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
-    _check_options(splits, resize, shard_size, None)
+    check_options(splits, resize, shard_size, None)
     out_dir = Path(out_dir)
     _check_writable(out_dir)
     prior_skipped = list(skipped)
     run_fingerprint = fingerprint(splits, source, prior_skipped, resize, shard_size)
-    claim = _claim_out_dir(out_dir, run_fingerprint, overwrite)
+    claim = claim_out_dir(out_dir, run_fingerprint, overwrite)
     if "manifest" in claim:
         print(f"{out_dir} already holds this dataset, packed and verified; nothing to do", file=sys.stderr)
         return claim["manifest"]
     # A Beam run starts over: shards of an earlier attempt are rewritten, not resumed.
-    _remove_packer_files(out_dir)
+    remove_packer_files(out_dir)
     (out_dir / RESULT_NAME).unlink(missing_ok=True)
     write_json_atomic(out_dir / JOURNAL_NAME, {"fingerprint": run_fingerprint, "splits": {}})
 
@@ -218,13 +218,13 @@ def pack_with_beam(splits: dict[str, list[ImageEntry]], out_dir: Path, source: d
     result = json.loads((out_dir / RESULT_NAME).read_text(encoding="utf-8"))
     summaries, image_skips = {}, []
     for split, state in sorted(_split_states(splits, result).items()):
-        summaries[split], split_skips = _split_summary(splits[split], state)
+        summaries[split], split_skips = split_summary(splits[split], state)
         image_skips.extend(split_skips)
     manifest = Manifest.create({**source, "fingerprint": run_fingerprint}, summaries,
                                prior_skipped + image_skips, resize)
     manifest.write(out_dir)
     shards = {name for summary in summaries.values() for name in summary.shards}
-    _remove_packer_files(out_dir, keep=shards | {MANIFEST_NAME})
+    remove_packer_files(out_dir, keep=shards | {MANIFEST_NAME})
     (out_dir / RESULT_NAME).unlink(missing_ok=True)
-    _report(out_dir, manifest)
+    report(out_dir, manifest)
     return manifest

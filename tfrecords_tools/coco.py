@@ -23,8 +23,8 @@ from __future__ import annotations
 import random
 from pathlib import Path, PurePosixPath
 
-from dualenc.errors import DualEncError
-from dualenc.records import normalise_caption
+from dualenc.core.errors import DualEncError
+from dualenc.data.records import normalise_caption
 from tfrecords_tools.writer import ImageEntry, empty_caption_skip, group_pairs, read_json_file, train_first_labels
 
 HOLDOUT_SPLIT = "valid"

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from dualenc.errors import DualEncError
-from dualenc.records import normalise_caption
+from dualenc.core.errors import DualEncError
+from dualenc.data.records import normalise_caption
 from tfrecords_tools.writer import (
     SPLIT_NAME,
     ImageEntry,

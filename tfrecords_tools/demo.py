@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dualenc.errors import DualEncError
-from dualenc.files import atomic_directory
+from dualenc.core.errors import DualEncError
+from dualenc.core.files import atomic_directory
 from tfrecords_tools.demo_captions import make_caption, tokenize
 from tfrecords_tools.demo_render import render_person, sample_look
 
@@ -50,7 +50,7 @@ ATTRIBUTE_VALUES = {
 }
 
 # About 4,000 × 0.7 × 4.5 images × 2 captions ≈ 25,000 training pairs. Measured on the public
-# attribute queries (`dualenc.attributes`), the same training time buys more from more people
+# attribute queries (`dualenc.retrieval.attributes`), the same training time buys more from more people
 # than from more epochs: 1,000 people × 30 epochs gave precision@9 0.73-0.77 (the model learns
 # each outfit's pixels: validation loss rises from epoch 5), 3,000 × 10 gave 0.82, 4,000 × 10 0.84.
 DEFAULT_IDENTITIES = 4000

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dualenc.data import sha256_of_file
-from dualenc.runs import cache_root
+from dualenc.data.pipeline import sha256_of_file
+from dualenc.core.runs import cache_root
 
 
 

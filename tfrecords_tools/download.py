@@ -27,8 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dualenc.errors import DualEncError
-from dualenc.files import fsync_tree, move_into_place, write_json_atomic
+from dualenc.core.errors import DualEncError
+from dualenc.core.files import fsync_tree, move_into_place, write_json_atomic
 
 COCO_BASE_URL = "http://images.cocodataset.org"
 ANNOTATIONS_ARCHIVE = "annotations/annotations_trainval2014.zip"

@@ -22,9 +22,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from dualenc.errors import DualEncError, first_line
-from dualenc.images import SUPPORTED_SUFFIXES
-from dualenc.records import normalise_caption
+from dualenc.core.errors import DualEncError, first_line
+from dualenc.data.images import SUPPORTED_SUFFIXES
+from dualenc.data.records import normalise_caption
 from tfrecords_tools.writer import SPLIT_NAME, ImageEntry, empty_caption_skip, group_pairs, train_first_labels
 
 REQUIRED = ("image", "caption")

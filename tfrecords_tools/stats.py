@@ -3,7 +3,7 @@
 Like seed 000's CUHK-PEDES statistics tool (identities, images per identity, captions per
 image, drawn as bar charts with the value on each bar), but read from the packed TFRecords, so
 it describes exactly what training will see, for any source. Records come from
-`dualenc.packed.read_batches` with only ``caption``, ``image_id`` and ``label`` parsed; the image
+`dualenc.data.packed.read_batches` with only ``caption``, ``image_id`` and ``label`` parsed; the image
 bytes are never decoded, so a COCO-sized set takes seconds.
 """
 
@@ -18,10 +18,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from dualenc.files import save_figure_atomic, write_json_atomic  # noqa: E402
-from dualenc.manifest import load_manifest  # noqa: E402
-from dualenc.packed import read_batches  # noqa: E402
-from dualenc.records import CAPTION, IMAGE_ID, LABEL  # noqa: E402
+from dualenc.core.files import save_figure_atomic, write_json_atomic  # noqa: E402
+from dualenc.data.manifest import load_manifest  # noqa: E402
+from dualenc.data.packed import read_batches  # noqa: E402
+from dualenc.data.records import CAPTION, IMAGE_ID, LABEL  # noqa: E402
 
 STATS_NAME = "stats.json"
 # (stats key, chart file, x-axis label, what the bars count) for the per-split distributions.

@@ -17,11 +17,11 @@ because shard boundaries depend only on the input, the result equals a clean run
 temporary names never match ``*.tfrecord``, so they cannot be mistaken for shards.
 
 Bad input and a hostile system: everything stored has passed Pillow's checks in the threads
-and then TensorFlow's own decoder here (`dualenc.images.tensorflow_problems`), so training never
+and then TensorFlow's own decoder here (`dualenc.data.images.tensorflow_problems`), so training never
 meets an image it cannot decode. A JPEG stored as it is is decoded once, by TensorFlow only
 (``check_pixels=False``: Pillow reads its header); a refused one gets Pillow's reason when Pillow
-refuses it too (`dualenc.images.pillow_reason`). One packer at a time holds ``--out``
-(`dualenc.locking`); a second is told the holder's pid. A full disk ends the run with one line and
+refuses it too (`dualenc.data.images.pillow_reason`). One packer at a time holds ``--out``
+(`dualenc.core.locking`); a second is told the holder's pid. A full disk ends the run with one line and
 removes the open shard's ``.partial``; the finished shards stay journalled, so re-running resumes.
 TensorFlow is imported only after the options and ``--out`` were checked, so those mistakes are
 reported at once.
@@ -50,13 +50,13 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from dualenc.errors import DualEncError
-from dualenc.files import move_into_place, sha256_of_file, temporary_sibling, write_json_atomic
-from dualenc.images import pillow_reason, prepare_images, tensorflow_problems
-from dualenc.locking import directory_lock
-from dualenc.manifest import Manifest, SplitSummary, manifest_path, read_manifest_file
-from dualenc.records import FORMAT_VERSION, MANIFEST_NAME, serialize_example, shard_name
-from dualenc.startup import import_tensorflow, native_stderr_dropped
+from dualenc.core.errors import DualEncError
+from dualenc.core.files import move_into_place, sha256_of_file, temporary_sibling, write_json_atomic
+from dualenc.data.images import pillow_reason, prepare_images, tensorflow_problems
+from dualenc.core.locking import directory_lock
+from dualenc.data.manifest import Manifest, SplitSummary, manifest_path, read_manifest_file
+from dualenc.data.records import FORMAT_VERSION, MANIFEST_NAME, serialize_example, shard_name
+from dualenc.core.startup import import_tensorflow, native_stderr_dropped
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -71,7 +71,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SKIPS_SHOWN = 5
 PATH_KEYS = ("annotations", "images", "karpathy")
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
-# The split `train.py` trains on (dualenc.training.TRAIN_SPLIT); its labels size the CMPC classifier.
+# The split `train.py` trains on (dualenc.training.loop.TRAIN_SPLIT); its labels size the CMPC classifier.
 TRAIN_SPLIT = "train"
 # The resume journal: what an unfinished run has completed so far (removed when it finishes).
 JOURNAL_NAME = ".pack-journal.json"
@@ -172,7 +172,7 @@ def _is_packer_file(path: Path) -> bool:
     )
 
 
-def _remove_packer_files(out_dir: Path, keep: set[str] = frozenset()) -> None:
+def remove_packer_files(out_dir: Path, keep: set[str] = frozenset()) -> None:
     for path in sorted(out_dir.iterdir()):
         if path.is_file() and _is_packer_file(path) and path.name not in keep:
             path.unlink()
@@ -221,7 +221,7 @@ def _bookkeeping_or_none(read: Callable[[Path], Any], path: Path, overwrite: boo
         raise
 
 
-def _claim_out_dir(out_dir: Path, run_fingerprint: str, overwrite: bool) -> dict:
+def claim_out_dir(out_dir: Path, run_fingerprint: str, overwrite: bool) -> dict:
     """Decide what to do with `out_dir`: returns the finished manifest to reuse (key
     "manifest") or the journal to continue (key "journal").
 
@@ -246,7 +246,7 @@ def _claim_out_dir(out_dir: Path, run_fingerprint: str, overwrite: bool) -> dict
         if any(path.name.endswith(".tfrecord") for path in out_dir.iterdir()):
             raise DualEncError(f"{out_dir} holds .tfrecord files without a manifest.json; "
                                "choose another --out or pass --overwrite to replace them")
-    _remove_packer_files(out_dir)
+    remove_packer_files(out_dir)
     return {"journal": {"fingerprint": run_fingerprint, "splits": {}}}
 
 
@@ -419,7 +419,7 @@ def _label_gap_warning(entries: list[ImageEntry], split_state: dict) -> str | No
             "`train.py --loss cmpc` cannot train on them: renumber the labels from 0 without gaps")
 
 
-def _split_summary(entries: list[ImageEntry], split_state: dict) -> tuple[SplitSummary, list[dict]]:
+def split_summary(entries: list[ImageEntry], split_state: dict) -> tuple[SplitSummary, list[dict]]:
     """The manifest entry of a finished split and its skipped images."""
     reasons = _skip_reasons(split_state)
     kept = [entry for position, entry in enumerate(entries) if position not in reasons]
@@ -446,7 +446,7 @@ def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: 
     if split_state["complete"]:
         _finalise_split(out_dir, split, journal)
         if _shards_match(out_dir, {shard["name"]: shard["sha256"] for shard in split_state["shards"]}):
-            return _split_summary(entries, split_state)
+            return split_summary(entries, split_state)
         for shard in split_state["shards"]:
             (out_dir / shard["name"]).unlink(missing_ok=True)
         split_state.update(shards=[], tail_skipped=[], complete=False)
@@ -473,10 +473,10 @@ def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: 
             raise
     split_state["tail_skipped"] = writer.pending_skips
     _finalise_split(out_dir, split, journal)
-    return _split_summary(entries, split_state)
+    return split_summary(entries, split_state)
 
 
-def _check_options(splits: dict[str, list[ImageEntry]], resize: int | None, shard_size: int,
+def check_options(splits: dict[str, list[ImageEntry]], resize: int | None, shard_size: int,
                    workers: int | None) -> None:
     for flag, value in (("--resize", resize), ("--shard-size", shard_size), ("--workers", workers)):
         if value is not None and value < 1:
@@ -488,7 +488,7 @@ def _check_options(splits: dict[str, list[ImageEntry]], resize: int | None, shar
         raise DualEncError("the annotations list no image-caption pairs to pack")
 
 
-def _report(out_dir: Path, manifest: Manifest) -> None:
+def report(out_dir: Path, manifest: Manifest) -> None:
     for split, summary in manifest.splits.items():
         print(f"{split}: {summary.pairs} pairs, {summary.images} images, {summary.ids} ids "
               f"in {len(summary.shards)} shard(s)", file=sys.stderr)
@@ -538,15 +538,15 @@ def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
     already dropped. `shard_size` defaults to `DEFAULT_SHARD_SIZE`. Images are read and validated in
     `workers` threads (default: one per core). A directory holding the same fingerprint is
     resumed or, when finished, reused as is; another dataset is refused unless `overwrite`.
-    `verbose` lets TensorFlow's native log lines through (`dualenc.startup`).
+    `verbose` lets TensorFlow's native log lines through (`dualenc.core.startup`).
     """
     shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
-    _check_options(splits, resize, shard_size, workers)
+    check_options(splits, resize, shard_size, workers)
     prior_skipped = list(skipped)
     run_fingerprint = fingerprint(splits, source, prior_skipped, resize, shard_size)
     _make_out_dir(out_dir)
     with directory_lock(out_dir, "packer"):
-        claim = _claim_out_dir(out_dir, run_fingerprint, overwrite)
+        claim = claim_out_dir(out_dir, run_fingerprint, overwrite)
         if "manifest" in claim:
             print(f"{out_dir} already holds this dataset, packed and verified; nothing to do", file=sys.stderr)
             return claim["manifest"]
@@ -565,8 +565,8 @@ def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
             raise DualEncError(f"no space left on the disk of --out {out_dir}; free some space and re-run "
                                f"the same command: it resumes after the {finished} finished shard(s)") from None
         shards = {name for summary in summaries.values() for name in summary.shards}
-        _remove_packer_files(out_dir, keep=shards | {manifest_path(out_dir).name})
-    _report(out_dir, manifest)
+        remove_packer_files(out_dir, keep=shards | {manifest_path(out_dir).name})
+    report(out_dir, manifest)
     if TRAIN_SPLIT in splits:
         warning = _label_gap_warning(splits[TRAIN_SPLIT], journal["splits"][TRAIN_SPLIT])
         if warning is not None:

@@ -5,7 +5,7 @@ Routes:
 - ``GET /``: the search page (``static/``: plain HTML, CSS and JavaScript, nothing external);
 - ``GET /api/search?q=TEXT&k=9``: text → image; ``POST /api/search?k=9`` with a
   ``multipart/form-data`` field ``image``: image → image. Both answer a JSON list of results
-  with the fields of ``search.py --json`` (`dualenc.query.RESULT_FIELDS`);
+  with the fields of ``search.py --json`` (`dualenc.retrieval.query.RESULT_FIELDS`);
 - ``GET /api/health``: the model, the gallery, its size and the kind of index;
 - ``GET /images/{id}``: a JPEG thumbnail of the gallery image with that index id, nothing else.
 
@@ -26,10 +26,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from dualenc.errors import DualEncError
-from dualenc.gallery import Gallery
-from dualenc.index import GalleryIndex, open_index
-from dualenc.query import MAX_QUERY_CHARS
+from dualenc.core.errors import DualEncError
+from dualenc.retrieval.gallery import Gallery
+from dualenc.retrieval.index import GalleryIndex, open_index
+from dualenc.retrieval.query import MAX_QUERY_CHARS
 from dualenc.service.images import ImageUnavailable, Thumbnails, gallery_images
 from dualenc.service.inputs import (
     MAX_UPLOAD_BYTES,

@@ -17,7 +17,7 @@ from concurrent.futures import Future
 import numpy as np
 import tensorflow as tf
 
-from dualenc.export import LoadedEncoder
+from dualenc.export.encoders import LoadedEncoder
 
 DEFAULT_MAX_BATCH = 32
 

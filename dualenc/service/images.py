@@ -20,10 +20,10 @@ from pathlib import Path
 import tensorflow as tf
 from PIL import Image
 
-from dualenc.gallery import FolderGallery, Gallery
-from dualenc.images import ImageProblem, decode_rgb
-from dualenc.manifest import load_manifest
-from dualenc.records import IMAGE, IMAGE_ID
+from dualenc.retrieval.gallery import FolderGallery, Gallery
+from dualenc.data.images import ImageProblem, decode_rgb
+from dualenc.data.manifest import load_manifest
+from dualenc.data.records import IMAGE, IMAGE_ID
 
 THUMBNAIL_SIDE = 256
 THUMBNAIL_QUALITY = 85
@@ -111,7 +111,7 @@ def gallery_images(gallery: Gallery, image_ids: Iterable[str]) -> FolderImages |
 def make_thumbnail(image_bytes: bytes, max_side: int = THUMBNAIL_SIDE) -> bytes:
     """An RGB JPEG of the image, its longer side at most `max_side` (never enlarged).
 
-    Decoded by the one shared decoder (`dualenc.images.decode_rgb`: EXIF orientation, 16-bit,
+    Decoded by the one shared decoder (`dualenc.data.images.decode_rgb`: EXIF orientation, 16-bit,
     palettes), so the page shows the pixels that were embedded.
     """
     thumbnail = Image.fromarray(decode_rgb(image_bytes))

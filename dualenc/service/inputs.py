@@ -16,8 +16,8 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from dualenc.errors import DualEncError
-from dualenc.query import check_query
+from dualenc.core.errors import DualEncError
+from dualenc.retrieval.query import check_query
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 # Room for the multipart boundaries and part headers around an image of the largest size.
@@ -50,7 +50,7 @@ def query_parameters(raw_query: bytes) -> dict[str, str]:
 
 
 def text_query(parameters: dict[str, str]) -> str:
-    """The checked text of parameter ``q`` (see `dualenc.query.check_query`)."""
+    """The checked text of parameter ``q`` (see `dualenc.retrieval.query.check_query`)."""
     if "q" not in parameters:
         raise RequestError(400, "no query: pass the words to search for as ?q=...")
     try:

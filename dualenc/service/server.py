@@ -15,9 +15,9 @@ from typing import TextIO
 
 import uvicorn
 
-from dualenc.errors import DualEncError
-from dualenc.gallery import Gallery
-from dualenc.index import GalleryIndex
+from dualenc.core.errors import DualEncError
+from dualenc.retrieval.gallery import Gallery
+from dualenc.retrieval.index import GalleryIndex
 from dualenc.service.app import create_app
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -16,7 +16,7 @@ DIRECT_OPTIONS = ("--direct_num_workers=2", "--direct_running_mode=multi_process
 
 def direct_options():
     """`PipelineOptions` for the DirectRunner with `DIRECT_OPTIONS`."""
-    from dualenc.beam_options import pipeline_options
+    from dualenc.beam.options import pipeline_options
 
     return pipeline_options("DirectRunner", list(DIRECT_OPTIONS))
 

@@ -17,9 +17,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from dualenc import config as run_config
-from dualenc.export import export_encoders
-from dualenc.records import MANIFEST_NAME, serialize_example, shard_name
+from dualenc.core import config as run_config
+from dualenc.export.encoders import export_encoders
+from dualenc.data.records import MANIFEST_NAME, serialize_example, shard_name
 
 IMAGE_SIZE = (32, 32)
 

@@ -2,7 +2,7 @@
 
     python tests/support/multiworker_step.py OUT.json
 
-With `TF_CONFIG` (started by `dualenc.launch`) it runs under placement "multi-worker", each
+With `TF_CONFIG` (started by `python -m dualenc.launch`) it runs under placement "multi-worker", each
 worker taking its slice of the batch by data sharding; without, in one process. Writes
 (chief or single process only) the step's loss, the embeddings before the step and every
 weight after it, so the test compares the two runs and a NumPy reference; each worker also
@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dualenc.placement import Placement, make_placement  # noqa: E402  (after the path)
-from dualenc.cluster import cluster_from_environment  # noqa: E402
+from dualenc.distribute.placement import make_placement  # noqa: E402  (after the path)
+from dualenc.models.placement import Placement  # noqa: E402
+from dualenc.distribute.cluster import cluster_from_environment  # noqa: E402
 
 GLOBAL_BATCH = 8
 
@@ -29,7 +30,7 @@ def files_seen(placement: Placement, directory: Path) -> list[int]:
     """
     import tensorflow as tf
 
-    from dualenc.multiworker import SHARD_BY_FILE, shard_inputs
+    from dualenc.distribute.multiworker import SHARD_BY_FILE, shard_inputs
 
     folder = directory / f"records-{placement.cluster.rank}"
     folder.mkdir(exist_ok=True)
@@ -52,9 +53,9 @@ def main(out: str) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from dualenc.config import ModelConfig
-    from dualenc.model import DualEncoder
-    from dualenc.multiworker import SHARD_BY_DATA, shard_inputs
+    from dualenc.core.config import ModelConfig
+    from dualenc.models.model import DualEncoder
+    from dualenc.distribute.multiworker import SHARD_BY_DATA, shard_inputs
     from tests.support.stand_ins import matching_batch, stand_in_towers
 
     labels = np.arange(GLOBAL_BATCH)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from dualenc.records import parse_example
+from dualenc.data.records import parse_example
 
 
 def read_records(out_dir: Path, split: str) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Stand-in towers and batches for DualEncoder tests, independent of `dualenc.towers`.
+"""Stand-in towers and batches for DualEncoder tests, independent of `dualenc.models.towers`.
 
 A Dense vision tower on 8x8 float images and a hashed bag-of-words text tower; batches whose
 images and captions both encode a class; and a tiny config for the real tower factory.
@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dualenc.config import ModelConfig, TextConfig, VisionConfig
+from dualenc.core.config import ModelConfig, TextConfig, VisionConfig
 
 IMAGE_SIZE = 8
 NUM_CLASSES = 16
@@ -58,7 +58,7 @@ def matching_batch(labels: np.ndarray, seed: int = 0) -> dict[str, tf.Tensor]:
 
 
 def factory_config(tmp_path) -> ModelConfig:
-    from dualenc.vocabulary import learn_wordpiece_vocabulary
+    from dualenc.models.vocabulary import learn_wordpiece_vocabulary
 
     captions = ["a man in a red coat", "a woman with a blue bag", "a dog on the grass"] * 4
     vocabulary = learn_wordpiece_vocabulary(captions, 60, tmp_path / "vocab.txt")

@@ -1,0 +1,1 @@
+"""Apache Beam front-ends: pipeline options and the gallery index built with `RunInference`."""

@@ -1,0 +1,323 @@
+"""Embed a gallery with Apache Beam `RunInference`: ``search.py --build-index --runner NAME [-- OPTIONS]``.
+
+The result is the index `dualenc.retrieval.index.open_index` builds (same rows in the same order, same
+``meta.json``, embeddings equal within float rounding of a different batching); the search side
+cannot tell which path built it. The pipeline:
+
+    work items ─ Reshuffle ─ read images ─┬─ RunInference (the exported vision SavedModel) ─┐
+    (packed shards or folder chunks)      └─ unreadable ───────────────────────────────────┴─
+        GroupByKey(work item) ─ write one embedding shard + its rows
+
+- packed split: one work item per TFRecord shard; each distinct ``image_id`` is embedded once,
+  at its first record in packing order (a GroupByKey on ``image_id`` finds it across shards);
+- folder: the sorted image files in chunks of `FOLDER_CHUNK`, read and canonicalised by
+  `dualenc.data.images.prepare_images` (the function the local path uses), unreadable ones skipped
+  with their reason.
+
+Images TensorFlow cannot decode are skipped with the kernel's reason, as locally
+(`dualenc.retrieval.gallery.embed_skipping_bad` is the inference function's fallback). Each embedding
+shard (``embeddings-NNNNN.npy`` + ``rows-NNNNN.json``) is written to a hidden work directory
+beside the index, atomically and idempotently per work item, so a retried bundle rewrites the
+same files. The driver then streams the shards into the index (`write_index_streamed`),
+never holding more than one shard, and removes the work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from dualenc.core.startup import import_tensorflow
+
+# Beam workers import this module first (the handler class below is pickled by reference); Beam's
+# TensorFlow model handler imports TensorFlow, quietly once it is loaded.
+import_tensorflow()
+
+from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor  # noqa: E402
+
+from dualenc.core.errors import DualEncError  # noqa: E402
+from dualenc.core.files import atomic_file, probe_writable, write_json_atomic  # noqa: E402
+
+FOLDER_CHUNK = 256
+ROWS_PREFIX = "rows-"
+EMBEDDINGS_PREFIX = "embeddings-"
+
+
+def _shard_names(group: int) -> tuple[str, str]:
+    return f"{EMBEDDINGS_PREFIX}{group:05d}.npy", f"{ROWS_PREFIX}{group:05d}.json"
+
+
+def _read_packed_shard(item: tuple[int, str]) -> Iterator[tuple[str, tuple]]:
+    """The first record of each image in one TFRecord shard: ``(image_id, (position, row, bytes))``."""
+    tf = import_tensorflow()
+    from dualenc.data.records import parse_example
+
+    group, path = item
+    seen = set()
+    for ordinal, serialized in enumerate(tf.data.TFRecordDataset(path)):
+        features = parse_example(serialized)
+        image_id = features["image_id"].numpy().decode("utf-8")
+        if image_id in seen:
+            continue
+        seen.add(image_id)
+        row = {"image_id": image_id, "label": int(features["label"].numpy()),
+               "caption": features["caption"].numpy().decode("utf-8")}
+        yield image_id, ((group, ordinal), row, features["image"].numpy())
+
+
+def _first_occurrence(grouped: tuple[str, Iterable[tuple]]) -> tuple:
+    _, occurrences = grouped
+    return min(occurrences, key=lambda occurrence: occurrence[0])
+
+
+def _read_folder_chunk(item: tuple[int, str, list[list]]):
+    """Each file of a folder chunk: ``(position, row, bytes)``, or a tagged skip with its reason."""
+    import apache_beam as beam
+
+    from dualenc.data.images import prepare_images
+
+    group, directory, files = item
+    for ordinal, ((name, size, mtime), (blob, reason)) in enumerate(
+            zip(files, prepare_images([str(Path(directory) / name) for name, _, _ in files], None))):
+        row = {"image_id": name, "size": size, "mtime_ns": mtime}
+        if blob is None:
+            yield beam.pvalue.TaggedOutput("skipped", (group, (ordinal, row, None, reason)))
+        else:
+            yield (group, ordinal), row, blob
+
+
+def _embed_or_explain(encoder, batch, inference_args, model_id=None):
+    """RunInference's inference function: one embedding row per image, or the reason TensorFlow
+    could not decode it (a whole batch is retried image by image to find the bad ones)."""
+    from apache_beam.ml.inference.base import PredictionResult
+
+    from dualenc.retrieval.gallery import embed_skipping_bad
+
+    names = [str(position) for position in range(len(batch))]
+    embeddings, kept, bad = embed_skipping_bad(encoder, names, list(batch))
+    results: list = [None] * len(batch)
+    for row, position in zip(embeddings, kept):
+        results[position] = row
+    for name, reason in bad:
+        results[int(name)] = reason
+    return [PredictionResult(None, result, model_id) for result in results]
+
+
+class VisionEncoderHandler(TFModelHandlerTensor):
+    """Beam's TensorFlow model handler over the exported vision SavedModel (bytes → embeddings).
+
+    It loads with `dualenc.export.encoders.load_encoder` (``tf.saved_model.load``): Keras 3's
+    ``load_model``, which the base class calls, does not read SavedModels.
+    """
+
+    def __init__(self, encoder_dir: Path, batch_size: int):
+        super().__init__(str(encoder_dir), inference_fn=_embed_or_explain, min_batch_size=1, max_batch_size=batch_size)
+        self.batch_size = batch_size
+
+    def load_model(self):
+        from dualenc.export.encoders import load_encoder
+
+        return load_encoder(Path(self._model_uri), batch_size=self.batch_size)
+
+
+def _vision_handler(encoder_dir: Path, batch_size: int):
+    """`VisionEncoderHandler`, keyed by image position (and its row of metadata)."""
+    from apache_beam.ml.inference.base import KeyedModelHandler
+
+    return KeyedModelHandler(VisionEncoderHandler(encoder_dir, batch_size))
+
+
+def _to_group(keyed_result) -> tuple[int, tuple]:
+    (position, row), prediction = keyed_result
+    group, ordinal = position
+    inference = prediction.inference
+    if isinstance(inference, str):
+        return group, (ordinal, row, None, inference)
+    return group, (ordinal, row, np.asarray(inference, np.float32), None)
+
+
+def write_embedding_shard(grouped: tuple[int, Iterable[tuple]], work_dir: str) -> int:
+    """Write one work item's embeddings and rows, in position order, atomically; the same
+    input writes the same files, so a retried bundle cannot duplicate rows."""
+    group, results = grouped
+    results = sorted(results, key=lambda result: result[0])
+    embedded = [result for result in results if result[2] is not None]
+    embeddings_name, rows_name = _shard_names(group)
+    matrix = np.stack([result[2] for result in embedded]) if embedded else np.zeros((0, 0), np.float32)
+    with atomic_file(Path(work_dir) / embeddings_name) as temporary, open(temporary, "wb") as stream:
+        np.save(stream, matrix)
+    rows = [{**row, "reason": reason} for _, row, _, reason in results]
+    write_json_atomic(Path(work_dir) / rows_name, rows)  # last: a shard counts once its rows exist
+    return len(embedded)
+
+
+def build_pipeline(pipeline, gallery, encoder_dir: Path, work_dir: Path, batch_size: int) -> None:
+    """Add the embedding transforms for `gallery` (packed or folder) to `pipeline`."""
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+
+    from dualenc.retrieval.gallery import FolderGallery, PackedGallery, folder_files
+    from dualenc.data.manifest import load_manifest
+
+    if isinstance(gallery, PackedGallery):
+        summary = load_manifest(gallery.data_dir).split(gallery.split, gallery.data_dir)
+        shards = [(group, str(Path(gallery.data_dir) / name)) for group, name in enumerate(summary.shards)]
+        images = (
+            pipeline
+            | "shards" >> beam.Create(shards)
+            | "spread over workers" >> beam.Reshuffle()
+            | "first record of each image" >> beam.FlatMap(_read_packed_shard)
+            | "by image_id" >> beam.GroupByKey()
+            | "first occurrence" >> beam.Map(_first_occurrence)
+        )
+        unreadable = None
+    elif isinstance(gallery, FolderGallery):
+        directory = gallery.directory.resolve()
+        files = folder_files(directory)
+        chunks = [(group, str(directory), [list(entry) for entry in files[start:start + FOLDER_CHUNK]])
+                  for group, start in enumerate(range(0, len(files), FOLDER_CHUNK))]
+        read = (
+            pipeline
+            | "chunks" >> beam.Create(chunks)
+            | "spread over workers" >> beam.Reshuffle()
+            | "read images" >> beam.FlatMap(_read_folder_chunk).with_outputs("skipped", main="images")
+        )
+        images, unreadable = read.images, read.skipped
+    else:
+        raise DualEncError(f"the Beam path indexes packed splits and folders, not {gallery.description}")
+    embedded = (
+        images
+        | "key by position" >> beam.Map(lambda image: ((image[0], image[1]), image[2]))
+        | "embed" >> RunInference(_vision_handler(encoder_dir, batch_size))
+        | "by work item" >> beam.Map(_to_group)
+    )
+    results = embedded if unreadable is None else (embedded, unreadable) | "with skips" >> beam.Flatten()
+    (
+        results
+        | "group" >> beam.GroupByKey()
+        | "write embedding shard" >> beam.Map(write_embedding_shard, str(work_dir))
+    )
+
+
+def _row_lists(work_dir: Path) -> list[tuple[Path, list[dict]]]:
+    """``(embeddings file, rows)`` per embedding shard, in work-item order."""
+    shards = []
+    for rows_path in sorted(work_dir.glob(f"{ROWS_PREFIX}*.json")):
+        group = int(rows_path.stem[len(ROWS_PREFIX):])
+        shards.append((work_dir / _shard_names(group)[0], json.loads(rows_path.read_text(encoding="utf-8"))))
+    return shards
+
+
+def _meta(gallery, rows: list[dict]) -> dict:
+    """The per-row meta `Gallery.embed` returns for this kind of gallery, from the rows in order."""
+    from dualenc.retrieval.gallery import PackedGallery
+
+    kept = [row for row in rows if row["reason"] is None]
+    bad = [row for row in rows if row["reason"] is not None]
+    if isinstance(gallery, PackedGallery):
+        return {"image_ids": [row["image_id"] for row in kept], "paths": None,
+                "labels": [row["label"] for row in kept], "captions": [row["caption"] for row in kept],
+                "skipped": [{"image_id": row["image_id"], "reason": row["reason"]} for row in bad]}
+    directory = gallery.directory.resolve()
+    return {
+        "image_ids": [row["image_id"] for row in kept],
+        "paths": [str(directory / row["image_id"]) for row in kept],
+        "labels": None,
+        "captions": None,
+        "files": [[row["image_id"], row["size"], row["mtime_ns"]] for row in kept],
+        "skipped": sorted(({"path": row["image_id"], "reason": row["reason"], "size": row["size"],
+                            "mtime_ns": row["mtime_ns"]} for row in bad), key=lambda entry: entry["path"]),
+    }
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        probe_writable(directory)
+    except OSError as error:
+        raise DualEncError(f"cannot write the index under {directory} ({error.strerror or error}); "
+                           "pass a --model run directory you can write to") from None
+
+
+def _compress(embeddings: np.ndarray, shard_paths: list[Path], path: Path, memory_budget: int, log: TextIO) -> None:
+    """Build the compressed index of a gallery too large for memory from its embedding shards;
+    `RECALL_SAMPLE` gallery rows serve as the queries its recall is calibrated and measured on."""
+    from dualenc.retrieval.index import RECALL_SAMPLE
+    from dualenc.retrieval.large_index import build_large_index
+
+    sample = np.sort(np.random.default_rng(0).permutation(len(embeddings))[:RECALL_SAMPLE])
+    def shards() -> Iterator[np.ndarray]:
+        blocks = (np.load(shard, mmap_mode="r") for shard in shard_paths)
+        return (block for block in blocks if len(block))  # a work item may have had only unreadable images
+
+    report = build_large_index(shards, path,
+                               count=len(embeddings), dimension=embeddings.shape[1],
+                               queries=np.asarray(embeddings[sample], np.float32), memory_budget=memory_budget)
+    print(f"compressed index {report.factory} over {report.count} images: recall@10 vs exact search = "
+          f"{report.recall_at_10:.3f} with nprobe {report.nprobe} ({report.recall_queries} gallery images as queries)",
+          file=log)
+
+
+def build_index_with_beam(run_dir: Path, gallery, options, *, float16: bool = False, batch_size: int | None = None,
+                          memory_budget: int | None = None, log: TextIO | None = None):
+    """Embed `gallery` with a Beam pipeline run with `options` and store its index under the run,
+    replacing any earlier one; returns the loaded `dualenc.retrieval.index.GalleryIndex`.
+
+    A gallery whose float32 rows and HNSW graph would exceed `memory_budget` (default
+    `dualenc.retrieval.large_index.DEFAULT_MEMORY_BUDGET`) also gets a compressed index, built from the
+    embedding shards without loading them all (`dualenc.retrieval.large_index`).
+    """
+    import apache_beam as beam
+
+    from dualenc.retrieval.gallery import EMBED_BATCH
+    from dualenc.retrieval.index import (
+        COMPRESSED_NAME,
+        complete_meta,
+        encoder_fingerprint,
+        index_location,
+        load_index,
+        write_index_streamed,
+    )
+    from dualenc.retrieval.large_index import DEFAULT_MEMORY_BUDGET, needs_compressed_index
+
+    memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
+
+    log = sys.stderr if log is None else log
+    encoder_dir, index_dir = index_location(run_dir, gallery)
+    _check_writable(index_dir.parent)
+    encoder_print, gallery_print = encoder_fingerprint(encoder_dir), gallery.fingerprint()
+    work_dir = index_dir.parent / f".beam-{index_dir.name}-{uuid.uuid4().hex[:8]}"
+    work_dir.mkdir()
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, gallery, encoder_dir, work_dir, batch_size or EMBED_BATCH)
+        shards = _row_lists(work_dir)
+        rows = [row for _, shard_rows in shards for row in shard_rows]
+        meta = _meta(gallery, rows)
+        if not meta["image_ids"]:
+            raise DualEncError(f"{gallery.description} has no readable images; pass another --gallery or --data/--split")
+        blocks = (np.load(path, mmap_mode="r") for path, _ in shards)
+        dimension = next(block.shape[1] for block in blocks if len(block))
+        meta = complete_meta(meta, gallery, encoder_print, gallery_print, float16, (len(meta["image_ids"]), dimension))
+
+        def fill(target: np.ndarray, building: Path) -> None:
+            start = 0
+            for path, _ in shards:
+                block = np.load(path)
+                target[start:start + len(block)] = block
+                start += len(block)
+            if needs_compressed_index(len(target), dimension, memory_budget):
+                _compress(target, [path for path, _ in shards], building / COMPRESSED_NAME, memory_budget, log)
+
+        write_index_streamed(index_dir, meta, fill)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    for entry in meta["skipped"]:
+        print(f"skipping unreadable image {entry.get('path', entry.get('image_id'))}: {entry['reason']}", file=log)
+    return load_index(index_dir, embedded=len(meta["image_ids"]))

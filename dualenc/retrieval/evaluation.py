@@ -1,0 +1,116 @@
+"""Retrieval evaluation of a split: embed its captions and distinct images, then score both directions.
+
+Text -> image: every caption queries the split's distinct images; image -> text: every distinct
+image queries all captions. A hit is any same-label item (seed 000's identity rule; on COCO and
+folders the label is the image itself, so it is the usual one-true-match protocol).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+
+from dualenc.retrieval.metrics import mean_average_precision, recall_at_k, top_k_accuracy
+
+KS = (1, 5, 10)
+# Seed 003 scores each image's first caption by whether its image is among the top 100.
+TOP_K_ACCURACY_K = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitEmbeddings:
+    """Unit embeddings of a split: one row per caption, one per distinct image (by image_id)."""
+
+    caption_embeddings: np.ndarray  # (C, D)
+    caption_labels: np.ndarray  # (C,)
+    image_embeddings: np.ndarray  # (I, D)
+    image_labels: np.ndarray  # (I,)
+    image_ids: list[str]
+
+
+def embed_split(
+    batches: Iterable[Mapping],
+    encode_images: Callable,
+    encode_texts: Callable,
+    image_key: str = "image",
+    caption_key: str = "caption",
+) -> SplitEmbeddings:
+    """Embed batches of pairs (dicts with `image_key`, `caption_key`, "label", "image_id").
+
+    Each distinct image_id is encoded once, at its first occurrence, so a split with several
+    captions per image yields a gallery without duplicates.
+    """
+    caption_parts, caption_labels, image_parts, image_labels, image_ids = [], [], [], [], []
+    seen: set[str] = set()
+    for batch in batches:
+        caption_parts.append(np.asarray(encode_texts(batch[caption_key])))
+        labels = np.asarray(batch["label"]).reshape(-1)
+        caption_labels.append(labels)
+        ids = [value.decode("utf-8") for value in np.asarray(batch["image_id"]).reshape(-1)]
+        first = []
+        for row, image_id in enumerate(ids):
+            if image_id not in seen:
+                seen.add(image_id)
+                first.append(row)
+                image_ids.append(image_id)
+        if first:
+            images = np.asarray(batch[image_key])[first]
+            image_parts.append(np.asarray(encode_images(images)))
+            image_labels.append(labels[first])
+    if not caption_parts:
+        raise ValueError("embed_split got no batches")
+    return SplitEmbeddings(
+        caption_embeddings=np.concatenate(caption_parts),
+        caption_labels=np.concatenate(caption_labels),
+        image_embeddings=np.concatenate(image_parts),
+        image_labels=np.concatenate(image_labels),
+        image_ids=image_ids,
+    )
+
+
+def retrieval_metrics(embeddings: SplitEmbeddings, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """R@k (percent) and mAP (percent) in both directions, keyed ``t2i_r1`` … ``i2t_map``.
+
+    k larger than a gallery is clamped to its size, so tiny validation splits still report.
+    """
+    directions = {
+        "t2i": (embeddings.caption_embeddings, embeddings.image_embeddings, embeddings.caption_labels, embeddings.image_labels),
+        "i2t": (embeddings.image_embeddings, embeddings.caption_embeddings, embeddings.image_labels, embeddings.caption_labels),
+    }
+    results = {}
+    for name, (queries, gallery, query_labels, gallery_labels) in directions.items():
+        clamped = {k: min(k, len(gallery)) for k in ks}
+        recalls = recall_at_k(queries, gallery, query_labels, gallery_labels, ks=sorted(set(clamped.values())))
+        for k in ks:
+            results[f"{name}_r{k}"] = recalls[clamped[k]]
+        results[f"{name}_map"] = mean_average_precision(queries, gallery, query_labels, gallery_labels)
+    return results
+
+
+def retrieval_report(embeddings: SplitEmbeddings, first_caption_embeddings: np.ndarray) -> dict:
+    """Both seeds' protocols in one report (what ``search.py --evaluate`` prints).
+
+    Seed 000: `retrieval_metrics` as ``text_to_image`` / ``image_to_text`` {"R@k", "mAP"}.
+    Seed 003: top-k accuracy of each image's first caption (``first_caption_embeddings[i]``
+    belongs to image row i) against the whole image gallery, k = `TOP_K_ACCURACY_K` capped
+    at the gallery size.
+    """
+    scores = retrieval_metrics(embeddings)
+    images = len(embeddings.image_embeddings)
+    accuracy_k = min(TOP_K_ACCURACY_K, images)
+
+    def direction(prefix: str) -> dict[str, float]:
+        return {**{f"R@{k}": scores[f"{prefix}_r{k}"] for k in KS}, "mAP": scores[f"{prefix}_map"]}
+
+    return {
+        "images": images,
+        "captions": len(embeddings.caption_embeddings),
+        "text_to_image": direction("t2i"),
+        "image_to_text": direction("i2t"),
+        "top_k_accuracy": {
+            "k": accuracy_k,
+            "percent": top_k_accuracy(first_caption_embeddings, embeddings.image_embeddings, np.arange(images), k=accuracy_k),
+        },
+    }

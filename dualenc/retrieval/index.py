@@ -1,0 +1,279 @@
+"""A gallery's image embeddings, computed once with a run's exported vision encoder and kept.
+
+An index lives in ``RUN/index/<gallery-key>/``:
+
+- ``embeddings.npy``: ``(N, D)`` unit-norm rows, float32 (or float16 to halve the size);
+- ``meta.json``: per row its ``image_ids``, ``labels`` and first ``captions`` (packed splits)
+  or ``paths`` (folders); the skipped unreadable images; what the gallery is; and two
+  fingerprints — the encoder's (sha256 of ``saved_model.pb`` and the variables files) and the
+  gallery's (see `dualenc.retrieval.gallery`) — and the sha256 of the stored embeddings, so a file
+  replaced by another model's of the same shape is caught and rebuilt, not searched;
+- ``embeddings-stat.json``: the embeddings file's size, time and inode when it was hashed, so
+  opening a large index re-hashes it only when the file has changed;
+- ``ann-hnsw.faiss`` / ``ann-ivf.faiss``: approximate-search indexes, built on first use;
+- ``ann-compressed.faiss``: for a gallery too large for memory (built by the Beam path, see
+  `dualenc.retrieval.large_index`), a compressed IVF index that ``--ann auto`` searches memory-mapped,
+  the embeddings then staying memory-mapped too.
+
+`open_index` reuses an index while both fingerprints match and rebuilds it for a new encoder;
+for a gallery that changed under the same encoder, the gallery decides what to embed again
+(`Gallery.embed`). This module only stores: it never asks what kind of gallery it holds. The
+index directory is written with `dualenc.core.files.atomic_directory` (temporary sibling, synced,
+renamed into place).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from dualenc.retrieval import knn
+from dualenc.data.pipeline import sha256_of_file
+from dualenc.core.errors import DualEncError
+from dualenc.export.encoders import VISION_ENCODER_DIR, load_encoder
+from dualenc.core.files import atomic_directory
+from dualenc.retrieval.gallery import EMBED_BATCH, Gallery
+
+INDEX_DIR = "index"
+META_NAME = "meta.json"
+EMBEDDINGS_NAME = "embeddings.npy"
+STAT_NAME = "embeddings-stat.json"  # (size, mtime, inode) of embeddings.npy when it was hashed
+META_VERSION = 1
+REQUIRED_META = frozenset(
+    ("encoder_fingerprint", "gallery_fingerprint", "embeddings_sha256", "dtype", "image_ids", "paths", "labels",
+     "captions", "skipped")
+)
+# Gallery rows used as queries to measure an approximate index against exact search.
+RECALL_SAMPLE = 200
+COMPRESSED_NAME = "ann-compressed.faiss"
+
+
+@dataclasses.dataclass
+class GalleryIndex:
+    """A loaded index: ``embeddings`` (N, D) float32 unit rows and per-row metadata.
+
+    `paths` (absolute) is set for folder galleries, `labels` and `captions` (the first caption
+    of each image) for packed ones. `embedded` counts the images embedded by the call that
+    returned this index: 0 when it was reused as it was.
+    """
+
+    directory: Path
+    embeddings: np.ndarray
+    image_ids: list[str]
+    paths: list[str] | None
+    labels: list[int] | None
+    captions: list[str] | None
+    skipped: list[dict]
+    embedded: int = 0
+    compressed: object | None = None  # the memory-mapped `ann-compressed.faiss`, when there is one
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def search(self, query_embeddings: np.ndarray, k: int, ann: str = "auto", log: TextIO | None = None):
+        """Top-k rows per query: ``(scores, indices)``, each ``(Q, min(k, N))``, best first."""
+        if ann == "auto" and self.compressed is not None:
+            return knn.ann_search(self.compressed, query_embeddings, k)
+        kind = knn.resolve_ann(ann, len(self))  # `log` (default stderr) gets the ANN's recall
+        if kind == "exact":
+            return knn.exact_search(query_embeddings, self.embeddings, k)
+        return knn.ann_search(self.ann_index(kind, log), query_embeddings, k)
+
+    def ann_index(self, kind: str, log: TextIO | None = None):
+        """The FAISS index of `kind` for these embeddings: loaded, or built, measured and saved."""
+        log = sys.stderr if log is None else log
+        path = self.directory / f"ann-{kind}.faiss"
+        if path.is_file():
+            return knn.load_ann(path)
+        index = knn.build_ann(self.embeddings, kind)
+        sample = np.random.default_rng(0).permutation(len(self))[:RECALL_SAMPLE]
+        recall = knn.ann_recall(index, self.embeddings, self.embeddings[sample], k=10)
+        print(
+            f"{kind.upper()} index over {len(self)} images: recall@10 vs exact search = {recall:.3f} "
+            f"({len(sample)} gallery images as queries)",
+            file=log,
+        )
+        knn.save_ann(index, path)
+        return index
+
+
+def encoder_fingerprint(encoder_dir: Path) -> str:
+    """sha256 over ``saved_model.pb`` and the ``variables/`` index and data files, with their names."""
+    files = [encoder_dir / "saved_model.pb", *sorted((encoder_dir / "variables").glob("variables.*"))]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(encoder_dir)}\0{sha256_of_file(path)}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def embeddings_sha256(embeddings: np.ndarray) -> str:
+    """sha256 over the stored embeddings' dtype, shape and bytes."""
+    digest = hashlib.sha256(f"{embeddings.dtype.str}{embeddings.shape}".encode("utf-8"))
+    digest.update(np.ascontiguousarray(embeddings).data)
+    return digest.hexdigest()
+
+
+def _file_stat(path: Path) -> list[int]:
+    """(size, mtime, inode) of the stored embeddings as written: while they still match, the file
+    is the one hashed at write time, so opening a large index does not re-read all of it (a file
+    put in its place has another inode or time, and is hashed)."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
+def _recorded_stat(index_dir: Path) -> list[int] | None:
+    try:
+        return json.loads((index_dir / STAT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_existing(index_dir: Path, log: TextIO) -> tuple[dict, np.ndarray] | None:
+    """(meta, embeddings) of a previous index, or None when there is none, it is unreadable or
+    its embeddings are not the ones it recorded (said on `log`)."""
+    try:
+        meta = json.loads((index_dir / META_NAME).read_text(encoding="utf-8"))
+        embeddings = np.load(index_dir / EMBEDDINGS_NAME, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("version") != META_VERSION or not REQUIRED_META <= meta.keys():
+        return None
+    if embeddings.ndim != 2 or len(embeddings) != len(meta["image_ids"]):
+        return None
+    if _recorded_stat(index_dir) != _file_stat(index_dir / EMBEDDINGS_NAME) and \
+            embeddings_sha256(embeddings) != meta["embeddings_sha256"]:
+        print(f"{index_dir / EMBEDDINGS_NAME} is not the file this index wrote (its sha256 differs); rebuilding the index",
+              file=log)
+        return None
+    return meta, embeddings
+
+
+def _write_index(index_dir: Path, meta: dict, embeddings: np.ndarray) -> None:
+    """Write the index folder atomically (the old one, ANN files included, is replaced)."""
+
+    def fill(target: np.ndarray, _: Path) -> None:
+        target[:] = embeddings
+
+    write_index_streamed(index_dir, meta, fill)
+
+
+def write_index_streamed(index_dir: Path, meta: dict, fill: Callable[[np.ndarray, Path], None]) -> None:
+    """Write the index folder atomically, ``embeddings.npy`` filled in place by `fill`.
+
+    `meta` carries ``count``, ``dimension`` and ``dtype``; `fill` gets the memory-mapped
+    ``(count, dimension)`` array of the new file and the folder being built (for any other file
+    that must appear with it), so a gallery too large for memory is written piece by piece (the
+    Beam path fills it one embedding shard at a time). The sha256 of what was stored goes into
+    ``meta.json``. A read-only or full run directory is one error line, nothing half-written left.
+    """
+    try:
+        with atomic_directory(index_dir) as building:
+            target = np.lib.format.open_memmap(building / EMBEDDINGS_NAME, mode="w+", dtype=np.dtype(meta["dtype"]),
+                                               shape=(meta["count"], meta["dimension"]))
+            fill(target, building)
+            target.flush()
+            meta["embeddings_sha256"] = embeddings_sha256(target)
+            del target
+            (building / META_NAME).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            (building / STAT_NAME).write_text(json.dumps(_file_stat(building / EMBEDDINGS_NAME)) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise DualEncError(
+            f"cannot write the gallery index {index_dir} ({error.strerror or error}); "
+            "make the run directory writable, or copy the run somewhere writable and pass --model"
+        ) from None
+
+
+def _loaded(index_dir: Path, meta: dict, embeddings: np.ndarray, embedded: int) -> GalleryIndex:
+    compressed = None
+    if (index_dir / COMPRESSED_NAME).is_file():
+        from dualenc.retrieval.large_index import open_large_index
+
+        compressed = open_large_index(index_dir / COMPRESSED_NAME)
+    return GalleryIndex(
+        directory=index_dir,
+        # float16 storage leaves norms off by ~1e-3; normalising once here keeps scores cosines.
+        # A gallery with a compressed index is too large to copy: its rows stay memory-mapped.
+        embeddings=embeddings if compressed is not None else knn.normalise_rows(embeddings),
+        compressed=compressed,
+        image_ids=meta["image_ids"],
+        paths=meta["paths"],
+        labels=meta["labels"],
+        captions=meta["captions"],
+        skipped=meta["skipped"],
+        embedded=embedded,
+    )
+
+
+def open_index(
+    run_dir: Path, gallery: Gallery, *, rebuild: bool = False, float16: bool = False, log: TextIO | None = None
+) -> GalleryIndex:
+    """The index of `gallery` for the run's vision encoder: reused, updated or (re)built.
+
+    `rebuild` forces a full rebuild; `float16` stores the embeddings in half precision when
+    the index is written. Notes (rebuilds, skipped images) go to `log`.
+    """
+    log = sys.stderr if log is None else log
+    encoder_dir, index_dir = index_location(run_dir, gallery)
+    encoder_print = encoder_fingerprint(encoder_dir)
+    gallery_print = gallery.fingerprint()
+    existing = None if rebuild else _read_existing(index_dir, log)
+    if existing is not None and existing[0]["encoder_fingerprint"] != encoder_print:
+        print(f"index {index_dir} was built by another encoder; rebuilding it", file=log)
+        existing = None
+    if existing is not None and existing[0]["gallery_fingerprint"] == gallery_print:
+        meta, embeddings = existing
+        if meta["dtype"] != ("float16" if float16 else "float32"):
+            meta["dtype"] = "float16" if float16 else "float32"
+            _write_index(index_dir, meta, embeddings)
+        if meta["skipped"]:
+            print(f"{len(meta['skipped'])} unreadable image(s) of this gallery are skipped; see {index_dir / META_NAME}", file=log)
+        return _loaded(index_dir, meta, embeddings, embedded=0)
+
+    encoder = load_encoder(encoder_dir, batch_size=EMBED_BATCH)
+    meta, embeddings, embedded = gallery.embed(encoder, existing, log)
+    if not meta["image_ids"]:
+        raise DualEncError(f"{gallery.description} has no readable images; pass another --gallery or --data/--split")
+    meta = complete_meta(meta, gallery, encoder_print, gallery_print, float16, embeddings.shape)
+    _write_index(index_dir, meta, embeddings)
+    return _loaded(index_dir, meta, embeddings, embedded)
+
+
+def index_location(run_dir: Path, gallery: Gallery) -> tuple[Path, Path]:
+    """``(vision encoder dir, index dir)`` of `gallery` under the run; `DualEncError` when the
+    run has no exported vision encoder."""
+    run_dir = Path(run_dir).resolve()
+    encoder_dir = run_dir / VISION_ENCODER_DIR
+    if not (encoder_dir / "saved_model.pb").is_file():
+        raise DualEncError(f"no exported vision encoder at {encoder_dir}; run `python train.py` first or pass --model RUN_DIR")
+    return encoder_dir, run_dir / INDEX_DIR / gallery.key
+
+
+def complete_meta(meta: dict, gallery: Gallery, encoder_print: str, gallery_print: str, float16: bool,
+                  shape: tuple[int, int]) -> dict:
+    """A gallery's per-row `meta` (see `Gallery.embed`) plus what every index records: version,
+    gallery, both fingerprints, dtype, dimension and count."""
+    return {
+        **meta,
+        "version": META_VERSION,
+        "gallery": gallery.to_json(),
+        "encoder_fingerprint": encoder_print,
+        "gallery_fingerprint": gallery_print,
+        "dtype": "float16" if float16 else "float32",
+        "dimension": int(shape[1]),
+        "count": int(shape[0]),
+    }
+
+
+def load_index(index_dir: Path, embedded: int = 0) -> GalleryIndex:
+    """The index stored in `index_dir` (as written by `open_index` or the Beam path)."""
+    existing = _read_existing(index_dir, sys.stderr)
+    if existing is None:
+        raise DualEncError(f"no readable index in {index_dir}; rebuild it with --build-index")
+    return _loaded(index_dir, *existing, embedded=embedded)
