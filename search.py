@@ -11,12 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from dualenc.core import config as run_config
 from dualenc.core.errors import DualEncError, first_line
 from dualenc.retrieval.grid import check_grid_path
-from dualenc.retrieval.query import check_query, result_dicts
+from dualenc.retrieval.query import check_query
 
-DEFAULT_RUN = "runs/latest"
+DEFAULT_RUN = "runs/latest"  # as dualenc.api.DEFAULT_RUN, without importing it (fast --help)
 
 EXAMPLES = """examples:
   python search.py "a woman in a red coat"                 top 9 of the run's test split
@@ -71,75 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_run(run_dir: Path) -> Path:
-    """`run_dir` if it holds both exported encoders, else a `DualEncError` saying what to do."""
-    from dualenc.export.encoders import TEXT_ENCODER_DIR, VISION_ENCODER_DIR
+def open_run(args: argparse.Namespace):
+    """The `dualenc.api.Retriever` of ``--model`` with the gallery the flags name (by default
+    the run's own dataset, test split) and its index opened, built by Beam with ``--runner``."""
+    from dualenc.api import load
+    from dualenc.retrieval.gallery import FolderGallery
 
-    if not run_dir.is_dir():
-        raise DualEncError(f"run directory {run_dir} does not exist; run `python train.py` first or pass --model RUN_DIR")
-    for name in (VISION_ENCODER_DIR, TEXT_ENCODER_DIR):
-        if not (run_dir / name / "saved_model.pb").is_file():
-            raise DualEncError(f"{run_dir} has no exported {name}; run `python train.py` first or pass --model RUN_DIR")
-    return run_dir
+    retriever = load(args.model, ann=args.ann)
+    if args.gallery is not None and args.split is not None:
+        raise DualEncError("--split applies to --data, not to --gallery folders")
+    if args.beam_options is None:
+        return retriever.index(args.gallery, data=args.data, split=args.split, rebuild=args.build_index,
+                               float16=args.float16)
+    from dualenc.api import default_gallery
+    from dualenc.beam.index import build_index_with_beam
 
-
-def model_run(model: str) -> Path:
-    """The run directory `--model` names; a keras-hub preset becomes a zero-shot run (`dualenc.export.zero_shot`)."""
-    from dualenc.export.zero_shot import looks_like_preset, zero_shot_run
-
-    if looks_like_preset(model):
-        return zero_shot_run(model, Path(DEFAULT_RUN).parent)
-    return check_run(Path(model))
-
-
-def choose_gallery(args: argparse.Namespace, run_dir: Path):
-    """The gallery the flags name; by default the run's own dataset, test split."""
-    from dualenc.data.pipeline import TEST_SPLITS
-    from dualenc.retrieval.gallery import FolderGallery, PackedGallery
-    from dualenc.data.manifest import load_manifest
-
-    if args.gallery is not None:
-        if args.split is not None:
-            raise DualEncError("--split applies to --data, not to --gallery folders")
-        return FolderGallery(args.gallery)
-    data_dir = args.data
-    if data_dir is None:
-        config_path = run_dir / "config.json"
-        data = run_config.load(run_config.TrainConfig, config_path).data
-        if data is None:
-            raise DualEncError(f"{config_path} names no dataset; pass --data DIR [--split NAME] or --gallery DIR")
-        data_dir = Path(data)
-        if not data_dir.is_dir():
-            raise DualEncError(f"the run's dataset {data_dir} (from {config_path}) is gone; pass --data DIR or --gallery DIR")
-    if args.split is not None:
-        return PackedGallery(data_dir, args.split)
-    splits = list(load_manifest(data_dir).splits)
-    if not splits:
-        raise DualEncError(f"packed dataset {data_dir} has no splits; re-pack it")
-    split = next((name for name in TEST_SPLITS if name in splits), splits[0])
-    if split != "test":
-        print(f"{data_dir} has no 'test' split; searching {split!r} (choose with --split)", file=sys.stderr)
-    return PackedGallery(data_dir, split)
+    gallery = FolderGallery(args.gallery) if args.gallery is not None else \
+        default_gallery(retriever.run_dir, args.data, args.split)
+    return retriever.use_index(gallery, build_index_with_beam(retriever.run_dir, gallery, args.beam_options,
+                                                              float16=args.float16))
 
 
-def _query_embedding(args: argparse.Namespace, run_dir: Path):
-    from dualenc.export.encoders import TEXT_ENCODER_DIR, VISION_ENCODER_DIR, load_encoder
-
-    if args.image is None:
-        return load_encoder(run_dir / TEXT_ENCODER_DIR)([args.query])
-    from dualenc.data.images import ImageProblem, read_image_file
-
-    try:
-        image_bytes = read_image_file(args.image)
-    except ImageProblem as problem:
-        raise DualEncError(f"query image {args.image}: {problem}; pass a JPEG, PNG, BMP, GIF, WebP or TIFF file") from None
-    return load_encoder(run_dir / VISION_ENCODER_DIR).embed_batch([image_bytes])
-
-
-def search(args: argparse.Namespace, run_dir: Path, index) -> list[dict]:
+def search(args: argparse.Namespace, retriever) -> list[dict]:
     """The top-k results as dicts: rank, score, image_id, path, caption, label."""
-    scores, rows = index.search(_query_embedding(args, run_dir), args.k, ann=args.ann)
-    return result_dicts(index, scores[0], rows[0])
+    if args.image is None:
+        return retriever.search(args.query, args.k)
+    from dualenc.api import query_image_file
+
+    return retriever.search(query_image_file(args.image), args.k)
 
 
 def print_results(results: list[dict], query_text: str) -> None:
@@ -163,29 +121,9 @@ def draw_grid(path: Path, results: list[dict], gallery, query_text: str) -> None
     save_result_grid(path, images, titles, query_text)
 
 
-def evaluate(run_dir: Path, gallery, index) -> dict:
-    """Retrieval metrics of the run on a packed split, a `PackedGallery` (see
-    `dualenc.retrieval.evaluation.retrieval_report`)."""
-    import numpy as np
-
-    from dualenc.retrieval.attributes import run_attribute_report
-    from dualenc.retrieval.evaluation import SplitEmbeddings, retrieval_report
-    from dualenc.export.encoders import TEXT_ENCODER_DIR, load_encoder
-    from dualenc.data.packed import split_captions
-
-    captions, _, labels = split_captions(gallery.data_dir, gallery.split)
-    text_encoder = load_encoder(run_dir / TEXT_ENCODER_DIR, batch_size=256)
-    embeddings = SplitEmbeddings(
-        caption_embeddings=text_encoder(captions),
-        caption_labels=np.asarray(labels),
-        image_embeddings=index.embeddings,
-        image_labels=np.asarray(index.labels),
-        image_ids=index.image_ids,
-    )
-    scores = retrieval_report(embeddings, first_caption_embeddings=text_encoder(index.captions))
-    report = {"data": str(gallery.data_dir), "split": gallery.split, **scores}
-    attribute_scores = run_attribute_report(run_dir, gallery.data_dir)
-    return report if attribute_scores is None else {**report, "attributes": attribute_scores}
+def evaluate(retriever) -> dict:
+    """Retrieval metrics of the run on its packed split (`dualenc.api.Retriever.evaluate`)."""
+    return retriever.evaluate()
 
 
 def print_evaluation(scores: dict) -> None:
@@ -223,58 +161,50 @@ def run(args: argparse.Namespace) -> int:
         check_grid_path(args.grid)
     if args.runner is not None and not args.build_index:
         raise DualEncError("--runner builds the index with Apache Beam; add --build-index")
-    beam_options = None
+    args.beam_options = None
     if args.runner is not None:
         from dualenc.beam.options import pipeline_options
 
-        beam_options = pipeline_options(args.runner, args.beam_args)
+        args.beam_options = pipeline_options(args.runner, args.beam_args)
 
     from dualenc.core.startup import import_tensorflow
 
     import_tensorflow(args.verbose)
-    from dualenc.retrieval.index import open_index
-    from dualenc.retrieval.knn import resolve_ann
-
-    run_dir = model_run(args.model)
-    gallery = choose_gallery(args, run_dir)
-    if beam_options is not None:
-        from dualenc.beam.index import build_index_with_beam
-
-        index = build_index_with_beam(run_dir, gallery, beam_options, float16=args.float16)
-    else:
-        index = open_index(run_dir, gallery, rebuild=args.build_index, float16=args.float16)
+    retriever = open_run(args)
+    index = retriever.gallery_index
     if args.build_index:
-        kind = resolve_ann(args.ann, len(index))
-        if kind != "exact":
+        kind = retriever.search_kind
+        if kind not in ("exact", "compressed"):
             index.ann_index(kind)
         print(f"indexed {len(index)} images ({index.embedded} embedded now) in {index.directory}; search: {kind}", file=sys.stderr)
     if args.evaluate:
-        scores = evaluate(run_dir, gallery, index)
+        scores = evaluate(retriever)
         if args.json:
             print(json.dumps(scores, indent=2))
         else:
             print_evaluation(scores)
     if searching:
-        results = search(args, run_dir, index)
+        results = search(args, retriever)
         query_text = f'"{args.query}"' if args.image is None else f"image {args.image}"
         if args.json:
             print(json.dumps(results, indent=2, ensure_ascii=False))
         else:
             print_results(results, query_text)
         if args.grid is not None:
-            draw_grid(args.grid, results, gallery, query_text)
+            draw_grid(args.grid, results, retriever.gallery, query_text)
     if args.serve:
-        serve(run_dir, gallery, index=index, host=args.host, port=args.port, ann=args.ann)
+        serve(retriever, host=args.host, port=args.port)
     return 0
 
 
-def serve(run_dir: Path, gallery, **options) -> None:
-    """`dualenc.service.server.serve`, or a `DualEncError` naming the extra it needs."""
+def serve(retriever, **options) -> None:
+    """`dualenc.service.server.serve` over the retriever's gallery and index, or a `DualEncError`
+    naming the extra it needs."""
     try:
         from dualenc.service.server import serve as serve_forever
     except ImportError as exc:
         raise DualEncError(f"--serve needs FastAPI and uvicorn ({first_line(exc)}); pip install 'dualenc[serve]'") from None
-    serve_forever(run_dir, gallery, **options)
+    serve_forever(retriever.run_dir, retriever.gallery, index=retriever.gallery_index, ann=retriever.ann, **options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,22 +73,40 @@ class GalleryIndex:
     skipped: list[dict]
     embedded: int = 0
     compressed: object | None = None  # the memory-mapped `ann-compressed.faiss`, when there is one
+    _ann: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)  # kind -> FAISS index
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def search(self, query_embeddings: np.ndarray, k: int, ann: str = "auto", log: TextIO | None = None):
-        """Top-k rows per query: ``(scores, indices)``, each ``(Q, min(k, N))``, best first."""
+    def search_kind(self, ann: str = "auto") -> str:
+        """How `search` answers for `ann` (a ``--ann`` choice): "compressed" (the gallery's
+        `ann-compressed.faiss`, which "auto" prefers), "exact", "hnsw" or "ivf". The one place
+        that chooses; the CLI, the service, the Python API and evaluation all search through it."""
         if ann == "auto" and self.compressed is not None:
-            return knn.ann_search(self.compressed, query_embeddings, k)
-        kind = knn.resolve_ann(ann, len(self))  # `log` (default stderr) gets the ANN's recall
+            return "compressed"
+        return knn.resolve_ann(ann, len(self))
+
+    def search(self, query_embeddings: np.ndarray, k: int, ann: str = "auto", log: TextIO | None = None):
+        """Top-k rows per query: ``(scores, indices)``, each ``(Q, min(k, N))``, best first.
+
+        Rows of -1 mark "no more found" (see `dualenc.retrieval.knn.ann_search`)."""
+        kind = self.search_kind(ann)
         if kind == "exact":
             return knn.exact_search(query_embeddings, self.embeddings, k)
         return knn.ann_search(self.ann_index(kind, log), query_embeddings, k)
 
     def ann_index(self, kind: str, log: TextIO | None = None):
-        """The FAISS index of `kind` for these embeddings: loaded, or built, measured and saved."""
-        log = sys.stderr if log is None else log
+        """The FAISS index of `kind` ("compressed", "hnsw" or "ivf") for these embeddings, kept
+        once loaded: loaded from its file, or built, measured (recall on `log`, default
+        stderr) and saved."""
+        if kind == "compressed" and self.compressed is not None:
+            return self.compressed
+        if kind in self._ann:
+            return self._ann[kind]
+        self._ann[kind] = self._load_or_build_ann(kind, sys.stderr if log is None else log)
+        return self._ann[kind]
+
+    def _load_or_build_ann(self, kind: str, log: TextIO):
         path = self.directory / f"ann-{kind}.faiss"
         if path.is_file():
             return knn.load_ann(path)

@@ -74,11 +74,12 @@ def exact_search(
     return all_scores, all_indices
 
 
-def _faiss():
+def import_faiss(purpose: str = "approximate search"):
+    """The `faiss` module, or a `DualEncError` saying how to install it (`purpose` needs it)."""
     try:
         import faiss
     except ImportError:
-        raise DualEncError("approximate search needs faiss: pip install faiss-cpu, or pass --ann exact") from None
+        raise DualEncError(f"{purpose} needs faiss: pip install faiss-cpu, or pass --ann exact") from None
     return faiss
 
 
@@ -103,7 +104,7 @@ def build_ann(gallery_embeddings: np.ndarray, kind: str):
     exact search reaches `IVF_TARGET_RECALL` on a sample of gallery rows used as queries (how
     many lists are needed depends on how clustered the embeddings are).
     """
-    faiss = _faiss()
+    faiss = import_faiss()
     gallery = np.ascontiguousarray(gallery_embeddings, dtype=np.float32)
     dimension = gallery.shape[1]
     if kind == "hnsw":
@@ -134,31 +135,60 @@ def _calibrate_probes(index, gallery: np.ndarray, lists: int) -> None:
 
 
 def ann_search(index, query_embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by a FAISS index, like `exact_search`: ``(scores, indices)``, each ``(Q, min(k, N))``."""
+    """Top-k by a FAISS index, like `exact_search`: ``(scores, indices)``, each ``(Q, min(k, N))``.
+
+    FAISS pads a row with id -1 when its probe (IVF cells, HNSW beam) reached fewer than k
+    rows; such queries are searched again with every cell probed (IVF, compressed included) or
+    a beam of k (HNSW). An id that is still -1 means "no more results": callers stop there
+    (`dualenc.retrieval.query.result_dicts` does), never show it as a gallery row.
+    """
     queries = np.ascontiguousarray(normalise_rows(np.atleast_2d(query_embeddings)))
     k = min(int(k), index.ntotal)
     scores, indices = index.search(queries, k)
+    short = (indices < 0).any(axis=1)
+    if short.any():
+        scores[short], indices[short] = index.search(queries[short], k, params=_widest_probe(index, k))
     return scores.astype(np.float32), indices.astype(np.int64)
+
+
+def _widest_probe(index, k: int):
+    """Search parameters that reach every row an IVF index holds, or a beam of `k` for HNSW."""
+    faiss = import_faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = ivf.nlist
+        return params
+    params = faiss.SearchParametersHNSW()
+    params.efSearch = max(k, HNSW_EF_SEARCH)
+    return params
+
+
+def neighbour_overlap(approximate: np.ndarray, exact: np.ndarray) -> float:
+    """Recall of an approximate search against exact search: the mean fraction of each row of
+    `exact` ids (``(Q, k)``) found in the same row of `approximate`, in [0, 1]. (Not
+    `dualenc.retrieval.metrics.recall_at_k`, which asks whether a query's matching label is found.)"""
+    found = [len(set(row_exact) & set(row_approximate)) for row_exact, row_approximate in zip(exact, approximate)]
+    return float(np.sum(found) / exact.size) if exact.size else 1.0
 
 
 def ann_recall(index, gallery_embeddings: np.ndarray, query_embeddings: np.ndarray, k: int = 10) -> float:
     """Mean fraction of the exact top-k that the approximate index also returns, in [0, 1]."""
     _, exact = exact_search(query_embeddings, gallery_embeddings, k)
     _, approximate = ann_search(index, query_embeddings, k)
-    found = [len(set(row_exact) & set(row_approximate)) for row_exact, row_approximate in zip(exact, approximate)]
-    return float(np.sum(found) / exact.size) if exact.size else 1.0
+    return neighbour_overlap(approximate, exact)
 
 
 def save_ann(index, path: Path) -> None:
     """Write a FAISS index to `path` atomically (temporary sibling, synced, then renamed)."""
-    faiss = _faiss()
+    faiss = import_faiss()
     with atomic_file(path) as temporary:
         faiss.write_index(index, str(temporary))
 
 
 def load_ann(path: Path):
     """Read a FAISS index written by `save_ann`, restoring its search-time settings."""
-    faiss = _faiss()
+    faiss = import_faiss()
     index = faiss.read_index(str(path))
     if hasattr(index, "hnsw"):
         index.hnsw.efSearch = HNSW_EF_SEARCH

@@ -37,6 +37,7 @@ import numpy as np
 
 from dualenc.core.errors import DualEncError
 from dualenc.core.files import atomic_file
+from dualenc.retrieval.knn import HNSW_NEIGHBOURS, import_faiss, neighbour_overlap
 from dualenc.retrieval.ranking import top_k
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
@@ -47,7 +48,6 @@ ID_BYTES = 8  # FAISS stores an int64 id beside every code
 ASSIGNMENT_BYTES = 4  # pass 2 keeps each row's cell (int32) until pass 3
 TRAINING_ROWS_PER_LIST = 40
 MIN_TRAINING_ROWS = 10_000  # product quantisers train 256 centroids per sub-space
-HNSW_NEIGHBOURS = 32  # as dualenc.retrieval.knn's HNSW: its graph costs 2·M int32 links per row
 TARGET_RECALL = 0.95
 RECALL_K = 10
 
@@ -89,7 +89,7 @@ class LargeIndexReport:
 
 def needs_compressed_index(count: int, dimension: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> bool:
     """Whether float32 rows plus an HNSW graph over them would exceed `memory_budget`."""
-    return count * (4 * dimension + 2 * HNSW_NEIGHBOURS * 4) > memory_budget
+    return count * (4 * dimension + 2 * HNSW_NEIGHBOURS * 4) > memory_budget  # an HNSW graph: 2·M int32 links a row
 
 
 def _codecs(dimension: int) -> list[tuple[str, int]]:
@@ -118,14 +118,6 @@ def plan_index(count: int, dimension: int, memory_budget: int = DEFAULT_MEMORY_B
                        "memory budget even as 16-byte codes; give more memory")
 
 
-def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise DualEncError("large galleries need faiss: pip install faiss-cpu") from None
-    return faiss
-
-
 def _training_sample(shards: Callable[[], Iterable[np.ndarray]], plan: IndexPlan, seed: int) -> np.ndarray:
     """About `plan.training_rows` rows drawn uniformly (each row kept with the same probability)."""
     rng = np.random.default_rng(seed)
@@ -145,12 +137,6 @@ def _merge_top_k(best: tuple[np.ndarray, np.ndarray], scores: np.ndarray, offset
     return merged_scores, np.take_along_axis(all_ids, columns, axis=1)
 
 
-def recall_at_k(approximate: np.ndarray, exact: np.ndarray) -> float:
-    """Mean fraction of each row of `exact` ids found in the same row of `approximate`."""
-    found = [len(set(row_exact) & set(row_approximate)) for row_exact, row_approximate in zip(exact, approximate)]
-    return float(np.sum(found) / exact.size) if exact.size else 1.0
-
-
 def _calibrate_nprobe(index, queries: np.ndarray, exact: np.ndarray, lists: int) -> int:
     """The smallest probe count on a √2 grid (1, 2, 3, 4, 6, 8, 11, 16, …) reaching
     `TARGET_RECALL` on `queries`, or every cell. Search time grows linearly with it, so the grid
@@ -158,7 +144,7 @@ def _calibrate_nprobe(index, queries: np.ndarray, exact: np.ndarray, lists: int)
     candidates = sorted({min(lists, round(2 ** (step / 2))) for step in range(2 * math.ceil(math.log2(lists)) + 1)})
     for nprobe in candidates:
         index.nprobe = nprobe
-        if recall_at_k(index.search(queries, RECALL_K)[1], exact) >= TARGET_RECALL:
+        if neighbour_overlap(index.search(queries, RECALL_K)[1], exact) >= TARGET_RECALL:
             return nprobe
     return lists
 
@@ -173,7 +159,7 @@ def build_large_index(shards: Callable[[], Iterable[np.ndarray]], path: Path, *,
     second half measures recall@10 against exact search over every row. Each pass's end is
     noted on `log` (default: none), with the seconds since the start.
     """
-    faiss = _faiss()
+    faiss = import_faiss("a compressed index")
     started = time.perf_counter()
 
     def note(step: str) -> None:
@@ -216,7 +202,7 @@ def build_large_index(shards: Callable[[], Iterable[np.ndarray]], path: Path, *,
 
     half = len(queries) // 2
     ivf.nprobe = _calibrate_nprobe(index, queries[:half], best[1][:half], plan.lists)
-    recall = recall_at_k(index.search(queries[half:], RECALL_K)[1], best[1][half:])
+    recall = neighbour_overlap(index.search(queries[half:], RECALL_K)[1], best[1][half:])
     note(f"nprobe {ivf.nprobe}: recall@10 {recall:.3f}")
     with atomic_file(path) as temporary:
         faiss.write_index(index, str(temporary))
@@ -226,7 +212,7 @@ def build_large_index(shards: Callable[[], Iterable[np.ndarray]], path: Path, *,
 
 def open_large_index(path: Path):
     """The index at `path`, memory-mapped: its inverted lists stay on disk until probed."""
-    faiss = _faiss()
+    faiss = import_faiss("a compressed index")
     try:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
     except RuntimeError as error:

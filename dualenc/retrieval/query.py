@@ -34,10 +34,13 @@ def result_dicts(index, scores: Sequence[float], rows: Sequence[int]) -> list[di
 
     `index` is a `dualenc.retrieval.index.GalleryIndex`; `scores` and `rows` are one row of what its
     `search` returns. `path` is set for folder galleries, `caption` and `label` for packed ones,
-    the others are None.
+    the others are None. A negative row is FAISS's "nothing more found": the results end there,
+    so a search that finds fewer than k images answers fewer, never a padding row.
     """
     results = []
     for rank, (score, row) in enumerate(zip(scores, rows), start=1):
+        if row < 0:
+            break
         results.append({
             "rank": rank,
             "score": round(float(score), 6),

@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from dualenc.api import Retriever
 from dualenc.core.errors import DualEncError
 from dualenc.retrieval.gallery import Gallery
 from dualenc.retrieval.index import GalleryIndex, open_index
@@ -132,7 +133,7 @@ def create_app(
     """
     run_dir = Path(run_dir)
     index = open_index(run_dir, gallery) if index is None else index
-    searcher = Searcher(run_dir, index, ann)
+    searcher = Searcher(Retriever(run_dir, ann=ann).use_index(gallery, index))
     thumbnails = Thumbnails(gallery_images(gallery, index.image_ids))
     static = _static_files()
     health = {

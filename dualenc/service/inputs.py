@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from dualenc.api import IMAGE_FORMATS, query_image
 from dualenc.core.errors import DualEncError
 from dualenc.retrieval.query import check_query
 
@@ -24,7 +25,6 @@ MAX_UPLOAD_BYTES = 10 * 2**20
 MULTIPART_OVERHEAD_BYTES = 64 * 2**10
 # Decoding an image costs memory by its pixels, not its bytes: a small PNG can be huge.
 MAX_UPLOAD_PIXELS = 40_000_000
-UPLOAD_FORMATS = ("JPEG", "PNG", "BMP", "GIF")
 UPLOAD_FIELD = "image"
 
 
@@ -127,15 +127,18 @@ def multipart_field(body: bytes, content_type: str, name: str = UPLOAD_FIELD) ->
 
 
 def check_image(data: bytes) -> bytes:
-    """`data` if it is a whole JPEG, PNG, BMP or GIF image of at most `MAX_UPLOAD_PIXELS`."""
-    formats = ", ".join(UPLOAD_FORMATS)
+    """The canonical bytes (`dualenc.api.query_image`, as for ``search.py --image``) of an
+    uploaded image of at most `MAX_UPLOAD_PIXELS`, measured from its header before decoding."""
     try:
-        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
-            if image.width * image.height > MAX_UPLOAD_PIXELS:
-                raise RequestError(413, f"the image is {image.width}x{image.height} pixels; the limit is {MAX_UPLOAD_PIXELS:,} pixels")
-            image.load()  # decodes every pixel: truncated and corrupt files fail here
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
     except UnidentifiedImageError:
-        raise RequestError(400, f"the upload is not an image in a format the model reads ({formats})") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise RequestError(400, f"the upload is not an image in a format the model reads ({IMAGE_FORMATS})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
         raise RequestError(400, "the image is truncated or corrupt; upload the whole file") from None
-    return data
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise RequestError(413, f"the image is {width}x{height} pixels; the limit is {MAX_UPLOAD_PIXELS:,} pixels")
+    try:
+        return query_image(data, "the upload")
+    except DualEncError as error:
+        raise RequestError(400, str(error)) from None
