@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--serve", action="store_true", help="serve a search page and JSON API over the gallery")
     parser.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="--serve: port (default 8000; 0 picks a free one)")
+    limits = parser.add_argument_group("--serve limits (each request is refused with a 4xx past them)")
+    limits.add_argument("--max-k", type=int, default=1000, help="most results one query may ask for (default 1000)")
+    limits.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload in MiB (default 10)")
+    limits.add_argument("--max-upload-pixels", type=int, default=40_000_000,
+                        help="largest decoded upload, width x height of its first frame (default 40,000,000)")
+    limits.add_argument("--request-timeout", type=float, default=30.0,
+                        help="seconds a request may take to upload and be answered (default 30)")
+    limits.add_argument("--max-connections", type=int, default=64,
+                        help="open connections served at once; beyond, requests get a 503 (default 64)")
+    limits.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a connection may take to send each request head (default 10)")
     parser.add_argument("--verbose", action="store_true",
                         help="show TensorFlow's native start-up log (also: DUALENC_TF_LOG=1)")
     parser.set_defaults(beam_args=[])  # main() fills it with what follows '--' after --runner
@@ -157,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
         raise DualEncError("--evaluate needs captions: pass a packed dataset with --data DIR [--split NAME], not --gallery")
     if args.k < 1:
         raise DualEncError(f"-k must be at least 1, got {args.k}")
+    for flag in ("max_k", "max_upload_mb", "max_upload_pixels", "request_timeout", "max_connections", "header_timeout"):
+        if not getattr(args, flag) > 0:
+            raise DualEncError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.grid is not None:
         check_grid_path(args.grid)
     if args.runner is not None and not args.build_index:
@@ -193,18 +207,23 @@ def run(args: argparse.Namespace) -> int:
         if args.grid is not None:
             draw_grid(args.grid, results, retriever.gallery, query_text)
     if args.serve:
-        serve(retriever, host=args.host, port=args.port)
+        serve(retriever, args)
     return 0
 
 
-def serve(retriever, **options) -> None:
-    """`dualenc.service.server.serve` over the retriever's gallery and index, or a `DualEncError`
-    naming the extra it needs."""
+def serve(retriever, args: argparse.Namespace) -> None:
+    """`dualenc.service.server.serve` over the retriever's gallery and index with the limits the
+    flags set, or a `DualEncError` naming the extra it needs."""
     try:
+        from dualenc.service.inputs import ServiceLimits
         from dualenc.service.server import serve as serve_forever
     except ImportError as exc:
         raise DualEncError(f"--serve needs FastAPI and uvicorn ({first_line(exc)}); pip install 'dualenc[serve]'") from None
-    serve_forever(retriever.run_dir, retriever.gallery, index=retriever.gallery_index, ann=retriever.ann, **options)
+    limits = ServiceLimits(max_k=args.max_k, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                           max_upload_pixels=args.max_upload_pixels, request_timeout_s=args.request_timeout,
+                           header_timeout_s=args.header_timeout, max_connections=args.max_connections)
+    serve_forever(retriever.run_dir, retriever.gallery, index=retriever.gallery_index, ann=retriever.ann,
+                  host=args.host, port=args.port, limits=limits)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,6 +210,12 @@ def _with_attribute_scores(report: dict, paths: runs.RunPaths, data_dir: Path) -
     return report
 
 
+def score_summary(report: dict) -> str:
+    """R@1/5/10 and mAP both ways in one line, labelled as the per-epoch lines are ("t2i R@1 …")."""
+    directions = (("t2i", "text_to_image"), ("i2t", "image_to_text"))
+    return ", ".join(f"{label} {name} {value:.1f}" for label, key in directions for name, value in report[key].items())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -217,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except DualEncError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    summary = ", ".join(f"{key} {value:.1f}" for key, value in report.items() if isinstance(value, float))
-    print(f"done: {paths.root} ({report['split']} split: {summary})")
+    print(f"done: {paths.root} ({report['split']} split: {score_summary(report)})")
     if "attributes" in report:
         scores = report["attributes"]
         print(f"attribute queries: precision@{scores['k']} {scores['precision']:.2f} (chance {scores['chance']:.2f}; "

@@ -84,8 +84,8 @@ def bench_pipeline(sizes: dict, inputs: dict) -> tuple[dict, list[dict]]:
     summary = pair_summary(runs, "pairs_per_s", higher_is_better=True)
     per_cpu = pair_summary(runs, "pairs_per_cpu_s", higher_is_better=True)
     height, width = sizes["pipeline_image_size"]
-    note = (f"640x480 JPEG -> {height}x{width}, batch {sizes['pipeline_batch']}; ref float32, ours uint8 "
-            "(1/2-scale DCT, no antialias under 2x, deterministic=False)")
+    note = (f"640x480 JPEG -> {height}x{width}, batch {sizes['pipeline_batch']}; ref float32, ours uint8: training's "
+            "own pair_batches (1/2-scale DCT, no antialias under 2x, deterministic order, captions tokenised)")
     name = f"input pipeline ({inputs['coco']['pairs']} pairs)"
     rows = [_row(name, summary, note), _row(name, per_cpu, "pairs per CPU second (all threads): the work, not the overlap")]
     return {**summary, "per_cpu": per_cpu}, rows

@@ -96,15 +96,11 @@ def default_gallery(run_dir: Path, data: str | Path | None = None, split: str | 
 
 
 def choose_split(data_dir: Path, log: TextIO | None = None) -> str:
-    """The split searched and evaluated by default: "test", else the first of val/valid/validation,
-    else the first split (said on `log`, default stderr, when it is not "test")."""
-    from dualenc.data.manifest import load_manifest
-    from dualenc.data.pipeline import TEST_SPLITS
+    """The split searched and evaluated by default (`dualenc.data.manifest.default_split`, the rule
+    train.py's final score uses too), said on `log` (default stderr) when it is not "test"."""
+    from dualenc.data.manifest import default_split, load_manifest
 
-    splits = list(load_manifest(data_dir).splits)
-    if not splits:
-        raise DualEncError(f"packed dataset {data_dir} has no splits; re-pack it")
-    split = next((name for name in TEST_SPLITS if name in splits), splits[0])
+    split = default_split(load_manifest(data_dir), data_dir)
     if split != "test":
         print(f"{data_dir} has no 'test' split; searching {split!r} (choose with --split)", file=sys.stderr if log is None else log)
     return split
@@ -196,26 +192,16 @@ class Retriever:
 
     def evaluate(self) -> dict:
         """Retrieval metrics on the indexed packed split (by default the run's test split): R@1/5/10
-        and mAP both ways, top-k accuracy, and attribute precision on the demo (see
-        `dualenc.retrieval.evaluation.retrieval_report`); the same function train.py's final
-        scores come from."""
-        from dualenc.data.packed import split_captions
+        and mAP both ways, top-k accuracy (`dualenc.retrieval.evaluation.evaluate_split`, the
+        function train.py's ``metrics.json`` comes from), and attribute precision on the demo."""
         from dualenc.retrieval.attributes import run_attribute_report
-        from dualenc.retrieval.evaluation import SplitEmbeddings, retrieval_report
+        from dualenc.retrieval.evaluation import evaluate_split
 
         index = self._index()
         if not isinstance(self.gallery, PackedGallery):
             raise DualEncError("evaluation needs captions: pass a packed dataset with --data DIR [--split NAME], not --gallery")
-        captions, _, labels = split_captions(self.gallery.data_dir, self.gallery.split)
-        embeddings = SplitEmbeddings(
-            caption_embeddings=self.encode_text(captions),
-            caption_labels=np.asarray(labels),
-            image_embeddings=index.embeddings,
-            image_labels=np.asarray(index.labels),
-            image_ids=index.image_ids,
-        )
-        scores = retrieval_report(embeddings, first_caption_embeddings=self.encode_text(index.captions))
-        report = {"data": str(self.gallery.data_dir), "split": self.gallery.split, **scores}
+        report = evaluate_split(self.text_encoder, self.gallery.data_dir, self.gallery.split, index.embeddings,
+                                index.labels, index.image_ids)
         attribute_scores = run_attribute_report(self.run_dir, self.gallery.data_dir)
         return report if attribute_scores is None else {**report, "attributes": attribute_scores}
 

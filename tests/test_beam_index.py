@@ -8,12 +8,14 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import search
 from dualenc.retrieval.gallery import FolderGallery, PackedGallery
 from dualenc.retrieval.index import load_index, open_index
 from tests.support.beam import DIRECT_OPTIONS
-from tests.support.colour_run import COLOURS, colour_records, encode_png, make_colour_run, solid_image, write_packed_dataset
+from tests.support.colour_run import COLOURS, colour_records, encode_png, make_colour_run, solid_image
+from tests.support.packed import write_packed_shards
 
 pytestmark = pytest.mark.slow  # each pipeline starts two worker processes that load the SavedModel
 
@@ -45,14 +47,35 @@ def local_then_beam(run_dir, gallery, flags: list[str], monkeypatch):
 def test_beam_index_of_a_packed_split_equals_the_local_one(colour_run, tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
     records = colour_records(2, seed=7)
-    # One image TensorFlow cannot decode, and every image repeated under two captions.
-    write_packed_dataset(data_dir, {"test": records[:6] + [("junk", b"not an image", "junk.png", 0)] + records[6:]})
+    green = records[4]
+    assert green[2] == "green/000.png"
+    # Every image repeated under two captions, one TensorFlow cannot decode, and green/000.png
+    # again first in the second shard: its first record (shard 0, record 4) must win over
+    # (shard 1, record 0), as `first_records` decides on the local path.
+    shards = [records[:6] + [("junk", b"not an image", "junk.png", 0)],
+              [("late green", *green[1:])] + records[6:]]
+    write_packed_shards(data_dir, {"test": shards})
     (local_meta, local_embeddings), (beam_meta, beam_embeddings) = local_then_beam(
         colour_run, PackedGallery(data_dir, "test"), ["--data", str(data_dir), "--split", "test"], monkeypatch)
-    assert len(local_meta["image_ids"]) == 2 * len(COLOURS)
-    assert [entry["image_id"] for entry in local_meta["skipped"]] == ["junk.png"]
+    assert len(local_meta["image_ids"]) == len(set(local_meta["image_ids"])) == 2 * len(COLOURS)
+    assert local_meta["captions"][local_meta["image_ids"].index("green/000.png")] == "a green square"
+    [junk] = local_meta["skipped"]
+    assert junk["image_id"] == "junk.png" and junk["reason"].startswith("TensorFlow cannot decode the image: Unknown image")
+    assert beam_meta["skipped"] == local_meta["skipped"]
     assert beam_meta == local_meta
-    np.testing.assert_allclose(beam_embeddings, local_embeddings, atol=1e-5)
+    np.testing.assert_allclose(beam_embeddings, local_embeddings, atol=1e-6)
+
+
+def exif_rotated_jpeg(seed: int) -> bytes:
+    """A 40x24 JPEG, red on the left and blue on the right, tagged to be shown turned 90° (orientation 6)."""
+    pixels = solid_image((0, 0, 0), seed=seed)
+    pixels[:, :20, 0] = 230
+    pixels[:, 20:, 2] = 230
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90, exif=exif)
+    return buffer.getvalue()
 
 
 def test_beam_index_of_a_folder_with_broken_images_equals_the_local_one(colour_run, tmp_path, monkeypatch):
@@ -62,12 +85,15 @@ def test_beam_index_of_a_folder_with_broken_images_equals_the_local_one(colour_r
         (folder / word[0] / f"{word}.png").write_bytes(encode_png(solid_image(rgb, seed=position)))
     (folder / "broken.png").write_bytes(encode_png(solid_image((1, 2, 3), seed=9))[:60])
     (folder / "notes.jpg").write_text("not an image")
+    (folder / "rotated.jpg").write_bytes(exif_rotated_jpeg(seed=11))
     (local_meta, local_embeddings), (beam_meta, beam_embeddings) = local_then_beam(
         colour_run, FolderGallery(folder), ["--gallery", str(folder)], monkeypatch)
-    assert {entry["path"] for entry in local_meta["skipped"]} == {"broken.png", "notes.jpg"}
-    assert len(local_meta["image_ids"]) == len(COLOURS)
+    assert {entry["path"]: entry["reason"].split(" (")[0] for entry in local_meta["skipped"]} == {
+        "broken.png": "truncated or corrupt PNG", "notes.jpg": "not an image"}
+    assert len(local_meta["image_ids"]) == len(COLOURS) + 1 and "rotated.jpg" in local_meta["image_ids"]
+    assert beam_meta["skipped"] == local_meta["skipped"]
     assert beam_meta == local_meta
-    np.testing.assert_allclose(beam_embeddings, local_embeddings, atol=1e-5)
+    np.testing.assert_allclose(beam_embeddings, local_embeddings, atol=1e-6)
 
 
 def test_runner_mistakes_are_one_line_errors(colour_run, capsys):

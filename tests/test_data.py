@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dualenc.data.pipeline import pair_dataset, verify_checksums
+from dualenc.data.pipeline import epoch_seed, pair_batches, verify_checksums
 from dualenc.data.manifest import load_manifest
 from dualenc.data.images import decode_image
 from dualenc.core.errors import DualEncError
@@ -37,7 +37,7 @@ def packed(tmp_path_factory):
 
 def test_batches_have_the_documented_shapes_and_dtypes(packed):
     out, _ = packed
-    batch = next(iter(pair_dataset(out, "train", image_size=(12, 6), batch_size=5)))
+    batch = next(iter(pair_batches(out, "train", image_size=(12, 6), batch_size=5, training=False)))
     assert batch["image"].shape == (5, 12, 6, 3) and batch["image"].dtype == tf.uint8
     assert batch["caption"].shape == (5,) and batch["caption"].dtype == tf.string
     assert batch["label"].shape == (5,) and batch["label"].dtype == tf.int64
@@ -46,7 +46,7 @@ def test_batches_have_the_documented_shapes_and_dtypes(packed):
 
 def test_unshuffled_pairs_come_in_packing_order_with_source_pixels(packed):
     out, pixels = packed
-    pairs = list(pair_dataset(out, "train", image_size=(HEIGHT, WIDTH)))
+    pairs = list(pair_batches(out, "train", image_size=(HEIGHT, WIDTH), batch_size=3, training=False).unbatch())
     assert len(pairs) == 16
     assert [pair["caption"].numpy().decode() for pair in pairs[:3]] == ["caption 0 a", "caption 0 b", "caption 1 a"]
     for pair in pairs:
@@ -61,10 +61,12 @@ def test_shuffle_is_a_seeded_permutation(packed):
     out, _ = packed
 
     def order(seed, epochs=1):
-        dataset = pair_dataset(out, "train", image_size=(4, 4), shuffle=True, seed=seed, repeat=epochs > 1)
+        dataset = pair_batches(out, "train", image_size=(4, 4), batch_size=16, training=True,
+                               epoch_seeds=[epoch_seed(seed, epoch) for epoch in range(epochs)]).unbatch()
         return [pair["caption"].numpy().decode() for pair in dataset.take(16 * epochs)]
 
-    plain = [pair["caption"].numpy().decode() for pair in pair_dataset(out, "train", image_size=(4, 4))]
+    plain = [pair["caption"].numpy().decode()
+             for pair in pair_batches(out, "train", image_size=(4, 4), batch_size=16, training=False).unbatch()]
     first = order(seed=1)
     assert sorted(first) == sorted(plain) and first != plain
     assert order(seed=1) == first
@@ -75,16 +77,16 @@ def test_shuffle_is_a_seeded_permutation(packed):
 
 def test_unbatched_and_drop_remainder(packed):
     out, _ = packed
-    element = next(iter(pair_dataset(out, "valid", image_size=(8, 8))))
+    element = next(iter(pair_batches(out, "valid", image_size=(8, 8), batch_size=3, training=False).unbatch()))
     assert element["image"].shape == (8, 8, 3) and element["label"].shape == ()
-    batches = list(pair_dataset(out, "valid", image_size=(8, 8), batch_size=3, drop_remainder=True))
+    batches = list(pair_batches(out, "valid", image_size=(8, 8), batch_size=3, training=True))
     assert [batch["label"].shape[0] for batch in batches] == [3]
 
 
 def test_unknown_split_names_the_valid_ones(packed):
     out, _ = packed
     with pytest.raises(DualEncError, match="'test'.*valid splits: train, valid"):
-        pair_dataset(out, "test", image_size=(8, 8))
+        pair_batches(out, "test", image_size=(8, 8), batch_size=1, training=False)
 
 
 def test_checksum_mismatch_names_the_shard(packed, tmp_path):
@@ -132,7 +134,7 @@ def test_bad_datasets_raise_one_line(packed, tmp_path, damage, message):
         (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DualEncError, match=message) as raised:
         load_manifest(copy)
-        pair_dataset(copy, "valid", image_size=(8, 8))
+        pair_batches(copy, "valid", image_size=(8, 8), batch_size=1, training=False)
     assert "\n" not in str(raised.value)
 
 

@@ -167,3 +167,39 @@ def test_retrieval_report_matches_metrics():
     assert report["top_k_accuracy"] == {"k": 12, "percent": top_k_accuracy(captions[:12], images, np.arange(12), k=12)}
     assert (report["images"], report["captions"]) == (12, 30)
     assert 0 < report["text_to_image"]["R@1"] < 100  # random embeddings: neither trivially right nor wrong
+
+
+def test_evaluate_split_scores_a_packed_split_against_a_float64_reference(tmp_path, monkeypatch):
+    from dualenc.retrieval import evaluation
+    from dualenc.retrieval.evaluation import evaluate_split
+    from tests.support.colour_run import write_packed_dataset
+
+    rng = np.random.default_rng(7)
+    # Nine images of four people, two captions each; the index holds the images in its own
+    # order (reversed here), as a gallery index may.
+    records = [(f"caption {image} {n}", b"", f"img{image}", image % 4) for image in range(9) for n in range(2)]
+    write_packed_dataset(tmp_path / "data", {"test": records})
+    vectors = {caption: rng.normal(size=6).astype(np.float32) for caption, *_ in records}
+    text_encoder = lambda captions: np.stack([vectors[caption] for caption in captions])  # noqa: E731
+    image_ids = [f"img{image}" for image in reversed(range(9))]
+    image_labels = np.array([int(image_id[3:]) % 4 for image_id in image_ids])
+    images = rng.normal(size=(9, 6)).astype(np.float32)
+
+    report = evaluate_split(text_encoder, tmp_path / "data", "test", images, image_labels, image_ids)
+    captions = np.stack([vectors[caption] for caption, *_ in records])
+    caption_labels = np.array([label for *_, label in records])
+    t2i, t2i_map = _reference_scores(captions, images, caption_labels, image_labels, (1, 5, 10))
+    i2t, i2t_map = _reference_scores(images, captions, image_labels, caption_labels, (1, 5, 10))
+    assert report["data"] == str(tmp_path / "data") and report["split"] == "test"
+    assert (report["images"], report["captions"]) == (9, 18)
+    for name, reference, reference_map in (("text_to_image", t2i, t2i_map), ("image_to_text", i2t, i2t_map)):
+        assert report[name] == pytest.approx({"R@1": reference[1], "R@5": reference[5], "R@10": reference[10],
+                                              "mAP": reference_map}, abs=1e-6)
+    assert report["top_k_accuracy"] == {"k": 9, "percent": 100.0}  # k capped at the 9 images: all found
+    # At k = 1: does each image's first caption ("caption i 0") rank that image first?
+    monkeypatch.setattr(evaluation, "TOP_K_ACCURACY_K", 1)
+    at_one = evaluate_split(text_encoder, tmp_path / "data", "test", images, image_labels, image_ids)["top_k_accuracy"]
+    first = np.stack([vectors[f"caption {image_id[3:]} 0"] for image_id in image_ids])
+    similarities = first.astype(np.float64) @ images.astype(np.float64).T
+    expected = 100.0 * np.mean(similarities.argmax(axis=1) == np.arange(9))
+    assert at_one == {"k": 1, "percent": pytest.approx(expected)} and 0 < expected < 100

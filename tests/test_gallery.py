@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dualenc.retrieval.gallery import FolderGallery, PackedGallery
+from dualenc.retrieval.gallery import FolderGallery, GalleryImage, PackedGallery, embed_skipping_bad, gallery_meta
 from dualenc.data.records import serialize_example, shard_name
 
 COLOURS = {"red": (200, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 200), "grey": (90, 90, 90)}
@@ -125,11 +125,10 @@ def test_packed_embeds_each_readable_image_once_with_its_first_caption(packed):
     assert meta["image_ids"] == ["red.png", "green.png", "blue.png"]
     assert meta["captions"] == ["a red square", "a green square", "a blue square"]
     assert meta["labels"] == [0, 1, 3] and meta["paths"] is None
-    assert meta["skipped"] == [{"image_id": "broken.png", "reason": meta["skipped"][0]["reason"]}]
-    assert "TensorFlow cannot decode the image" in meta["skipped"][0]["reason"]
+    assert meta["skipped"] == [{"image_id": "broken.png", "reason": "TensorFlow cannot decode the image: not an image"}]
     assert embedded == 3 and embeddings.dtype == np.float32
     np.testing.assert_allclose(embeddings, [COLOURS["red"], COLOURS["green"], COLOURS["blue"]])
-    assert "skipping unreadable image broken.png" in log.getvalue()
+    assert f"skipping unreadable image broken.png in split 'test' of {packed.data_dir}: TensorFlow" in log.getvalue()
     assert "changed since it was indexed" not in log.getvalue()
 
     log = io.StringIO()
@@ -143,7 +142,8 @@ def test_folder_embeds_and_then_reuses_unchanged_files(folder):
     assert meta["image_ids"] == ["nested/blue.PNG", "red.png"] and embedded == 3  # the broken one was tried
     assert meta["paths"] == [str(folder.directory.resolve() / name) for name in meta["image_ids"]]
     assert meta["labels"] is None and meta["captions"] is None
-    assert [entry["path"] for entry in meta["skipped"]] == ["broken.jpg"]
+    assert meta["skipped"] == [{"path": "broken.jpg", "reason": "not an image (starts with b'not a jp')",
+                                "size": 10, "mtime_ns": (folder.directory / "broken.jpg").stat().st_mtime_ns}]
     np.testing.assert_allclose(embeddings, [COLOURS["blue"], COLOURS["red"]])
 
     (folder.directory / "grey.bmp").write_bytes(png(COLOURS["grey"]))  # any decodable bytes
@@ -159,3 +159,44 @@ def test_folder_embeds_and_then_reuses_unchanged_files(folder):
 def test_read_images_returns_the_stored_bytes(packed, folder):
     assert packed.read_images(["blue.png", "red.png"]) == {"blue.png": png(COLOURS["blue"]), "red.png": png(COLOURS["red"])}
     assert folder.read_images(["nested/blue.PNG"]) == {"nested/blue.PNG": png(COLOURS["blue"])}
+
+
+class RefusingEncoder(MeanColourEncoder):
+    """`MeanColourEncoder` that also refuses, as TensorFlow would, the `refused` bytes Pillow reads."""
+
+    def __init__(self, refused: bytes):
+        super().__init__()
+        self.refused = refused
+
+    def embed_batch(self, blobs) -> np.ndarray:
+        if self.refused in blobs:
+            raise tf.errors.InvalidArgumentError(None, None, "preamble\nUnsupported layout\n\t [[{{node DecodeImage}}]]")
+        return super().embed_batch(blobs)
+
+
+def test_embed_skipping_bad_gives_tensorflow_s_reason_or_pillow_s_where_it_refuses_too():
+    odd = png(COLOURS["grey"])
+    blobs = [png(COLOURS["red"]), b"junk", odd, png(COLOURS["blue"])]
+    unsupported = "TensorFlow cannot decode the image: Unsupported layout"
+    embeddings, reasons = embed_skipping_bad(RefusingEncoder(odd), blobs, pillow_reasons=True)
+    assert reasons == [None, "not an image (starts with b'junk')", unsupported, None]
+    np.testing.assert_allclose(embeddings, [COLOURS["red"], COLOURS["blue"]])
+    _, reasons = embed_skipping_bad(RefusingEncoder(odd), blobs, pillow_reasons=False)
+    assert reasons == [None, "TensorFlow cannot decode the image: not an image", unsupported, None]
+    embeddings, reasons = embed_skipping_bad(MeanColourEncoder(), [png(COLOURS["red"])], pillow_reasons=True)
+    assert reasons == [None] and embeddings.shape == (1, 3)
+
+
+def test_gallery_meta_keys_skips_by_image_id_in_a_split_and_by_path_in_a_folder(tmp_path):
+    rows = [(GalleryImage("b.png", 1, "bee", 10, 7), None), (GalleryImage("z.png", 2, "zed", 5, 8), "broken"),
+            (GalleryImage("a.png", 0, "ay", 3, 9), "empty"), (GalleryImage("c.png", 3, "sea", 4, 6), None)]
+    assert gallery_meta(rows, None) == {
+        "image_ids": ["b.png", "c.png"], "paths": None, "labels": [1, 3], "captions": ["bee", "sea"],
+        "skipped": [{"image_id": "z.png", "reason": "broken"}, {"image_id": "a.png", "reason": "empty"}],
+    }
+    assert gallery_meta(rows, tmp_path) == {
+        "image_ids": ["b.png", "c.png"], "paths": [str(tmp_path / "b.png"), str(tmp_path / "c.png")],
+        "labels": None, "captions": None, "files": [["b.png", 10, 7], ["c.png", 4, 6]],
+        "skipped": [{"path": "a.png", "reason": "empty", "size": 3, "mtime_ns": 9},
+                    {"path": "z.png", "reason": "broken", "size": 5, "mtime_ns": 8}],
+    }

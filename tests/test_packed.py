@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from dualenc.core.errors import DualEncError
-from dualenc.data.packed import distinct_images, distinct_records, first_occurrences, read_batches, record_dataset, split_captions
-from dualenc.data.records import CAPTION, IMAGE_ID, serialize_example, shard_name
+from dualenc.data.packed import (
+    distinct_images,
+    distinct_records,
+    first_positions,
+    first_records,
+    read_batches,
+    record_dataset,
+    split_captions,
+)
+from dualenc.data.records import CAPTION, IMAGE_ID, shard_name
+from tests.support.packed import write_packed_shards
 
 # (caption, image_id, label) per shard of "train"; images repeat within and across shards, and
 # one caption ("a dog") belongs to two images.
@@ -29,20 +35,9 @@ def _image_bytes(image_id: str, label: int) -> bytes:
 @pytest.fixture
 def packed(tmp_path):
     data_dir = tmp_path / "packed"
-    data_dir.mkdir()
-    splits = {}
-    for split, shards in (("train", TRAIN), ("empty", [])):
-        names = [shard_name(split, index, len(shards)) for index in range(len(shards))]
-        for name, rows in zip(names, shards):
-            with tf.io.TFRecordWriter(str(data_dir / name)) as writer:
-                for caption, image_id, label in rows:
-                    writer.write(serialize_example(caption, _image_bytes(image_id, label), image_id, label))
-        rows = [row for shard in shards for row in shard]
-        splits[split] = {
-            "pairs": len(rows), "images": len({row[1] for row in rows}), "ids": len({row[2] for row in rows}),
-            "shards": names, "sha256": {name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest() for name in names},
-        }
-    (data_dir / "manifest.json").write_text(json.dumps({"format_version": 1, "splits": splits}))
+    train = [[(caption, _image_bytes(image_id, label), image_id, label) for caption, image_id, label in shard]
+             for shard in TRAIN]
+    write_packed_shards(data_dir, {"train": train, "empty": []})
     return data_dir
 
 
@@ -80,17 +75,41 @@ def test_distinct_images_are_each_image_once_with_its_first_caption_and_label(pa
     assert got["image"].tolist() == [record["image"] for record in expected]
 
 
-def test_distinct_records_by_caption_and_first_occurrences(packed):
+def test_distinct_records_by_caption(packed):
     records = raw_records(packed, "train")
     expected = [record["caption"] for record in first_of_each(records, "caption")]
     got = [tf.io.parse_single_example(record, {CAPTION: tf.io.FixedLenFeature([], tf.string)})[CAPTION].numpy().decode()
            for record in distinct_records(packed, "train", key=CAPTION)]
     assert got == expected and got.count("a dog") == 1
-    positions, count = first_occurrences(packed, "train", IMAGE_ID)
-    assert count == len(records) == 7 and positions.tolist() == [0, 1, 3, 5]
     # The pipeline is reusable: a second pass gives the same records.
     again = distinct_records(packed, "train")
     assert list(again.as_numpy_iterator()) == list(again.as_numpy_iterator())
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 1024])
+def test_first_records_locate_each_image_s_first_record(packed, batch_size):
+    expected = first_of_each(raw_records(packed, "train"), "image_id")
+    found = list(first_records(packed, "train", (CAPTION,), batch_size=batch_size))
+    # Shard 0 holds a, b, a; shard 1 holds c, b, d, c: b's first record is in shard 0.
+    assert [(record.shard, record.ordinal) for record in found] == [(0, 0), (0, 1), (1, 0), (1, 2)]
+    assert [record.features[IMAGE_ID].decode() for record in found] == [record["image_id"] for record in expected]
+    assert [record.features[CAPTION].decode() for record in found] == [record["caption"] for record in expected]
+    for record, reference in zip(found, expected):
+        serialized = record.path.read_bytes()[record.offset:record.offset + record.length]
+        assert tf.train.Example.FromString(serialized).features.feature["image"].bytes_list.value[0] == reference["image"]
+
+
+def test_first_records_of_one_shard_keep_its_own_firsts(packed):
+    found = list(first_records(packed, "train", shards=[1]))
+    assert [(record.shard, record.ordinal, record.features[IMAGE_ID]) for record in found] == [
+        (1, 0, b"c.png"), (1, 1, b"b.png"), (1, 2, b"d.png")]
+
+
+def test_first_positions_remember_what_earlier_batches_held():
+    seen: set = set()
+    assert first_positions(["a", "b", "a"], seen) == [0, 1]
+    assert first_positions(["c", "b", "c", "d"], seen) == [0, 3]
+    assert seen == {"a", "b", "c", "d"}
 
 
 def test_split_captions_are_every_record_in_packing_order(packed):

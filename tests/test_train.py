@@ -7,7 +7,6 @@ the feature cache) are shared by most tests; only the kill/resume test trains in
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -23,72 +22,37 @@ from PIL import Image
 
 import train
 from tests.support.training import (
-    FROZEN_VISION,
+    FROZEN_VISION_EPOCHS,
     TINY_FLAGS,
+    TrainedRun,
     copy_dataset,
     csv_rows,
     file_stamps,
+    frozen_vision_flags,
     subprocess_env,
     train_command,
+    train_in_process,
     write_json,
 )
 
-EPOCHS = 2
+EPOCHS = FROZEN_VISION_EPOCHS
 METRIC_NAMES = [f"{direction}_{name}" for direction in ("t2i", "i2t") for name in ("r1", "r5", "r10", "map")]
 # Longest wait for the killed run to log its second epoch (first epoch includes tracing).
 KILL_WAIT_SECONDS = 240
 
 
-@dataclasses.dataclass
-class TrainedRun:
-    """One finished `train.main` call: its flags, where it ran, its run directory, the model it exported."""
-
-    flags: list[str]
-    workdir: Path
-    cache_dir: Path
-    run_dir: Path
-    model: object
-    exit_code: int
-
-
-def _train_in_process(workdir: Path, cache_dir: Path, flags: list[str]) -> TrainedRun:
-    """`train.main(flags)` run in `workdir`, keeping the DualEncoder it exports for comparison."""
-    import dualenc.training.loop
-
-    workdir.mkdir(parents=True)
-    exported = {}
-    export_encoders = dualenc.training.loop.export_encoders
-
-    def export_and_keep(run_dir, **kwargs):
-        exported["model"] = kwargs["encode_images"].__self__
-        export_encoders(run_dir, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        patch.setenv("DUALENC_CACHE", str(cache_dir))
-        patch.setattr(dualenc.training.loop, "export_encoders", export_and_keep)
-        exit_code = train.main(flags)
-    return TrainedRun(flags, workdir, cache_dir, (workdir / "runs" / "latest").resolve(), exported.get("model"), exit_code)
-
-
-def _frozen_vision_flags(tmp_path_factory, demo_data: Path) -> list[str]:
-    config = write_json(tmp_path_factory.mktemp("config") / "frozen_vision.json", FROZEN_VISION)
-    return ["--data", str(demo_data), "--config", str(config), "--epochs", str(EPOCHS), *TINY_FLAGS]
-
-
 @pytest.fixture(scope="module")
-def cached_run(tmp_path_factory, demo_data) -> TrainedRun:
-    """Frozen small CNN (features cached), trained BiLSTM: the run most tests inspect."""
-    base = tmp_path_factory.mktemp("cached")
-    return _train_in_process(base / "work", base / "cache", _frozen_vision_flags(tmp_path_factory, demo_data))
+def cached_run(frozen_vision_run) -> TrainedRun:
+    """Frozen small CNN (features cached), trained BiLSTM: the run most tests inspect, shared with test_service."""
+    return frozen_vision_run
 
 
 @pytest.fixture(scope="module")
 def uncached_run(tmp_path_factory, demo_data) -> TrainedRun:
     """The same configuration as `cached_run`, running the frozen tower on every batch."""
     base = tmp_path_factory.mktemp("uncached")
-    flags = _frozen_vision_flags(tmp_path_factory, demo_data) + ["--no-feature-cache"]
-    return _train_in_process(base / "work", base / "cache", flags)
+    flags = frozen_vision_flags(base, demo_data) + ["--no-feature-cache"]
+    return train_in_process(base / "work", base / "cache", flags)
 
 
 @pytest.mark.slow
@@ -112,8 +76,10 @@ def test_demo_run_writes_config_encoders_curves_metrics_and_log(cached_run):
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["epochs_trained"] == EPOCHS
-    for name in METRIC_NAMES:
-        assert 0.0 <= metrics[name] <= 100.0, name
+    for direction in ("text_to_image", "image_to_text"):
+        assert set(metrics[direction]) == {"R@1", "R@5", "R@10", "mAP"}
+        for name, value in metrics[direction].items():
+            assert 0.0 <= value <= 100.0, (direction, name)
 
     rows = csv_rows(run_dir / "training_log.csv")
     assert [row["epoch"] for row in rows] == [str(epoch) for epoch in range(EPOCHS)]
@@ -219,6 +185,71 @@ def test_exported_encoders_match_the_trained_towers_in_a_fresh_process(cached_ru
     np.testing.assert_allclose(served_captions, expected_captions, atol=1e-5)
     # Not trivially equal: the test images are not all embedded alike.
     assert np.ptp(served_images, axis=0).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_metrics_json_holds_what_search_evaluate_computes(demo_data, tmp_path):
+    from dualenc.data.manifest import default_split, load_manifest
+    from dualenc.export.encoders import TEXT_ENCODER_DIR, load_encoder
+    from dualenc.retrieval.evaluation import evaluate_split
+    from dualenc.retrieval.gallery import PackedGallery
+    from dualenc.retrieval.index import open_index
+
+    # The demo's test split holds one person, where any model scores 100 %: score the run on
+    # the training shards instead (ten people), so a different answer would show.
+    data = copy_dataset(demo_data, tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["test"] = manifest["splits"]["train"]
+    write_json(data / "manifest.json", manifest)
+    run = train_in_process(tmp_path / "work", tmp_path / "cache", ["--data", str(data), "--epochs", "1", *TINY_FLAGS])
+    assert run.exit_code == 0
+    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+
+    split = default_split(load_manifest(data), data)
+    # search.py --evaluate's question: the split's images embedded anew by the exported vision
+    # encoder (not the index training kept), the captions by the exported text encoder.
+    index = open_index(run.run_dir, PackedGallery(data, split), rebuild=True)
+    text_encoder = load_encoder(run.run_dir / TEXT_ENCODER_DIR)
+    report = evaluate_split(text_encoder, data, split, index.embeddings, index.labels, index.image_ids)
+    assert report["split"] == metrics["split"] == "test"
+    assert {key: metrics[key] for key in report} == report
+    assert report["captions"] > report["images"] > 10
+    assert report["text_to_image"]["mAP"] < 100.0 and report["image_to_text"]["mAP"] < 100.0
+
+
+# --- progress output --------------------------------------------------------------------------
+
+
+def test_keras_progress_bar_only_on_a_terminal():
+    from dualenc.training.loop import keras_verbosity
+
+    class Stream:
+        def __init__(self, terminal: bool):
+            self.terminal = terminal
+
+        def isatty(self) -> bool:
+            return self.terminal
+
+    assert keras_verbosity(1, Stream(terminal=True)) == 1
+    assert keras_verbosity(1, Stream(terminal=False)) == 2
+    assert keras_verbosity(0, Stream(terminal=True)) == keras_verbosity(0, Stream(terminal=False)) == 0
+
+
+@pytest.mark.slow
+def test_progress_piped_to_a_file_is_plain_lines(demo_data, tmp_path):
+    completed = subprocess.run(
+        train_command("--data", str(demo_data), "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path / "run")),
+        cwd=tmp_path, env=subprocess_env(tmp_path / "cache"), capture_output=True, timeout=300,
+    )
+    # Bytes decoded by hand: text=True would turn every "\r" into "\n" before the check.
+    stdout, stderr = completed.stdout.decode(), completed.stderr.decode()
+    assert completed.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    # Progress is still reported: Keras' epoch lines and our summaries.
+    assert "Epoch 2/2" in stdout and len(re.findall(r"^\d+/\d+ - .* - loss: ", stdout, re.MULTILINE)) == 2
+    assert re.search(r"^epoch 2/2 \| loss ", stdout, re.MULTILINE)
+    for name, output in (("stdout", stdout), ("stderr", stderr)):
+        assert "\x1b[" not in output, f"ANSI escape codes in {name}"
+        assert "\r" not in output, f"carriage returns in {name}"
 
 
 # --- bad input: exit 2, one line, nothing written -------------------------------------------

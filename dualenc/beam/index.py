@@ -9,13 +9,16 @@ cannot tell which path built it. The pipeline:
         GroupByKey(work item) ─ write one embedding shard + its rows
 
 - packed split: one work item per TFRecord shard; each distinct ``image_id`` is embedded once,
-  at its first record in packing order (a GroupByKey on ``image_id`` finds it across shards);
+  at its first record in packing order: `dualenc.data.packed.first_records` reads each shard,
+  and a GroupByKey on ``image_id`` keeps the least (shard, record) across shards, which is the
+  rule `first_records` applies to a whole split on the local path;
 - folder: the sorted image files in chunks of `FOLDER_CHUNK`, read and canonicalised by
-  `dualenc.data.images.prepare_images` (the function the local path uses), unreadable ones skipped
-  with their reason.
+  `dualenc.retrieval.gallery.read_folder_images`, the local path's reader, unreadable ones
+  skipped with their reason.
 
-Images TensorFlow cannot decode are skipped with the kernel's reason, as locally
-(`dualenc.retrieval.gallery.embed_skipping_bad` is the inference function's fallback). Each embedding
+Images the encoder refuses are skipped by `dualenc.retrieval.gallery.embed_skipping_bad`, the
+local path's rule and reasons, and the meta is built by its `Gallery.meta`, so the index equals
+the local one. Each embedding
 shard (``embeddings-NNNNN.npy`` + ``rows-NNNNN.json``) is written to a hidden work directory
 beside the index, atomically and idempotently per work item, so a retried bundle rewrites the
 same files. The driver then streams the shards into the index (`write_index_streamed`),
@@ -24,6 +27,8 @@ never holding more than one shard, and removes the work directory.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -54,60 +59,53 @@ def _shard_names(group: int) -> tuple[str, str]:
     return f"{EMBEDDINGS_PREFIX}{group:05d}.npy", f"{ROWS_PREFIX}{group:05d}.json"
 
 
-def _read_packed_shard(item: tuple[int, str]) -> Iterator[tuple[str, tuple]]:
-    """The first record of each image in one TFRecord shard: ``(image_id, (position, row, bytes))``."""
-    tf = import_tensorflow()
-    from dualenc.data.records import parse_example
+def _read_packed_shard(item: tuple[str, str, int]) -> Iterator[tuple[str, tuple]]:
+    """The first record of each image in one shard of a split (`first_records`):
+    ``(image_id, ((shard, ordinal), image, bytes))``."""
+    from dualenc.data.packed import first_records
+    from dualenc.data.records import CAPTION, IMAGE, IMAGE_ID, LABEL
+    from dualenc.retrieval.gallery import EMBED_BATCH, GalleryImage
 
-    group, path = item
-    seen = set()
-    for ordinal, serialized in enumerate(tf.data.TFRecordDataset(path)):
-        features = parse_example(serialized)
-        image_id = features["image_id"].numpy().decode("utf-8")
-        if image_id in seen:
-            continue
-        seen.add(image_id)
-        row = {"image_id": image_id, "label": int(features["label"].numpy()),
-               "caption": features["caption"].numpy().decode("utf-8")}
-        yield image_id, ((group, ordinal), row, features["image"].numpy())
+    data_dir, split, shard = item
+    for record in first_records(data_dir, split, (IMAGE, CAPTION, LABEL), shards=[shard], batch_size=EMBED_BATCH):
+        features = record.features
+        image = GalleryImage(features[IMAGE_ID].decode("utf-8"), int(features[LABEL]), features[CAPTION].decode("utf-8"))
+        yield image.image_id, ((record.shard, record.ordinal), image, features[IMAGE])
 
 
 def _first_occurrence(grouped: tuple[str, Iterable[tuple]]) -> tuple:
+    """Of one image's first records in several shards, the earliest in packing order."""
     _, occurrences = grouped
     return min(occurrences, key=lambda occurrence: occurrence[0])
 
 
 def _read_folder_chunk(item: tuple[int, str, list[list]]):
-    """Each file of a folder chunk: ``(position, row, bytes)``, or a tagged skip with its reason."""
+    """Each file of a folder chunk (`read_folder_images`): ``(position, image, bytes)``, or a
+    tagged skip with its reason."""
     import apache_beam as beam
 
-    from dualenc.data.images import prepare_images
+    from dualenc.retrieval.gallery import GalleryImage, read_folder_images
 
     group, directory, files = item
-    for ordinal, ((name, size, mtime), (blob, reason)) in enumerate(
-            zip(files, prepare_images([str(Path(directory) / name) for name, _, _ in files], None))):
-        row = {"image_id": name, "size": size, "mtime_ns": mtime}
+    images = [GalleryImage(name, size=size, mtime_ns=mtime) for name, size, mtime in files]
+    for ordinal, (image, (blob, reason)) in enumerate(
+            zip(images, read_folder_images(Path(directory), [image.image_id for image in images]))):
         if blob is None:
-            yield beam.pvalue.TaggedOutput("skipped", (group, (ordinal, row, None, reason)))
+            yield beam.pvalue.TaggedOutput("skipped", (group, (ordinal, image, None, reason)))
         else:
-            yield (group, ordinal), row, blob
+            yield (group, ordinal), image, blob
 
 
-def _embed_or_explain(encoder, batch, inference_args, model_id=None):
-    """RunInference's inference function: one embedding row per image, or the reason TensorFlow
-    could not decode it (a whole batch is retried image by image to find the bad ones)."""
+def _embed_or_explain(encoder, batch, inference_args, model_id=None, *, pillow_reasons: bool):
+    """RunInference's inference function (`embed_skipping_bad`): per image its embedding row, or
+    the reason it is skipped."""
     from apache_beam.ml.inference.base import PredictionResult
 
     from dualenc.retrieval.gallery import embed_skipping_bad
 
-    names = [str(position) for position in range(len(batch))]
-    embeddings, kept, bad = embed_skipping_bad(encoder, names, list(batch))
-    results: list = [None] * len(batch)
-    for row, position in zip(embeddings, kept):
-        results[position] = row
-    for name, reason in bad:
-        results[int(name)] = reason
-    return [PredictionResult(None, result, model_id) for result in results]
+    embeddings, reasons = embed_skipping_bad(encoder, list(batch), pillow_reasons)
+    rows = iter(embeddings)
+    return [PredictionResult(None, next(rows) if reason is None else reason, model_id) for reason in reasons]
 
 
 class VisionEncoderHandler(TFModelHandlerTensor):
@@ -117,8 +115,9 @@ class VisionEncoderHandler(TFModelHandlerTensor):
     ``load_model``, which the base class calls, does not read SavedModels.
     """
 
-    def __init__(self, encoder_dir: Path, batch_size: int):
-        super().__init__(str(encoder_dir), inference_fn=_embed_or_explain, min_batch_size=1, max_batch_size=batch_size)
+    def __init__(self, encoder_dir: Path, batch_size: int, pillow_reasons: bool):
+        inference_fn = functools.partial(_embed_or_explain, pillow_reasons=pillow_reasons)
+        super().__init__(str(encoder_dir), inference_fn=inference_fn, min_batch_size=1, max_batch_size=batch_size)
         self.batch_size = batch_size
 
     def load_model(self):
@@ -127,20 +126,20 @@ class VisionEncoderHandler(TFModelHandlerTensor):
         return load_encoder(Path(self._model_uri), batch_size=self.batch_size)
 
 
-def _vision_handler(encoder_dir: Path, batch_size: int):
-    """`VisionEncoderHandler`, keyed by image position (and its row of metadata)."""
+def _vision_handler(encoder_dir: Path, batch_size: int, pillow_reasons: bool):
+    """`VisionEncoderHandler`, keyed by image position (and its `GalleryImage`)."""
     from apache_beam.ml.inference.base import KeyedModelHandler
 
-    return KeyedModelHandler(VisionEncoderHandler(encoder_dir, batch_size))
+    return KeyedModelHandler(VisionEncoderHandler(encoder_dir, batch_size, pillow_reasons))
 
 
 def _to_group(keyed_result) -> tuple[int, tuple]:
-    (position, row), prediction = keyed_result
+    (position, image), prediction = keyed_result
     group, ordinal = position
     inference = prediction.inference
     if isinstance(inference, str):
-        return group, (ordinal, row, None, inference)
-    return group, (ordinal, row, np.asarray(inference, np.float32), None)
+        return group, (ordinal, image, None, inference)
+    return group, (ordinal, image, np.asarray(inference, np.float32), None)
 
 
 def write_embedding_shard(grouped: tuple[int, Iterable[tuple]], work_dir: str) -> int:
@@ -153,7 +152,7 @@ def write_embedding_shard(grouped: tuple[int, Iterable[tuple]], work_dir: str) -
     matrix = np.stack([result[2] for result in embedded]) if embedded else np.zeros((0, 0), np.float32)
     with atomic_file(Path(work_dir) / embeddings_name) as temporary, open(temporary, "wb") as stream:
         np.save(stream, matrix)
-    rows = [{**row, "reason": reason} for _, row, _, reason in results]
+    rows = [{"image": dataclasses.asdict(image), "reason": reason} for _, image, _, reason in results]
     write_json_atomic(Path(work_dir) / rows_name, rows)  # last: a shard counts once its rows exist
     return len(embedded)
 
@@ -163,12 +162,12 @@ def build_pipeline(pipeline, gallery, encoder_dir: Path, work_dir: Path, batch_s
     import apache_beam as beam
     from apache_beam.ml.inference.base import RunInference
 
-    from dualenc.retrieval.gallery import FolderGallery, PackedGallery, folder_files
     from dualenc.data.manifest import load_manifest
+    from dualenc.retrieval.gallery import FolderGallery, PackedGallery, folder_files
 
     if isinstance(gallery, PackedGallery):
         summary = load_manifest(gallery.data_dir).split(gallery.split, gallery.data_dir)
-        shards = [(group, str(Path(gallery.data_dir) / name)) for group, name in enumerate(summary.shards)]
+        shards = [(str(gallery.data_dir), gallery.split, shard) for shard in range(len(summary.shards))]
         images = (
             pipeline
             | "shards" >> beam.Create(shards)
@@ -177,7 +176,7 @@ def build_pipeline(pipeline, gallery, encoder_dir: Path, work_dir: Path, batch_s
             | "by image_id" >> beam.GroupByKey()
             | "first occurrence" >> beam.Map(_first_occurrence)
         )
-        unreadable = None
+        unreadable, pillow_reasons = None, False
     elif isinstance(gallery, FolderGallery):
         directory = gallery.directory.resolve()
         files = folder_files(directory)
@@ -189,13 +188,13 @@ def build_pipeline(pipeline, gallery, encoder_dir: Path, work_dir: Path, batch_s
             | "spread over workers" >> beam.Reshuffle()
             | "read images" >> beam.FlatMap(_read_folder_chunk).with_outputs("skipped", main="images")
         )
-        images, unreadable = read.images, read.skipped
+        images, unreadable, pillow_reasons = read.images, read.skipped, True
     else:
         raise DualEncError(f"the Beam path indexes packed splits and folders, not {gallery.description}")
     embedded = (
         images
         | "key by position" >> beam.Map(lambda image: ((image[0], image[1]), image[2]))
-        | "embed" >> RunInference(_vision_handler(encoder_dir, batch_size))
+        | "embed" >> RunInference(_vision_handler(encoder_dir, batch_size, pillow_reasons))
         | "by work item" >> beam.Map(_to_group)
     )
     results = embedded if unreadable is None else (embedded, unreadable) | "with skips" >> beam.Flatten()
@@ -206,35 +205,17 @@ def build_pipeline(pipeline, gallery, encoder_dir: Path, work_dir: Path, batch_s
     )
 
 
-def _row_lists(work_dir: Path) -> list[tuple[Path, list[dict]]]:
-    """``(embeddings file, rows)`` per embedding shard, in work-item order."""
+def _row_lists(work_dir: Path) -> list[tuple[Path, list[tuple]]]:
+    """``(embeddings file, rows)`` per embedding shard, in work-item order; a row is
+    ``(GalleryImage, reason or None)``."""
+    from dualenc.retrieval.gallery import GalleryImage
+
     shards = []
     for rows_path in sorted(work_dir.glob(f"{ROWS_PREFIX}*.json")):
         group = int(rows_path.stem[len(ROWS_PREFIX):])
-        shards.append((work_dir / _shard_names(group)[0], json.loads(rows_path.read_text(encoding="utf-8"))))
+        rows = [(GalleryImage(**row["image"]), row["reason"]) for row in json.loads(rows_path.read_text(encoding="utf-8"))]
+        shards.append((work_dir / _shard_names(group)[0], rows))
     return shards
-
-
-def _meta(gallery, rows: list[dict]) -> dict:
-    """The per-row meta `Gallery.embed` returns for this kind of gallery, from the rows in order."""
-    from dualenc.retrieval.gallery import PackedGallery
-
-    kept = [row for row in rows if row["reason"] is None]
-    bad = [row for row in rows if row["reason"] is not None]
-    if isinstance(gallery, PackedGallery):
-        return {"image_ids": [row["image_id"] for row in kept], "paths": None,
-                "labels": [row["label"] for row in kept], "captions": [row["caption"] for row in kept],
-                "skipped": [{"image_id": row["image_id"], "reason": row["reason"]} for row in bad]}
-    directory = gallery.directory.resolve()
-    return {
-        "image_ids": [row["image_id"] for row in kept],
-        "paths": [str(directory / row["image_id"]) for row in kept],
-        "labels": None,
-        "captions": None,
-        "files": [[row["image_id"], row["size"], row["mtime_ns"]] for row in kept],
-        "skipped": sorted(({"path": row["image_id"], "reason": row["reason"], "size": row["size"],
-                            "mtime_ns": row["mtime_ns"]} for row in bad), key=lambda entry: entry["path"]),
-    }
 
 
 def _check_writable(directory: Path) -> None:
@@ -275,7 +256,7 @@ def build_index_with_beam(run_dir: Path, gallery, options, *, float16: bool = Fa
     """
     import apache_beam as beam
 
-    from dualenc.retrieval.gallery import EMBED_BATCH
+    from dualenc.retrieval.gallery import EMBED_BATCH, report_skipped
     from dualenc.retrieval.index import (
         COMPRESSED_NAME,
         complete_meta,
@@ -299,7 +280,7 @@ def build_index_with_beam(run_dir: Path, gallery, options, *, float16: bool = Fa
             build_pipeline(pipeline, gallery, encoder_dir, work_dir, batch_size or EMBED_BATCH)
         shards = _row_lists(work_dir)
         rows = [row for _, shard_rows in shards for row in shard_rows]
-        meta = _meta(gallery, rows)
+        meta = gallery.meta(rows)
         if not meta["image_ids"]:
             raise DualEncError(f"{gallery.description} has no readable images; pass another --gallery or --data/--split")
         blocks = (np.load(path, mmap_mode="r") for path, _ in shards)
@@ -318,6 +299,5 @@ def build_index_with_beam(run_dir: Path, gallery, options, *, float16: bool = Fa
         write_index_streamed(index_dir, meta, fill)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    for entry in meta["skipped"]:
-        print(f"skipping unreadable image {entry.get('path', entry.get('image_id'))}: {entry['reason']}", file=log)
+    report_skipped(gallery.description, [(image, reason) for image, reason in rows if reason is not None], log)
     return load_index(index_dir, embedded=len(meta["image_ids"]))

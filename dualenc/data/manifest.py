@@ -34,6 +34,8 @@ from dualenc.core.files import write_json_atomic
 from dualenc.data.records import FORMAT_VERSION, MANIFEST_NAME
 
 PACK_HINT = "re-pack the dataset"
+# Held-out split names, in the order `default_split` prefers them.
+TEST_SPLITS = ("test", "val", "valid", "validation")
 
 
 def manifest_path(data_dir: str | Path) -> Path:
@@ -181,6 +183,19 @@ class Manifest:
         if not (allow_empty or self.splits[name].pairs):
             raise DualEncError(f"split {name!r} in {data_dir} is empty; valid splits: {valid}")
         return self.splits[name]
+
+
+def default_split(manifest: Manifest, data_dir: str | Path) -> str:
+    """The split searched, evaluated and finally scored when none is named: "test", else the
+    first of val/valid/validation, else the first non-empty split in manifest order.
+
+    The one rule for ``search.py`` and training alike; `DualEncError` naming `data_dir` when no
+    split holds a pair.
+    """
+    names = [name for name, summary in manifest.splits.items() if summary.pairs]
+    if not names:
+        raise DualEncError(f"packed dataset {data_dir} has no non-empty split; {PACK_HINT}")
+    return next((name for name in TEST_SPLITS if name in names), names[0])
 
 
 def read_manifest_file(path: str | Path) -> Manifest:

@@ -8,10 +8,12 @@ folders the label is the image itself, so it is the usual one-true-match protoco
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
+from dualenc.data.packed import first_positions, split_captions
 from dualenc.retrieval.metrics import mean_average_precision, recall_at_k, top_k_accuracy
 
 KS = (1, 5, 10)
@@ -49,12 +51,8 @@ def embed_split(
         labels = np.asarray(batch["label"]).reshape(-1)
         caption_labels.append(labels)
         ids = [value.decode("utf-8") for value in np.asarray(batch["image_id"]).reshape(-1)]
-        first = []
-        for row, image_id in enumerate(ids):
-            if image_id not in seen:
-                seen.add(image_id)
-                first.append(row)
-                image_ids.append(image_id)
+        first = first_positions(ids, seen)
+        image_ids += [ids[row] for row in first]
         if first:
             images = np.asarray(batch[image_key])[first]
             image_parts.append(np.asarray(encode_images(images)))
@@ -114,3 +112,32 @@ def retrieval_report(embeddings: SplitEmbeddings, first_caption_embeddings: np.n
             "percent": top_k_accuracy(first_caption_embeddings, embeddings.image_embeddings, np.arange(images), k=accuracy_k),
         },
     }
+
+
+def evaluate_split(
+    text_encoder: Callable[[list[str]], np.ndarray],
+    data_dir: str | Path,
+    split: str,
+    image_embeddings: np.ndarray,
+    image_labels: Sequence[int],
+    image_ids: Sequence[str],
+) -> dict:
+    """The retrieval report of a packed split: ``data``, ``split`` and `retrieval_report`'s keys.
+
+    The one evaluation of a trained run, shared by ``train.py`` (its ``metrics.json``) and
+    ``search.py --evaluate``. `text_encoder` is the run's exported text encoder (captions ->
+    unit rows (N, D)); the images are the split's distinct images as its gallery index holds
+    them (embeddings (I, D), labels, ids). Every caption of `split` queries the images; each
+    image's first caption in packing order is its top-k accuracy query.
+    """
+    captions = split_captions(data_dir, split)
+    first_caption = {captions.image_ids[row]: captions.captions[row] for row in first_positions(captions.image_ids, set())}
+    embeddings = SplitEmbeddings(
+        caption_embeddings=text_encoder(captions.captions),
+        caption_labels=np.asarray(captions.labels),
+        image_embeddings=np.asarray(image_embeddings),
+        image_labels=np.asarray(image_labels),
+        image_ids=list(image_ids),
+    )
+    report = retrieval_report(embeddings, text_encoder([first_caption[image_id] for image_id in image_ids]))
+    return {"data": str(data_dir), "split": split, **report}

@@ -10,7 +10,10 @@ each implementation owns what differs:
   recursively. Its fingerprint is the sha256 of the sorted (relative path, size, mtime_ns) list of its image files; a changed
   folder is updated incrementally (only new or modified files are embedded, deleted ones dropped).
 
-Images that cannot be decoded are skipped and listed with their reason, never fatal.
+Images that cannot be decoded are skipped and listed with their reason, never fatal. What is
+the same for every kind, and for the Beam index (`dualenc.beam.index`), lives here once:
+`read_folder_images` reads a folder's files, `embed_skipping_bad` embeds a batch and says why
+an image was skipped, `gallery_meta` builds the per-row meta an index stores.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol, TextIO
 
 import numpy as np
@@ -35,7 +38,7 @@ from dualenc.core.errors import DualEncError
 from dualenc.export.encoders import LoadedEncoder
 from dualenc.data.images import SUPPORTED_SUFFIXES, pillow_reason, read_image_files
 from dualenc.data.manifest import load_manifest
-from dualenc.data.packed import distinct_images, read_batches
+from dualenc.data.packed import distinct_images, first_records
 from dualenc.data.records import CAPTION, IMAGE, IMAGE_ID, LABEL
 
 # Images per encoder call: MobileNetV2 at 224x224 costs ~5 % less CPU per image in batches of 16
@@ -78,6 +81,63 @@ class Gallery(Protocol):
     def read_images(self, image_ids: list[str]) -> dict[str, bytes]:
         """Encoded bytes of the given images, by image_id."""
 
+    def meta(self, rows: Sequence[tuple[GalleryImage, str | None]]) -> dict:
+        """`gallery_meta` of `rows` for this gallery: what `embed` returns, for an index built elsewhere (Beam)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GalleryImage:
+    """One image of a gallery as its listing gives it, before it is embedded or skipped.
+
+    `image_id` names it in every kind (a folder file's is its path relative to the folder). A
+    packed split's image carries its first record's `label` and `caption`; a folder's file its
+    `size` and `mtime_ns`, by which an unchanged file keeps its row, or its skip, when the
+    folder is indexed again.
+    """
+
+    image_id: str
+    label: int | None = None
+    caption: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+
+
+def gallery_meta(rows: Sequence[tuple[GalleryImage, str | None]], directory: Path | None) -> dict:
+    """The per-row meta of an index (see `Gallery`) from each image and why it was skipped (None:
+    embedded), the embedded ones in row order: the one builder, for every gallery and the Beam path.
+
+    `directory` is a folder gallery's resolved folder, None for a packed split. A skipped entry
+    names its image by the key ``meta.json`` has always used for that kind, which other tools
+    read: ``image_id`` for a packed split (in packing order); for a folder ``path`` (relative to
+    it), with ``size`` and ``mtime_ns`` so the file is tried again once it changes (sorted by path).
+    """
+    embedded = [image for image, reason in rows if reason is None]
+    skipped = [(image, reason) for image, reason in rows if reason is not None]
+    image_ids = [image.image_id for image in embedded]
+    if directory is None:
+        return {
+            "image_ids": image_ids,
+            "paths": None,
+            "labels": [image.label for image in embedded],
+            "captions": [image.caption for image in embedded],
+            "skipped": [{"image_id": image.image_id, "reason": reason} for image, reason in skipped],
+        }
+    return {
+        "image_ids": image_ids,
+        "paths": [str(directory / image_id) for image_id in image_ids],
+        "labels": None,
+        "captions": None,
+        "files": [[image.image_id, image.size, image.mtime_ns] for image in embedded],
+        "skipped": sorted(({"path": image.image_id, "reason": reason, "size": image.size, "mtime_ns": image.mtime_ns}
+                           for image, reason in skipped), key=lambda entry: entry["path"]),
+    }
+
+
+def report_skipped(description: str, skipped: Iterable[tuple[GalleryImage, str]], log: TextIO) -> None:
+    """One line per image newly skipped in the gallery `description`, with its reason."""
+    for image, reason in skipped:
+        print(f"skipping unreadable image {image.image_id} in {description}: {reason}", file=log)
+
 
 def _content_hash(content: object) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
@@ -109,21 +169,22 @@ class PackedGallery:
     ) -> tuple[dict, np.ndarray, int]:
         if previous is not None:
             print(f"{self.description} changed since it was indexed; rebuilding the index", file=log)
-        meta, embeddings = _embed_packed(encoder, self)
-        for entry in meta["skipped"]:
-            print(f"skipping unreadable image {entry['image_id']} in {self.data_dir}: {entry['reason']}", file=log)
+        meta, embeddings = _embed_packed(encoder, self, log)
         return meta, embeddings, len(embeddings)
 
+    def meta(self, rows: Sequence[tuple[GalleryImage, str | None]]) -> dict:
+        return gallery_meta(rows, None)
+
     def read_images(self, image_ids: list[str]) -> dict[str, bytes]:
-        """Found by scanning the split in packing order, stopping once all are found."""
+        """Each from its first record (`first_records`), scanning the split in packing order
+        until all are found."""
         wanted, found = set(image_ids), {}
-        for batch in read_batches(self.data_dir, self.split, (IMAGE_ID, IMAGE), batch_size=EMBED_BATCH):
-            for image_id, blob in zip(batch[IMAGE_ID], batch[IMAGE]):
-                image_id = image_id.decode("utf-8")
-                if image_id in wanted and image_id not in found:
-                    found[image_id] = blob
+        for record in first_records(self.data_dir, self.split, (IMAGE,), batch_size=EMBED_BATCH):
             if len(found) == len(wanted):
                 break
+            image_id = record.features[IMAGE_ID].decode("utf-8")
+            if image_id in wanted:
+                found[image_id] = record.features[IMAGE]
         return found
 
 
@@ -152,30 +213,31 @@ class FolderGallery:
     ) -> tuple[dict, np.ndarray, int]:
         return _embed_folder(encoder, self, previous, log)
 
+    def meta(self, rows: Sequence[tuple[GalleryImage, str | None]]) -> dict:
+        return gallery_meta(rows, self.directory.resolve())
+
     def read_images(self, image_ids: list[str]) -> dict[str, bytes]:
         return {image_id: (self.directory / image_id).read_bytes() for image_id in image_ids}
 
 
-def _embed_packed(encoder: LoadedEncoder, gallery: PackedGallery) -> tuple[dict, np.ndarray]:
-    """Each distinct image of the split once (its first record's caption and label)."""
+def _embed_packed(encoder: LoadedEncoder, gallery: PackedGallery, log: TextIO) -> tuple[dict, np.ndarray]:
+    """Each distinct image of the split once (`distinct_images`: its first record's caption and label)."""
     summary = load_manifest(gallery.data_dir).split(gallery.split, gallery.data_dir)
-    image_ids, labels, captions, skipped, chunks = [], [], [], [], []
+    rows, chunks = [], []
 
-    def named_batches() -> Iterator[tuple[tuple[dict, list[str]], list[str], list[bytes]]]:
+    def image_batches() -> Iterator[tuple[list[GalleryImage], list[bytes]]]:
         for batch in distinct_images(gallery.data_dir, gallery.split, batch_size=EMBED_BATCH).as_numpy_iterator():
-            names = [image_id.decode("utf-8") for image_id in batch[IMAGE_ID]]
-            yield (batch, names), names, list(batch[IMAGE])
+            images = [GalleryImage(image_id.decode("utf-8"), int(label), caption.decode("utf-8"))
+                      for image_id, label, caption in zip(batch[IMAGE_ID], batch[LABEL], batch[CAPTION])]
+            yield images, list(batch[IMAGE])
 
     with tqdm(total=summary.images, unit="img", desc=f"indexing {gallery.split}", file=sys.stderr, disable=None) as bar:
-        for (batch, names), (embeddings, kept, bad) in _embedded(encoder, named_batches()):
+        for images, (embeddings, reasons) in _embedded(encoder, image_batches(), pillow_reasons=False):
             chunks.append(embeddings)
-            image_ids += [names[position] for position in kept]
-            labels += [int(batch[LABEL][position]) for position in kept]
-            captions += [batch[CAPTION][position].decode("utf-8") for position in kept]
-            skipped += [{"image_id": name, "reason": reason} for name, reason in bad]
-            bar.update(len(names))
-    meta = {"image_ids": image_ids, "paths": None, "labels": labels, "captions": captions, "skipped": skipped}
-    return meta, _stack(chunks, encoder.dimension)
+            rows += zip(images, reasons)
+            bar.update(len(images))
+    report_skipped(gallery.description, [(image, reason) for image, reason in rows if reason is not None], log)
+    return gallery.meta(rows), _stack(chunks, encoder.dimension)
 
 
 def _slug(text: str) -> str:
@@ -204,40 +266,45 @@ def folder_files(directory: Path) -> list[tuple[str, int, int]]:
     return sorted(files)
 
 
-def embed_skipping_bad(
-    encoder: LoadedEncoder, names: list[str], blobs: list[bytes]
-) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Embed a batch; if it fails, embed one by one to find the images TensorFlow cannot decode.
+def embed_skipping_bad(encoder: LoadedEncoder, blobs: list[bytes],
+                       pillow_reasons: bool) -> tuple[np.ndarray, list[str | None]]:
+    """Embed a batch of images; if TensorFlow refuses it, embed one by one to find the bad ones.
 
-    Folder images arrive validated and canonical (`dualenc.data.images`), so this catches only packed
-    images written by other tools. Returns (embeddings of the good ones, their positions in the
-    batch, (name, reason) of the bad), the reason being TensorFlow's own line, not its preamble.
+    Returns the embeddings of the images embedded, in order, and per image None or why it was
+    skipped: TensorFlow's own line without its preamble, or, with `pillow_reasons`, Pillow's
+    (`dualenc.data.images.pillow_reason`) where Pillow refuses the image too. A folder's files
+    are read with their pixels left to the encoder (`read_folder_images`), so they take
+    `pillow_reasons` and are explained as by full validation; a packed split's images were
+    validated when packed, so one refused now is one another tool wrote, and the kernel's reason
+    says what went wrong. Every gallery, and the Beam index's inference function, skips by this rule.
     """
     try:
-        return encoder.embed_batch(blobs), list(range(len(blobs))), []
+        return encoder.embed_batch(blobs), [None] * len(blobs)
     except tf.errors.OpError:
         pass
-    rows, kept, bad = [], [], []
-    for position, (name, blob) in enumerate(zip(names, blobs)):
+    rows, reasons = [], []
+    for blob in blobs:
         try:
             rows.append(encoder.embed_batch([blob]))
-            kept.append(position)
+            reasons.append(None)
         except tf.errors.OpError as exc:
             # The kernel's message is the last line that is not a "[[node ...]]" trace.
             lines = [line.strip() for line in exc.message.splitlines()]
             lines = [line for line in lines if line and not line.startswith("[[")]
-            bad.append((name, f"TensorFlow cannot decode the image: {lines[-1] if lines else type(exc).__name__}"))
+            reasons.append(pillow_reasons and pillow_reason(blob)
+                           or f"TensorFlow cannot decode the image: {lines[-1] if lines else type(exc).__name__}")
     embeddings = np.concatenate(rows) if rows else np.zeros((0, encoder.dimension), np.float32)
-    return embeddings, kept, bad
+    return embeddings, reasons
 
 
-def _embedded(encoder: LoadedEncoder, batches: Iterable[tuple[object, list[str], list[bytes]]]) -> Iterator[tuple[object, tuple]]:
-    """(item, `embed_skipping_bad` of its names and blobs) per (item, names, blobs) of `batches`,
-    in order, with `BATCHES_IN_FLIGHT` batches in the encoder at once."""
+def _embedded(encoder: LoadedEncoder, batches: Iterable[tuple[object, list[bytes]]],
+              pillow_reasons: bool) -> Iterator[tuple[object, tuple]]:
+    """(item, `embed_skipping_bad` of its blobs) per (item, blobs) of `batches`, in order, with
+    `BATCHES_IN_FLIGHT` batches in the encoder at once."""
     pending: collections.deque = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(BATCHES_IN_FLIGHT) as pool:
-        for item, names, blobs in batches:
-            pending.append((item, pool.submit(embed_skipping_bad, encoder, names, blobs)))
+        for item, blobs in batches:
+            pending.append((item, pool.submit(embed_skipping_bad, encoder, blobs, pillow_reasons)))
             if len(pending) >= BATCHES_IN_FLIGHT:
                 item, result = pending.popleft()
                 yield item, result.result()
@@ -250,79 +317,74 @@ def _stack(chunks: list[np.ndarray], dimension: int) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, dimension), np.float32)
 
 
-def _embed_files(encoder: LoadedEncoder, directory: Path, relative_paths: list[str]):
-    """Read, validate and canonicalise the files in threads (`dualenc.data.images.read_image_files`),
-    then embed them in batches.
+def read_folder_images(directory: Path, names: Sequence[str]) -> Iterator[tuple[bytes | None, str | None]]:
+    """Per file of `directory` named in `names`, in order: its bytes, read, validated and
+    canonicalised in threads by `dualenc.data.images.read_image_files`, or (None, why it is
+    skipped). How every path reads a folder gallery's files.
 
     JPEGs and PNGs kept as they are are decoded once, by the encoder (``check_pixels=False``,
     ~1 ms of CPU less per photo); one the encoder refuses is skipped with Pillow's reason where
-    Pillow refuses it too, as with full validation.
-    Returns (embeddings, relative paths embedded in row order, (relative path, reason) skipped).
+    Pillow refuses it too (`embed_skipping_bad` with ``pillow_reasons``), as with full validation.
     """
-    embedded, chunks, skipped = [], [], []
+    return read_image_files([directory / name for name in names], check_pixels=False)
 
-    def readable_batches() -> Iterator[tuple[tuple[list[str], list[bytes]], list[str], list[bytes]]]:
-        names, blobs = [], []
-        images = read_image_files([directory / name for name in relative_paths], check_pixels=False)
-        with tqdm(total=len(relative_paths), unit="img", desc=f"indexing {directory.name}", file=sys.stderr, disable=None) as bar:
-            for name, (blob, reason) in zip(relative_paths, images):
+
+def _embed_files(encoder: LoadedEncoder, directory: Path,
+                 images: list[GalleryImage]) -> tuple[np.ndarray, list[tuple[GalleryImage, str | None]]]:
+    """Read (`read_folder_images`) and embed the folder's `images` in batches.
+    Returns (embeddings of the images embedded, in order; each image with why it was skipped or None)."""
+    rows, chunks = [], []
+
+    def readable_batches() -> Iterator[tuple[list[GalleryImage], list[bytes]]]:
+        batch, blobs = [], []
+        read = read_folder_images(directory, [image.image_id for image in images])
+        with tqdm(total=len(images), unit="img", desc=f"indexing {directory.name}", file=sys.stderr, disable=None) as bar:
+            for image, (blob, reason) in zip(images, read):
                 if blob is None:
-                    skipped.append((name, reason))
+                    rows.append((image, reason))
                 else:
-                    names.append(name)
+                    batch.append(image)
                     blobs.append(blob)
                     if len(blobs) == EMBED_BATCH:
-                        yield (names, blobs), names, blobs
-                        names, blobs = [], []
+                        yield batch, blobs
+                        batch, blobs = [], []
                 bar.update(1)
         if blobs:
-            yield (names, blobs), names, blobs
+            yield batch, blobs
 
-    for (names, blobs), (embeddings, kept, bad) in _embedded(encoder, readable_batches()):
+    for batch, (embeddings, reasons) in _embedded(encoder, readable_batches(), pillow_reasons=True):
         chunks.append(embeddings)
-        embedded.extend(names[position] for position in kept)
-        blob_of = dict(zip(names, blobs))
-        skipped.extend((name, pillow_reason(blob_of[name]) or reason) for name, reason in bad)
-    return _stack(chunks, encoder.dimension), embedded, skipped
+        rows += zip(batch, reasons)
+    return _stack(chunks, encoder.dimension), rows
 
 
 def _embed_folder(
     encoder: LoadedEncoder, gallery: FolderGallery, previous: tuple[dict, np.ndarray] | None, log: TextIO
 ) -> tuple[dict, np.ndarray, int]:
-    """Embed a folder, reusing `previous` (meta, embeddings) rows for files that did not change."""
+    """Embed a folder, reusing `previous` (meta, embeddings) rows, and skips, of files that did not change."""
     directory = gallery.directory.resolve()
     current = {name: (size, mtime) for name, size, mtime in folder_files(directory)}
-    kept_rows, kept_names, kept_skipped = [], [], []
+    reused_rows, reused = [], []
     if previous is not None:
         old_meta, _ = previous
         for row, (name, size, mtime) in enumerate(old_meta["files"]):
             if current.get(name) == (size, mtime):
-                kept_rows.append(row)
-                kept_names.append(name)
-        kept_skipped = [entry for entry in old_meta["skipped"] if current.get(entry["path"]) == (entry["size"], entry["mtime_ns"])]
-    known = set(kept_names) | {entry["path"] for entry in kept_skipped}
-    new_names = sorted(set(current) - known)
+                reused_rows.append(row)
+                reused.append((GalleryImage(name, size=size, mtime_ns=mtime), None))
+        reused += [(GalleryImage(entry["path"], size=entry["size"], mtime_ns=entry["mtime_ns"]), entry["reason"])
+                   for entry in old_meta["skipped"] if current.get(entry["path"]) == (entry["size"], entry["mtime_ns"])]
+    known = {image.image_id for image, _ in reused}
+    new_images = [GalleryImage(name, size=current[name][0], mtime_ns=current[name][1]) for name in sorted(set(current) - known)]
     if previous is not None:
-        dropped = len(previous[0]["files"]) - len(kept_rows)
-        print(f"gallery {directory} changed: embedding {len(new_names)} new or modified image(s), dropping {dropped}", file=log)
+        dropped = len(previous[0]["files"]) - len(reused_rows)
+        print(f"gallery {directory} changed: embedding {len(new_images)} new or modified image(s), dropping {dropped}", file=log)
 
-    new_embeddings, embedded, bad = _embed_files(encoder, directory, new_names)
-    for name, reason in bad:
-        print(f"skipping unreadable image {directory / name}: {reason}", file=log)
-    kept_embeddings = previous[1][kept_rows] if previous is not None else np.zeros((0, encoder.dimension), np.float32)
-    names = kept_names + embedded
+    new_embeddings, new_rows = _embed_files(encoder, directory, new_images)
+    report_skipped(gallery.description, [(image, reason) for image, reason in new_rows if reason is not None], log)
+    kept_embeddings = previous[1][reused_rows] if previous is not None else np.zeros((0, encoder.dimension), np.float32)
     embeddings = np.concatenate([kept_embeddings.astype(np.float32), new_embeddings])
-    order = np.argsort(names, kind="stable")
-    names = [names[row] for row in order]
-    skipped = kept_skipped + [
-        {"path": name, "reason": reason, "size": current[name][0], "mtime_ns": current[name][1]} for name, reason in bad
-    ]
-    meta = {
-        "image_ids": names,
-        "paths": [str(directory / name) for name in names],
-        "labels": None,
-        "captions": None,
-        "files": [[name, *current[name]] for name in names],
-        "skipped": sorted(skipped, key=lambda entry: entry["path"]),
-    }
-    return meta, embeddings[order], len(new_names)
+    rows = reused + new_rows
+    embedded = [image for image, reason in rows if reason is None]  # in the order of `embeddings`
+    order = np.argsort([image.image_id for image in embedded], kind="stable")
+    rows = [(embedded[row], None) for row in order] + [(image, reason) for image, reason in rows if reason is not None]
+    return gallery.meta(rows), embeddings[order], len(new_images)

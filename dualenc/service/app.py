@@ -6,19 +6,28 @@ Routes:
 - ``GET /api/search?q=TEXT&k=9``: text → image; ``POST /api/search?k=9`` with a
   ``multipart/form-data`` field ``image``: image → image. Both answer a JSON list of results
   with the fields of ``search.py --json`` (`dualenc.retrieval.query.RESULT_FIELDS`);
-- ``GET /api/health``: the model, the gallery, its size and the kind of index;
+- ``GET /api/health``: the model, the gallery, its size, the kind of index and the limits;
 - ``GET /images/{id}``: a JPEG thumbnail of the gallery image with that index id, nothing else.
 
 Every error is ``{"error": "one line"}`` with a 4xx status (500 for a bug, without its
-traceback, which goes to the server's log). Nothing a request sends is written anywhere.
+traceback, which goes to the server's log; 503 when the server is at a limit). Nothing a
+request sends is written anywhere. What a request can make the server allocate or wait for is
+bounded (`ServiceLimits`); CPU work (multipart parsing, image checks, search) runs in worker
+threads, never on the event loop. Another web site's page cannot use the service: requests a
+browser marks as cross-site are refused, responses may not be embedded by other origins
+(``Cross-Origin-Resource-Policy``), and no response names a server path (folder results carry
+the path relative to the gallery folder).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.resources
+import re
 from collections.abc import Collection
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,9 +42,9 @@ from dualenc.retrieval.index import GalleryIndex, open_index
 from dualenc.retrieval.query import MAX_QUERY_CHARS
 from dualenc.service.images import ImageUnavailable, Thumbnails, gallery_images
 from dualenc.service.inputs import (
-    MAX_UPLOAD_BYTES,
     MULTIPART_OVERHEAD_BYTES,
     RequestError,
+    ServiceLimits,
     check_image,
     multipart_field,
     query_parameters,
@@ -55,14 +64,22 @@ SECURITY_HEADERS = [
      b"default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-resource-policy", b"same-origin"),
 ]
+# Sec-Fetch-Site values of requests a page of this service itself makes (or a typed URL).
+OWN_SITES = frozenset((b"same-origin", b"none"))
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/]+/)*([^\s'\"/]+)")
 
 
 class _Guard:
-    """ASGI middleware: refuses requests for other host names and adds `SECURITY_HEADERS`.
+    """ASGI middleware: refuses requests for other host names and cross-site requests, and
+    adds `SECURITY_HEADERS`.
 
     With `allowed_hosts` set (a loopback server), a page on another site that rebinds its DNS
     name to 127.0.0.1 cannot use the service: its requests carry that site's name as Host.
+    A request a browser marks as coming from another site (``Sec-Fetch-Site``), or whose
+    ``Origin`` is not this server, gets a 403 before it reaches a route: another page can
+    neither run searches with the visitor's browser nor probe the gallery's ids.
     """
 
     def __init__(self, app, allowed_hosts: Collection[str] | None):
@@ -73,8 +90,13 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = dict(scope["headers"])
+        refusal = _cross_site_refusal(headers)
+        if refusal is not None:
+            await JSONResponse({"error": refusal}, 403)(scope, receive, send)
+            return
         if self.allowed_hosts is not None:
-            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            host = headers.get(b"host", b"").decode("latin-1")
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             if name.strip("[]") not in self.allowed_hosts:
                 response = JSONResponse({"error": f"this server answers only to {', '.join(sorted(self.allowed_hosts))}"}, 400)
@@ -89,6 +111,25 @@ class _Guard:
         await self.app(scope, receive, send_with_headers)
 
 
+def _cross_site_refusal(headers: dict[bytes, bytes]) -> str | None:
+    """Why a request from another site is refused, or None for this site's own requests and
+    for clients that are no browser (they send neither header)."""
+    site = headers.get(b"sec-fetch-site")
+    if site is not None and site not in OWN_SITES:
+        return "requests from other web sites are refused; open this service's own page"
+    origin = headers.get(b"origin")
+    if origin is not None:
+        parts = urlsplit(origin.decode("latin-1"))
+        if parts.netloc.lower() != headers.get(b"host", b"").decode("latin-1").lower():
+            return "requests from other web sites are refused; open this service's own page"
+    return None
+
+
+def redact_paths(text: str) -> str:
+    """`text` with every absolute path cut to its last component: responses name no server path."""
+    return ABSOLUTE_PATH.sub(lambda match: match.group(1), text)
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -100,22 +141,27 @@ def _static_files() -> dict[str, tuple[bytes, str]]:
     return files
 
 
-async def _read_upload(request: Request) -> bytes:
+async def _read_upload(request: Request, max_bytes: int) -> bytes:
     """The request body, or a 413 once it passes the upload limit (plus multipart overhead)."""
-    limit = MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD_BYTES
+    limit = max_bytes + MULTIPART_OVERHEAD_BYTES
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > DRAIN_BYTES:
-        raise too_large(int(declared))
+    if declared.isdigit() and int(declared) > max(DRAIN_BYTES, limit):
+        raise too_large(int(declared), max_bytes)
     body, received = bytearray(), 0
     async for chunk in request.stream():
         received += len(chunk)
         if received <= limit:
             body += chunk
-        elif received > DRAIN_BYTES:
+        elif received > max(DRAIN_BYTES, limit):
             break
     if received > limit:
-        raise too_large(received)
+        raise too_large(received, max_bytes)
     return bytes(body)
+
+
+def _public_results(results: list[dict]) -> list[dict]:
+    """`results` with each folder image's path relative to the gallery folder (its index id)."""
+    return [{**row, "path": row["image_id"]} if row["path"] is not None else row for row in results]
 
 
 def create_app(
@@ -125,26 +171,32 @@ def create_app(
     index: GalleryIndex | None = None,
     ann: str = "auto",
     allowed_hosts: Collection[str] | None = None,
+    limits: ServiceLimits | None = None,
 ) -> FastAPI:
     """The service for the run's encoders over `gallery` (its index opened or built if not given).
 
     `ann` chooses the search method as ``search.py --ann`` does; `allowed_hosts`, when given,
-    are the only Host names answered (see `_Guard`).
+    are the only Host names answered (see `_Guard`); `limits` bound every request.
     """
     run_dir = Path(run_dir)
+    limits = ServiceLimits() if limits is None else limits
     index = open_index(run_dir, gallery) if index is None else index
-    searcher = Searcher(Retriever(run_dir, ann=ann).use_index(gallery, index))
+    searcher = Searcher(Retriever(run_dir, ann=ann).use_index(gallery, index), timeout_s=limits.request_timeout_s)
     thumbnails = Thumbnails(gallery_images(gallery, index.image_ids))
     static = _static_files()
+    upload_slots = asyncio.Semaphore(limits.max_uploads)
     health = {
         "status": "ok",
-        "model": str(run_dir.resolve()),
-        "gallery": gallery.description,
+        "model": run_dir.resolve().name,
+        "gallery": redact_paths(gallery.description),
         "images": len(index),
         "index": searcher.kind,
         "dimension": int(index.embeddings.shape[1]),
         "max_query_chars": MAX_QUERY_CHARS,
-        "max_upload_bytes": MAX_UPLOAD_BYTES,
+        "max_upload_bytes": limits.max_upload_bytes,
+        "max_upload_pixels": limits.max_upload_pixels,
+        "max_k": limits.max_k,
+        "request_timeout_s": limits.request_timeout_s,
     }
 
     @contextlib.asynccontextmanager
@@ -161,7 +213,11 @@ def create_app(
 
     @app.exception_handler(DualEncError)
     async def user_mistake(_: Request, exc: DualEncError) -> JSONResponse:
-        return _error(400, str(exc))
+        return _error(400, redact_paths(str(exc)))
+
+    @app.exception_handler(TimeoutError)
+    async def busy(_: Request, exc: TimeoutError) -> JSONResponse:
+        return _error(503, f"the server is busy: no answer within {limits.request_timeout_s:g} s; try again")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -199,15 +255,27 @@ def create_app(
     def search_text(request: Request) -> JSONResponse:
         parameters = query_parameters(request.scope["query_string"])
         query = text_query(parameters)
-        k = result_count(parameters, DEFAULT_K, len(index))
-        return JSONResponse(searcher.search_text(query, k))
+        k = result_count(parameters, DEFAULT_K, len(index), limits.max_k)
+        return JSONResponse(_public_results(searcher.search_text(query, k)))
+
+    def image_results(body: bytes, content_type: str, k: int) -> list[dict]:
+        data = multipart_field(body, content_type, max_bytes=limits.max_upload_bytes, max_parts=limits.max_form_parts)
+        return _public_results(searcher.search_image(check_image(data, limits.max_upload_pixels), k))
 
     @app.post("/api/search")
     async def search_image(request: Request) -> JSONResponse:
-        k = result_count(query_parameters(request.scope["query_string"]), DEFAULT_K, len(index))
-        body = await _read_upload(request)
-        image = check_image(multipart_field(body, request.headers.get("content-type", "")))
-        return JSONResponse(await run_in_threadpool(searcher.search_image, image, k))
+        k = result_count(query_parameters(request.scope["query_string"]), DEFAULT_K, len(index), limits.max_k)
+        async def receive() -> bytes:
+            async with upload_slots:  # bounds the uploads held in memory at once
+                return await _read_upload(request, limits.max_upload_bytes)
+
+        try:
+            body = await asyncio.wait_for(receive(), limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the upload did not arrive within {limits.request_timeout_s:g} s; "
+                                    "send the whole image at once") from None
+        content_type = request.headers.get("content-type", "")
+        return JSONResponse(await run_in_threadpool(image_results, body, content_type, k))
 
     @app.get("/images/{image_id:path}")
     def image(image_id: str) -> Response:
@@ -217,5 +285,6 @@ def create_app(
             raise RequestError(404, str(exc)) from None
         return Response(thumbnail, media_type="image/jpeg", headers={"cache-control": "max-age=3600"})
 
+    app.state.searcher = searcher  # for embedding servers and tests: the encoders behind the routes
     app.add_middleware(_Guard, allowed_hosts=allowed_hosts)
     return app

@@ -9,6 +9,7 @@ masked, normalisation uses stored statistics), so an answer does not change with
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import threading
 from collections.abc import Sequence
@@ -32,11 +33,18 @@ class EmbeddingBatcher:
         self._worker = threading.Thread(target=self._serve, name=f"embed-{encoder.path.name}", daemon=True)
         self._worker.start()
 
-    def embed(self, item: bytes | str) -> np.ndarray:
-        """The embedding of one input; re-raises the encoder's error for this input alone."""
+    def embed(self, item: bytes | str, timeout: float | None = None) -> np.ndarray:
+        """The embedding of one input; re-raises the encoder's error for this input alone.
+
+        `TimeoutError` after `timeout` seconds; the request is then dropped from the queue if it
+        has not started, so a backlog of abandoned requests costs no encoder time."""
         future: Future = Future()
         self._requests.put((item, future))
-        return future.result()
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no embedding within {timeout} s") from None
 
     def close(self) -> None:
         """Finish the queued requests and stop the worker thread."""
@@ -59,7 +67,9 @@ class EmbeddingBatcher:
                     stopping = True
                     break
                 batch.append(request)
-            self._run(batch)
+            batch = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
+            if batch:
+                self._run(batch)
             if stopping:
                 return
 

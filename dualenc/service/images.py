@@ -3,7 +3,8 @@
 Only ids in the index are served; a request never names a path. A folder gallery's file is
 read only if its real path (links followed) is still inside the gallery folder, so a symbolic
 link that leads out of it serves nothing. A packed split is read at the offsets of its
-records, found once when the service starts (one pass over the shards, no TensorFlow ops): a
+images' first records, found once when the service starts by `dualenc.data.packed.first_records`
+(one pass over the shards, parsing only the image ids; the rule every index is built by): a
 later request reads one record, not the whole split. Thumbnails are re-encoded by Pillow, so
 what goes out is always a JPEG made from decoded pixels, never a file's raw bytes.
 """
@@ -12,9 +13,8 @@ from __future__ import annotations
 
 import collections
 import io
-import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import tensorflow as tf
@@ -22,15 +22,12 @@ from PIL import Image
 
 from dualenc.retrieval.gallery import FolderGallery, Gallery
 from dualenc.data.images import ImageProblem, decode_rgb
-from dualenc.data.manifest import load_manifest
+from dualenc.data.packed import first_records
 from dualenc.data.records import IMAGE, IMAGE_ID
 
 THUMBNAIL_SIDE = 256
 THUMBNAIL_QUALITY = 85
 THUMBNAIL_CACHE_ENTRIES = 2048
-# A TFRecord is framed as: uint64 length, uint32 CRC of the length, data, uint32 CRC of the data.
-RECORD_HEADER = struct.Struct("<QI")
-RECORD_FOOTER_BYTES = 4
 
 
 class ImageUnavailable(Exception):
@@ -59,29 +56,16 @@ class FolderImages:
             raise ImageUnavailable(f"gallery image {image_id!r} is no longer readable") from None
 
 
-def _records(shard: Path) -> Iterator[tuple[int, int, bytes]]:
-    """(offset of the data, its length, the data) of every record in an uncompressed TFRecord file."""
-    with open(shard, "rb") as stream:
-        while header := stream.read(RECORD_HEADER.size):
-            length, _ = RECORD_HEADER.unpack(header)
-            offset = stream.tell()
-            data = stream.read(length)
-            stream.seek(RECORD_FOOTER_BYTES, io.SEEK_CUR)
-            yield offset, length, data
-
-
 class PackedImages:
     """Images of one packed split, by image id, each read from its first record."""
 
     def __init__(self, data_dir: Path, split: str, image_ids: Iterable[str]):
         wanted = set(image_ids)
         self.locations: dict[str, tuple[Path, int, int]] = {}
-        for name in load_manifest(data_dir).split(split, data_dir).shards:
-            shard = Path(data_dir) / name
-            for offset, length, data in _records(shard):
-                image_id = tf.train.Example.FromString(data).features.feature[IMAGE_ID].bytes_list.value[0].decode("utf-8")
-                if image_id in wanted and image_id not in self.locations:
-                    self.locations[image_id] = (shard, offset, length)
+        for record in first_records(data_dir, split):
+            image_id = record.features[IMAGE_ID].decode("utf-8")
+            if image_id in wanted:
+                self.locations[image_id] = (record.path, record.offset, record.length)
 
     def read(self, image_id: str) -> bytes:
         location = self.locations.get(image_id)

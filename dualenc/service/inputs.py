@@ -9,6 +9,7 @@ spooled to a temporary file) after the body has been read up to `MAX_UPLOAD_BYTE
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import urllib.parse
 
@@ -25,7 +26,42 @@ MAX_UPLOAD_BYTES = 10 * 2**20
 MULTIPART_OVERHEAD_BYTES = 64 * 2**10
 # Decoding an image costs memory by its pixels, not its bytes: a small PNG can be huge.
 MAX_UPLOAD_PIXELS = 40_000_000
+MAX_K = 1000
+# A form with the image and a few small fields; more parts are refused before they are kept.
+MAX_FORM_PARTS = 4
 UPLOAD_FIELD = "image"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceLimits:
+    """What one request may make the service allocate or wait for; each a ``--serve`` flag.
+
+    `max_k`: results per query (``--max-k``); `max_upload_bytes`: an uploaded file
+    (``--max-upload-mb``); `max_upload_pixels`: the decoded image, measured from its header
+    before any decoder allocates (``--max-upload-pixels``; only the first frame of an animation
+    or multi-page file is ever decoded); `max_form_parts`: parts of a multipart form;
+    `request_timeout_s`: reading an upload plus waiting for the encoder (``--request-timeout``);
+    `header_timeout_s`: a connection's request head, from connect (or the previous answer)
+    until its last header line; `keep_alive_s`: an idle kept-alive connection;
+    `max_connections`: open connections, beyond which requests get a 503
+    (``--max-connections``); `max_uploads`: uploads buffered at once (others wait their turn
+    within the request timeout).
+    """
+
+    max_k: int = MAX_K
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_upload_pixels: int = MAX_UPLOAD_PIXELS
+    max_form_parts: int = MAX_FORM_PARTS
+    request_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    keep_alive_s: int = 5
+    max_connections: int = 64
+    max_uploads: int = 4
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if not getattr(self, field.name) > 0:
+                raise DualEncError(f"service limit {field.name} must be positive, got {getattr(self, field.name)!r}")
 
 
 class RequestError(Exception):
@@ -59,29 +95,36 @@ def text_query(parameters: dict[str, str]) -> str:
         raise RequestError(400, str(exc)) from None
 
 
-def result_count(parameters: dict[str, str], default: int, gallery_size: int) -> int:
-    """Parameter ``k``: a whole number from 1 to the gallery's size (`default` when absent)."""
+def result_count(parameters: dict[str, str], default: int, gallery_size: int, max_k: int = MAX_K) -> int:
+    """Parameter ``k``: a whole number from 1 to the gallery's size and `max_k` (`default` when absent)."""
     text = parameters.get("k")
     if text is None:
-        return min(default, gallery_size)
+        return min(default, gallery_size, max_k)
     try:
+        if len(text) > 40:  # int() of thousands of digits is slow work for one parameter
+            raise ValueError
         k = int(text.strip())
     except ValueError:
         raise RequestError(400, f"k must be a whole number of results, got {text[:40]!r}") from None
     if k < 1:
         raise RequestError(400, f"k must be at least 1, got {k}")
+    if k > max_k:
+        raise RequestError(400, f"k={k} is more than this service answers ({max_k}); ask for at most {max_k} "
+                                "(the server's --max-k sets it)")
     if k > gallery_size:
         raise RequestError(400, f"k={k} is more than the {gallery_size} images in the gallery; ask for at most {gallery_size}")
     return k
 
 
-def too_large(size: int) -> RequestError:
-    """The 413 for an upload of `size` bytes (or more)."""
-    return RequestError(413, f"the upload is {size / 2**20:.1f} MiB or more; the limit is {MAX_UPLOAD_BYTES // 2**20} MiB")
+def too_large(size: int, limit: int = MAX_UPLOAD_BYTES) -> RequestError:
+    """The 413 for an upload of `size` bytes (or more) against a `limit` in bytes."""
+    return RequestError(413, f"the upload is {size / 2**20:.1f} MiB or more; the limit is {limit / 2**20:g} MiB")
 
 
-def multipart_field(body: bytes, content_type: str, name: str = UPLOAD_FIELD) -> bytes:
-    """The content of form field `name` in a complete ``multipart/form-data`` `body`."""
+def multipart_field(body: bytes, content_type: str, name: str = UPLOAD_FIELD, max_bytes: int = MAX_UPLOAD_BYTES,
+                    max_parts: int = MAX_FORM_PARTS) -> bytes:
+    """The content of form field `name` in a complete ``multipart/form-data`` `body` of at most
+    `max_parts` parts, the field at most `max_bytes`."""
     media_type, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if media_type != b"multipart/form-data" or not boundary:
@@ -91,6 +134,8 @@ def multipart_field(body: bytes, content_type: str, name: str = UPLOAD_FIELD) ->
     ended = []
 
     def begin_part() -> None:
+        if len(parts) >= max_parts:
+            raise RequestError(400, f"the form has more than {max_parts} parts; send the image alone as {name!r}")
         parts.append({"headers": {}, "data": bytearray(), "complete": False})
 
     def end_header() -> None:
@@ -120,15 +165,17 @@ def multipart_field(body: bytes, content_type: str, name: str = UPLOAD_FIELD) ->
                 raise RequestError(400, "the upload is incomplete: the multipart body ends before the image does")
             if not part["data"]:
                 raise RequestError(400, f"the {name!r} field is empty; choose an image file")
-            if len(part["data"]) > MAX_UPLOAD_BYTES:
-                raise too_large(len(part["data"]))
+            if len(part["data"]) > max_bytes:
+                raise too_large(len(part["data"]), max_bytes)
             return bytes(part["data"])
     raise RequestError(400, f"no {name!r} field in the form; send the image file as {name!r}")
 
 
-def check_image(data: bytes) -> bytes:
+def check_image(data: bytes, max_pixels: int = MAX_UPLOAD_PIXELS) -> bytes:
     """The canonical bytes (`dualenc.api.query_image`, as for ``search.py --image``) of an
-    uploaded image of at most `MAX_UPLOAD_PIXELS`, measured from its header before decoding."""
+    uploaded image of at most `max_pixels`, measured from its header before decoding. Only the
+    first frame is ever decoded (a GIF's later frames, an APNG's, a TIFF's other pages never
+    reach a decoder), and Pillow sizes that frame's canvas in the header it reads here."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
@@ -136,8 +183,8 @@ def check_image(data: bytes) -> bytes:
         raise RequestError(400, f"the upload is not an image in a format the model reads ({IMAGE_FORMATS})") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
         raise RequestError(400, "the image is truncated or corrupt; upload the whole file") from None
-    if width * height > MAX_UPLOAD_PIXELS:
-        raise RequestError(413, f"the image is {width}x{height} pixels; the limit is {MAX_UPLOAD_PIXELS:,} pixels")
+    if width * height > max_pixels:
+        raise RequestError(413, f"the image is {width}x{height} pixels; the limit is {max_pixels:,} pixels")
     try:
         return query_image(data, "the upload")
     except DualEncError as error:

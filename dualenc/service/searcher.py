@@ -17,8 +17,9 @@ from dualenc.service.batching import EmbeddingBatcher
 class Searcher:
     """Thread-safe text → image and image → image search through one retriever."""
 
-    def __init__(self, retriever: Retriever):
+    def __init__(self, retriever: Retriever, timeout_s: float | None = None):
         self.retriever = retriever
+        self.timeout_s = timeout_s  # how long a query waits for its encoder (`TimeoutError` after)
         self.kind = retriever.search_kind
         index = retriever.gallery_index
         if self.kind != "exact":
@@ -28,12 +29,12 @@ class Searcher:
 
     def search_text(self, query: str, k: int) -> list[dict]:
         """The top `k` images for a checked query (see `dualenc.retrieval.query.check_query`)."""
-        return self.retriever.search_embedding(self._text.embed(query), k)
+        return self.retriever.search_embedding(self._text.embed(query, self.timeout_s), k)
 
     def search_image(self, image_bytes: bytes, k: int) -> list[dict]:
         """The top `k` images for a canonical query image (`dualenc.api.query_image`)."""
         try:
-            embedding = self._vision.embed(image_bytes)
+            embedding = self._vision.embed(image_bytes, self.timeout_s)
         except tf.errors.OpError:
             raise DualEncError(f"the model cannot decode this image; upload a {IMAGE_FORMATS} file") from None
         return self.retriever.search_embedding(embedding, k)

@@ -3,8 +3,9 @@
 `run_training` is what `train.py` calls once it has built a `TrainConfig` from flags. It
 writes everything into a run directory (see `dualenc.core.runs`): the resolved config first, then
 per epoch the log, the best weights and a backup (`dualenc.training.selection`), and at the end the two
-encoders exported from the best epoch, ``curves.png`` and ``metrics.json`` (retrieval on the
-test split; writing it marks the run finished, and only then does the backup go).
+encoders exported from the best epoch, ``curves.png`` and ``metrics.json`` (the test split
+scored through the exported encoders, exactly as ``search.py --evaluate`` scores it; writing it
+marks the run finished, and only then does the backup go).
 
 Every epoch's batches have a known length and their own seed, so logged means are true means
 and a resumed run sees the epochs an uninterrupted one would. Validation never uses the test
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import keras
 import numpy as np
@@ -29,23 +31,24 @@ import tensorflow as tf
 from dualenc.core import config as configs
 from dualenc import losses
 from dualenc.training.curves import plot_curves
-from dualenc.data.pipeline import TEST_SPLITS, VALIDATION_SPLITS, verify_checksums
+from dualenc.data import pipeline
+from dualenc.data.pipeline import Holdout, epoch_seed, verify_checksums
 from dualenc.core.errors import DualEncError
-from dualenc.retrieval.evaluation import embed_split, retrieval_metrics
-from dualenc.export.encoders import export_encoders
+from dualenc.retrieval.evaluation import embed_split, evaluate_split, retrieval_metrics
+from dualenc.retrieval.gallery import PackedGallery
+from dualenc.retrieval.index import open_index
+from dualenc.export.encoders import TEXT_ENCODER_DIR, export_encoders, load_encoder
 from dualenc.training.feature_cache import CachedFeatures, cached_features, tower_fingerprint
 from dualenc.core.files import atomic_file, write_json_atomic
-from dualenc.data.images import decode_image
-from dualenc.data.manifest import Manifest, load_manifest
+from dualenc.data.manifest import TEST_SPLITS, Manifest, default_split, load_manifest
 from dualenc.models.model import CAPTION_FEATURES, IMAGE_FEATURES, TOKENS, DualEncoder, build_dual_encoder
 from dualenc.distribute.multiworker import fingerprint, input_sharding, join_run, worker_cache_dir, worker_callbacks
-from dualenc.data.packed import record_dataset, split_captions
+from dualenc.data.packed import split_captions
 from dualenc.distribute.placement import make_placement
 from dualenc.models.placement import Placement
 from dualenc.models.preprocessing import build_text_preprocessor
-from dualenc.data.records import CAPTION, FEATURE_SPEC, IMAGE, IMAGE_ID, LABEL, parse_example
+from dualenc.data.records import CAPTION, IMAGE, IMAGE_ID
 from dualenc.core.runs import RunPaths, cache_root
-from dualenc.data.sampling import identity_batches
 from dualenc.training.selection import (
     ModelSelection,
     Schedule,
@@ -57,6 +60,8 @@ from dualenc.training.selection import (
 from dualenc.models.vocabulary import learn_wordpiece_vocabulary
 
 TRAIN_SPLIT = "train"
+# Split names a run validates on, in order of preference (the test split excepted).
+VALIDATION_SPLITS = ("val", "valid", "validation", "test")
 # `TrainConfig.validation` when the data has no validation split: part of train is held out.
 HELD_OUT_VALIDATION = "train-holdout"
 HOLDOUT_FRACTION = 0.1
@@ -64,37 +69,24 @@ HOLDOUT_FRACTION = 0.1
 INSTANCES_PER_IDENTITY = 4
 
 
-def pick_split(manifest: Manifest, preferred: tuple[str, ...], data_dir: Path) -> str:
-    """The first of `preferred` that the dataset has with at least one pair."""
-    for split in preferred:
-        if split in manifest.splits and manifest.splits[split].pairs:
-            return split
-    raise DualEncError(f"{data_dir} has no non-empty split among {', '.join(preferred)}; pack one (e.g. --holdout-images)")
+def scored_split(manifest: Manifest, data_dir: Path) -> str:
+    """The split a run is finally scored on: `default_split`, the one ``search.py --evaluate``
+    also takes, but never the training split (its score would say nothing)."""
+    split = default_split(manifest, data_dir)
+    if split == TRAIN_SPLIT:
+        raise DualEncError(f"{data_dir} has no non-empty split among {', '.join(TEST_SPLITS)} to score the run on; "
+                           "pack one (e.g. --holdout-images)")
+    return split
 
 
 def validation_source(manifest: Manifest, data_dir: Path) -> str:
     """The split to validate on, never the test split (kept for the final score): the first
     non-empty validation split, else `HELD_OUT_VALIDATION`."""
-    test_split = pick_split(manifest, TEST_SPLITS, data_dir)
+    scored = scored_split(manifest, data_dir)
     for split in VALIDATION_SPLITS:
-        if split != test_split and split in manifest.splits and manifest.splits[split].pairs:
+        if split != scored and split in manifest.splits and manifest.splits[split].pairs:
             return split
     return HELD_OUT_VALIDATION
-
-
-@dataclasses.dataclass(frozen=True)
-class Holdout:
-    """Training labels set aside for validation: `kind` is "identities", or "images" when every
-    image has its own label; `pairs` of the `total` training pairs carry them."""
-
-    labels: tuple[int, ...]
-    pairs: int
-    total: int
-    kind: str
-
-    @property
-    def description(self) -> str:
-        return f"{len(self.labels)} training {self.kind} ({self.pairs} of {self.total} pairs) held out"
 
 
 def choose_holdout(data_dir: Path, manifest: Manifest, seed: int) -> Holdout:
@@ -111,20 +103,6 @@ def choose_holdout(data_dir: Path, manifest: Manifest, seed: int) -> Holdout:
     count = max(1, round(len(distinct) * HOLDOUT_FRACTION))
     chosen = np.sort(np.random.default_rng(seed).choice(distinct, size=count, replace=False))
     return Holdout(tuple(int(label) for label in chosen), int(np.isin(labels, chosen).sum()), len(labels), kind)
-
-
-def _holdout_filter(holdout: Holdout, held_out: bool) -> Callable[[tf.Tensor], tf.Tensor]:
-    """Serialised record -> whether its label is (`held_out`) or is not among the held-out labels."""
-    table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(tf.constant(holdout.labels, tf.int64), tf.ones(len(holdout.labels), tf.int64)),
-        default_value=0,
-    )
-
-    def keep(record: tf.Tensor) -> tf.Tensor:
-        label = tf.io.parse_single_example(record, {LABEL: FEATURE_SPEC[LABEL]})[LABEL]
-        return tf.equal(table.lookup(label), 1 if held_out else 0)
-
-    return keep
 
 
 def resolve_config(config: configs.TrainConfig, manifest: Manifest, paths: RunPaths) -> configs.TrainConfig:
@@ -145,7 +123,7 @@ def check_data(config: configs.TrainConfig, data_dir: Path) -> Manifest:
     if config.batch_size > pairs:
         raise DualEncError(f"--batch-size {config.batch_size} is larger than the {pairs} training pairs in {data_dir}; lower it")
     # The test split too: a damaged one would otherwise fail only after the last epoch.
-    used = {TRAIN_SPLIT, validation_source(manifest, data_dir), pick_split(manifest, TEST_SPLITS, data_dir)}
+    used = {TRAIN_SPLIT, validation_source(manifest, data_dir), scored_split(manifest, data_dir)}
     for split in used - {HELD_OUT_VALIDATION}:
         verify_checksums(data_dir, split)
     return manifest
@@ -156,19 +134,9 @@ def _frozen(config: configs.ModelConfig) -> dict[str, bool]:
     return {"image": not config.vision.trainable, "caption": not config.text.trainable}
 
 
-def _pair_parser(image_size: tuple[int, int], caches: dict[str, CachedFeatures], decode: bool):
-    """Serialised record -> a pair (pixels or cached image features, caption, label, image_id)."""
-
-    def parse(record: tf.Tensor) -> dict[str, tf.Tensor]:
-        features = parse_example(record)
-        inputs = {LABEL: features[LABEL], IMAGE_ID: features[IMAGE_ID], CAPTION: features[CAPTION]}
-        if "image" in caches:
-            inputs[IMAGE_FEATURES] = caches["image"].lookup(features[IMAGE_ID])
-        else:
-            inputs[IMAGE] = decode_image(features[IMAGE], image_size) if decode else features[IMAGE]
-        return inputs
-
-    return parse
+def _cached_image_inputs(cache: CachedFeatures):
+    """Parsed record -> its image's cached features, in place of the decoded pixels."""
+    return lambda features: {IMAGE_FEATURES: cache.lookup(features[IMAGE_ID])}
 
 
 def _with_tokens(text_preprocessor: Callable, caches: dict[str, CachedFeatures]):
@@ -187,15 +155,28 @@ def model_inputs(batches: tf.data.Dataset) -> tf.data.Dataset:
     return batches.map(lambda batch: {key: value for key, value in batch.items() if key not in (CAPTION, IMAGE_ID)})
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The shuffling seed of one epoch: a function of the run's seed and the epoch alone, so a
-    run resumed at `epoch` shuffles it as the uninterrupted run did."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def _known_length(batches: tf.data.Dataset, count: int) -> tf.data.Dataset:
-    """`batches` with its length stated: Keras averages an epoch of unknown length over one step too many."""
-    return batches.apply(tf.data.experimental.assert_cardinality(count))
+def pipeline_arguments(
+    config: configs.TrainConfig,
+    text_preprocessor: Callable,
+    caches: dict[str, CachedFeatures],
+    *,
+    training: bool,
+    epochs: range = range(1),
+) -> dict:
+    """What a run passes `dualenc.data.pipeline.pair_batches` besides the data, split and holdout:
+    `config`'s image and batch size, each of `epochs` shuffled by `epoch_seed`, P x K identity
+    batches for losses that learn from identities (CMPM, CMPC, SDM), cached features in place of
+    a frozen tower's inputs, and the captions' tokens. ``bench/pipeline.py`` times the pipeline
+    with these arguments too."""
+    return {
+        "image_size": config.model.vision.image_size,
+        "batch_size": config.batch_size,
+        "training": training,
+        "epoch_seeds": [epoch_seed(config.seed, epoch) for epoch in epochs],
+        "instances_per_identity": INSTANCES_PER_IDENTITY if losses.needs_labels(config.model.loss) else None,
+        "image_inputs": _cached_image_inputs(caches["image"]) if "image" in caches else None,
+        "batch_inputs": _with_tokens(text_preprocessor, caches),
+    }
 
 
 def pair_batches(
@@ -209,56 +190,14 @@ def pair_batches(
     epochs: range = range(1),
     holdout: Holdout | None = None,
 ) -> tf.data.Dataset:
-    """Batches of pairs of `split` with the model's inputs, of known length (Keras' means need it).
+    """The run's batches of `split`: `dualenc.data.pipeline.pair_batches` with `pipeline_arguments`.
 
-    Training: the batches of `epochs` one after the other, each epoch shuffled by `epoch_seed`
-    and exactly `len(batches) / len(epochs)` batches long (fit it with that `steps_per_epoch`).
-    Losses that learn from identities (CMPM, CMPC) train on P identities x K pairs per batch;
-    the others on plain shuffled batches, the last partial batch dropped. Otherwise: every
-    pair once, in order. Batches also carry "caption" and "image_id" strings, which
-    evaluation uses (`model_inputs` drops them for Keras). With a `holdout`, training leaves
-    its labels out and evaluation takes only them.
+    Training: the batches of `epochs` one after the other (fit them with ``steps_per_epoch =
+    len(batches) / len(epochs)``). Batches also carry "caption" and "image_id" strings, which
+    evaluation uses (`model_inputs` drops them for Keras).
     """
-    image_size = config.model.vision.image_size
-    pairs = load_manifest(data_dir).split(split, data_dir).pairs
-    select = lambda records: records  # noqa: E731
-    if holdout is not None:
-        keep = _holdout_filter(holdout, held_out=not training)
-        select = lambda records: records.filter(keep)  # noqa: E731
-        pairs = pairs - holdout.pairs if training else holdout.pairs
-    if training and not losses.needs_labels(config.model.loss) and pairs < config.batch_size:
-        raise DualEncError(f"--batch-size {config.batch_size} is larger than the {pairs} training pairs left; lower it")
-    seeds = [epoch_seed(config.seed, epoch) for epoch in epochs]
-    if training and losses.needs_labels(config.model.loss):
-        # Light elements (encoded bytes) are grouped by identity, then decoded per batch.
-        records = select(record_dataset(data_dir, split))
-        light = records.map(_pair_parser(image_size, caches, decode=False), num_parallel_calls=tf.data.AUTOTUNE)
-        batches = identity_batches(
-            light, max(1, config.batch_size // INSTANCES_PER_IDENTITY), INSTANCES_PER_IDENTITY, epoch_seeds=seeds
-        )
-        if "image" not in caches:
-            decode = lambda images: tf.map_fn(  # noqa: E731
-                lambda image: decode_image(image, image_size), images, fn_output_signature=tf.uint8
-            )
-            batches = batches.map(lambda batch: {**batch, IMAGE: decode(batch[IMAGE])}, num_parallel_calls=tf.data.AUTOTUNE)
-    elif training:
-        parse = _pair_parser(image_size, caches, decode=True)
-        one_epoch = [
-            _known_length(
-                select(record_dataset(data_dir, split, shuffle=True, seed=seed))
-                .map(parse, num_parallel_calls=tf.data.AUTOTUNE)
-                .batch(config.batch_size, drop_remainder=True),
-                pairs // config.batch_size,
-            )
-            for seed in seeds
-        ]
-        batches = functools.reduce(tf.data.Dataset.concatenate, one_epoch)
-    else:
-        pairs_dataset = select(record_dataset(data_dir, split)).map(_pair_parser(image_size, caches, decode=True),
-                                                            num_parallel_calls=tf.data.AUTOTUNE)
-        batches = _known_length(pairs_dataset.batch(config.batch_size), -(-pairs // config.batch_size))
-    batches = batches.map(_with_tokens(text_preprocessor, caches), num_parallel_calls=tf.data.AUTOTUNE)
-    return batches.prefetch(tf.data.AUTOTUNE)
+    arguments = pipeline_arguments(config, text_preprocessor, caches, training=training, epochs=epochs)
+    return pipeline.pair_batches(data_dir, split, holdout=holdout, **arguments)
 
 
 def compiled_encoders(model: DualEncoder) -> tuple[Callable, Callable]:
@@ -296,12 +235,26 @@ class RetrievalValidation(keras.callbacks.Callback):
             logs.update({f"val_{name}": value for name, value in retrieval_metrics(embeddings).items()})
 
 
-class EpochSummary(keras.callbacks.Callback):
-    """One line per epoch: losses and validation recall, for logs that outlive the progress bar."""
+def keras_verbosity(verbose: int, stream: TextIO) -> int:
+    """`model.fit`'s ``verbose`` for a run's `verbose` (0 quiet, else show progress) printing to
+    `stream`: Keras' progress bar (1) on a terminal; elsewhere (CI logs, nohup, a pipe) one plain
+    line per epoch (2), since the bar redraws itself with carriage returns and ANSI colour codes."""
+    if not verbose:
+        return 0
+    return 1 if stream.isatty() else 2
 
-    def __init__(self, epochs: int):
+
+class EpochSummary(keras.callbacks.Callback):
+    """One line per epoch: losses and validation recall, for logs that outlive the progress bar.
+
+    `mid_line`: Keras' progress bar (``verbose=1``) is still mid-line when the epoch ends (it
+    finishes after user callbacks), so the summary starts on a new line.
+    """
+
+    def __init__(self, epochs: int, mid_line: bool):
         super().__init__()
         self.epochs = epochs
+        self.mid_line = mid_line
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
@@ -310,19 +263,18 @@ class EpochSummary(keras.callbacks.Callback):
                            ("val_t2i_r10", "t2i R@10"), ("val_i2t_r1", "i2t R@1")):
             if key in logs:
                 parts.append(f"{label} {float(logs[key]):.3f}" if "loss" in key else f"{label} {float(logs[key]):.1f}%")
-        # Keras' progress bar is still mid-line here (it finishes after user callbacks).
-        print("\n" + " | ".join(parts), flush=True)
+        print(("\n" if self.mid_line else "") + " | ".join(parts), flush=True)
 
 
 def _callbacks(paths: RunPaths, config: configs.TrainConfig, validation: RetrievalValidation,
-               selection: ModelSelection, verbose: int) -> list:
+               selection: ModelSelection, keras_verbose: int) -> list:
     callbacks = [
         validation,
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.TensorBoard(str(paths.tensorboard), write_graph=False),
     ]
-    if verbose:
-        callbacks.append(EpochSummary(config.epochs))
+    if keras_verbose:
+        callbacks.append(EpochSummary(config.epochs, mid_line=keras_verbose == 1))
     # Last: it commits the epoch once everything else has seen it.
     return callbacks + [selection]
 
@@ -444,6 +396,7 @@ def train_epochs(
                                log_csv=paths.log_csv)
     train_batches = train(epochs)
     shard = shard or (lambda dataset, role: dataset)
+    keras_verbose = keras_verbosity(verbose, sys.stdout)
     model.fit(
         shard(model_inputs(train_batches), "train"),
         validation_data=shard(model_inputs(validation.batches), "validation"),
@@ -452,10 +405,19 @@ def train_epochs(
         # One pass over the stream is the rest of the run, each epoch in its own seeded order.
         steps_per_epoch=int(train_batches.cardinality()) // len(epochs),
         shuffle=False,
-        callbacks=[*worker_callbacks(placement), *_callbacks(paths, config, validation, selection, verbose)],
-        verbose=verbose,
+        callbacks=[*worker_callbacks(placement), *_callbacks(paths, config, validation, selection, keras_verbose)],
+        verbose=keras_verbose,
     )
     return selection.state
+
+
+def score_run(run_dir: Path, data_dir: Path, split: str) -> dict:
+    """The run's retrieval report on `split` (`evaluate_split`), asked as ``search.py --evaluate``
+    asks it: the exported text encoder against the split's index, built with the exported vision
+    encoder (`open_index`) and kept in the run, so a later search of the split reuses it."""
+    index = open_index(run_dir, PackedGallery(data_dir, split))
+    text_encoder = load_encoder(run_dir / TEXT_ENCODER_DIR)
+    return evaluate_split(text_encoder, data_dir, split, index.embeddings, index.labels, index.image_ids)
 
 
 def run_training(
@@ -468,8 +430,9 @@ def run_training(
     verbose: int = 1,
     on_start: Callable[[], None] | None = None,
     schedule: Schedule | None = None,
-) -> dict[str, float]:
-    """Train `config` into `paths` (resuming an unfinished run there when `resume`); return the test metrics.
+) -> dict:
+    """Train `config` into `paths` (resuming an unfinished run there when `resume`); return the
+    report written to ``metrics.json``: `score_run` on the test split, and how training went.
 
     The data is checked and the model built before the run directory gets its config, so a
     bad dataset or an unreachable TF Hub handle leaves no run behind; `on_start` is called
@@ -479,7 +442,7 @@ def run_training(
     """
     data_dir = Path(config.data)
     manifest = check_data(config, data_dir)
-    test_split = pick_split(manifest, TEST_SPLITS, data_dir)
+    test_split = scored_split(manifest, data_dir)
     validation_split = validation_source(manifest, data_dir)
     holdout = None
     if validation_split == HELD_OUT_VALIDATION:
@@ -543,18 +506,16 @@ def run_training(
         track_images=[model.vision_tower, model.image_head],
         track_texts=[model.text_tower, model.caption_head],
     )
-    test_batches = pair_batches(data_dir, test_split, config, text_preprocessor, {}, training=False)
-    metrics = retrieval_metrics(embed_split(test_batches.as_numpy_iterator(), *compiled_encoders(model), caption_key=TOKENS))
+    scores = score_run(paths.root, data_dir, test_split)
     if state is not None:
         plot_curves(history_columns(state.history), paths.curves)
         with atomic_file(paths.best_weights) as staging:
             shutil.copyfile(best_weights, staging)
     report = {
-        "split": test_split,
+        **scores,
         "validation": validation_split if holdout is None else holdout.description,
         "epochs_trained": 0 if state is None else state.epochs_done,
         "best_epoch": None if state is None else state.best_epoch + 1,
-        **metrics,
     }
     write_json_atomic(paths.metrics, report)
     if state is not None:
