@@ -20,7 +20,8 @@ from pathlib import Path
 from dualenc.core import config as configs
 from dualenc.core import runs
 from dualenc.distribute.cluster import training_cluster
-from dualenc.core.errors import DualEncError
+from dualenc.core.errors import DualEncError, first_line
+from dualenc.core.files import is_out_of_space
 from dualenc.training.presets import PRESETS, preset
 
 RUNS_ROOT = Path("runs")
@@ -222,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         paths, report = train(args, check_before_tensorflow(args))
     except DualEncError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a full disk, met by any writer (checkpoint, backup, log, export)
+        if not is_out_of_space(error):
+            raise
+        print(f"error: the disk is full ({first_line(error)}); free space, then rerun the same command: "
+              "the run resumes from its last backup", file=sys.stderr)
         return 2
     print(f"done: {paths.root} ({report['split']} split: {score_summary(report)})")
     if "attributes" in report:

@@ -7,14 +7,21 @@ with one keep-alive `http.client` connection sending ``GET /api/search?q=…&k=9
 captions, one after the other; every request's latency is recorded, and the throughput is the
 requests completed over the wall time of the whole level. Only ``ours``: the seed has no service.
 The reported peak memory is the server process's (VmHWM), not the clients'.
+
+The last level is under abuse: the same 8 query clients while 4 clients upload large images
+(a 2000 x 2000 noise PNG, about 12 MB decoded, over and over) and 40 clients hold uploads
+stalled (headers and the first bytes of a body, then nothing; reconnecting when the server's
+request deadline cuts them), so it shows what hostile uploads cost everyone else's p99.
 """
 
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +36,10 @@ SPLIT = "train"
 K = 9
 WARMUP_QUERIES = 20
 STARTUP_SECONDS = 300
+ABUSE_QUERY_CLIENTS = 8
+LARGE_UPLOADERS = 4
+STALLED_UPLOADS = 40
+LARGE_UPLOAD_SIDE = 2000
 COLOURS = ("red", "blue", "green", "black", "white", "grey", "yellow", "pink")
 GARMENTS = ("coat", "jacket", "shirt", "sweater", "pants", "shorts", "skirt")
 
@@ -94,6 +105,68 @@ def load_level(address: tuple[str, int], clients: int, per_client: int) -> dict:
             "errors": len(errors), "first_error": errors[0] if errors else None}
 
 
+def _large_png() -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (LARGE_UPLOAD_SIDE, LARGE_UPLOAD_SIDE, 3), np.uint8)
+    Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _uploader(address: tuple[str, int], image: bytes, stop: threading.Event, statuses: list[int]) -> None:
+    boundary = "bench"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.png\"\r\n\r\n".encode()
+            + image + f"\r\n--{boundary}--\r\n".encode())
+    while not stop.is_set():
+        connection = http.client.HTTPConnection(*address, timeout=120)
+        try:
+            connection.request("POST", f"/api/search?k={K}", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        except OSError:
+            statuses.append(0)
+        finally:
+            connection.close()
+
+
+def _staller(address: tuple[str, int], stop: threading.Event) -> None:
+    head = (b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 10000000\r\n\r\n--x\r\n")
+    while not stop.is_set():
+        try:
+            with socket.create_connection(address, timeout=1) as connection:
+                connection.sendall(head)
+                while not stop.is_set():
+                    try:
+                        if connection.recv(4096) == b"":
+                            break  # cut by the server's deadline: come back
+                    except socket.timeout:
+                        continue
+        except OSError:
+            time.sleep(0.1)
+
+
+def abuse_level(address: tuple[str, int], per_client: int) -> dict:
+    """`load_level` with 8 query clients while large and stalled uploads are in flight."""
+    stop, statuses = threading.Event(), []
+    image = _large_png()
+    abusers = [threading.Thread(target=_uploader, args=(address, image, stop, statuses)) for _ in range(LARGE_UPLOADERS)]
+    abusers += [threading.Thread(target=_staller, args=(address, stop)) for _ in range(STALLED_UPLOADS)]
+    for thread in abusers:
+        thread.start()
+    time.sleep(2.0)  # the uploads and stalls are in flight before the clock starts
+    try:
+        level = load_level(address, ABUSE_QUERY_CLIENTS, per_client)
+    finally:
+        stop.set()
+        for thread in abusers:
+            thread.join(150)
+    return {**level, "large_uploads_answered": len(statuses), "large_upload_statuses": sorted(set(statuses))}
+
+
 def _peak_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
@@ -110,12 +183,13 @@ def measure(variant: str, params: dict) -> dict:
     try:
         _client(address, demo_queries()[:WARMUP_QUERIES], [], [])
         levels = [load_level(address, clients, params["queries_per_client"]) for clients in params["clients"]]
+        abuse = abuse_level(address, params["queries_per_client"])
         health = json.loads(_get(address, "/api/health"))
         server_peak = _peak_mb(server.pid)
     finally:
         server.terminate()
         server.wait(60)
-    return {"levels": levels, "images": health["images"], "server_peak_mb": server_peak,
+    return {"levels": levels, "abuse": abuse, "images": health["images"], "server_peak_mb": server_peak,
             "cores": os.cpu_count()}
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import subprocess
+import sys
 
 import pytest
 
 from dualenc.core import config as configs
 from dualenc.core import runs
 from dualenc.core.errors import DualEncError
+from dualenc.core.files import HOST_TAG
 from dualenc.core.runs import RunPaths, choose_run_dir, point_latest
 
 FIXED_NOW = datetime.datetime(2024, 5, 6, 7, 8, 9)
@@ -152,7 +155,9 @@ def test_point_latest_makes_a_relative_link_and_replaces_an_old_one(tmp_path):
     point_latest(runs_root, first)
     assert os.readlink(runs_root / "latest") == "a"
     # A staging link left by an interrupted call does not get in the way.
-    os.symlink("a", runs_root / ".latest.tmp")
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    os.symlink("a", runs_root / f".latest.{killed.pid}-{HOST_TAG}-0123abcd.tmp")
     point_latest(runs_root, second)
     assert os.readlink(runs_root / "latest") == "b"
     assert (runs_root / "latest").resolve() == second.root

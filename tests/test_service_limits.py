@@ -273,3 +273,12 @@ def test_health_is_answered_while_large_uploads_are_decoded(world):
         for thread in uploads:
             thread.join(120)
         assert len(finished) == 3 and answered < max(finished)
+
+
+def test_uploads_held_in_memory_together_are_bounded(world):
+    with client_for(world, max_buffered_upload_bytes=2000) as client:
+        response = client.post("/api/search", files={"image": ("a.png", png(size=(64, 64)))})
+        assert response.status_code == 503 and "holding as many uploads" in response.json()["error"]
+    with client_for(world, max_buffered_upload_bytes=200_000) as client:  # given back after each answer
+        for _ in range(3):
+            assert client.post("/api/search", files={"image": ("a.png", png(size=(64, 64)))}).status_code == 200

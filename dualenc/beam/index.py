@@ -21,8 +21,10 @@ local path's rule and reasons, and the meta is built by its `Gallery.meta`, so t
 the local one. Each embedding
 shard (``embeddings-NNNNN.npy`` + ``rows-NNNNN.json``) is written to a hidden work directory
 beside the index, atomically and idempotently per work item, so a retried bundle rewrites the
-same files. The driver then streams the shards into the index (`write_index_streamed`),
-never holding more than one shard, and removes the work directory.
+same files; a work item whose every image was skipped writes an empty shard. The driver then
+streams the shards into the index (`copy_shards`, `write_index_streamed`), never holding more
+than one shard, and removes the work directory. The work directory is named after the driver's
+process (`dualenc.core.files.owned_temporary`), so the next build removes one a killed driver left.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import functools
 import json
 import shutil
 import sys
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
@@ -48,7 +49,7 @@ import_tensorflow()
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor  # noqa: E402
 
 from dualenc.core.errors import DualEncError  # noqa: E402
-from dualenc.core.files import atomic_file, probe_writable, write_json_atomic  # noqa: E402
+from dualenc.core.files import atomic_file, owned_temporary, probe_writable, remove_leftovers, write_json_atomic  # noqa: E402
 
 FOLDER_CHUNK = 256
 ROWS_PREFIX = "rows-"
@@ -218,6 +219,17 @@ def _row_lists(work_dir: Path) -> list[tuple[Path, list[tuple]]]:
     return shards
 
 
+def copy_shards(target: np.ndarray, shard_paths: list[Path]) -> None:
+    """Copy the embedding shards, in order, into consecutive rows of `target`. A work item whose
+    every image was skipped wrote an empty shard (without even a width), which adds no row."""
+    start = 0
+    for path in shard_paths:
+        block = np.load(path)
+        if len(block):
+            target[start:start + len(block)] = block
+            start += len(block)
+
+
 def _check_writable(directory: Path) -> None:
     try:
         probe_writable(directory)
@@ -273,8 +285,9 @@ def build_index_with_beam(run_dir: Path, gallery, options, *, float16: bool = Fa
     encoder_dir, index_dir = index_location(run_dir, gallery)
     _check_writable(index_dir.parent)
     encoder_print, gallery_print = encoder_fingerprint(encoder_dir), gallery.fingerprint()
-    work_dir = index_dir.parent / f".beam-{index_dir.name}-{uuid.uuid4().hex[:8]}"
-    work_dir.mkdir()
+    work_stem = f"beam-{index_dir.name}"
+    remove_leftovers(index_dir.parent / work_stem)  # work directories of killed drivers
+    work_dir = owned_temporary(index_dir.parent, work_stem, directory=True)
     try:
         with beam.Pipeline(options=options) as pipeline:
             build_pipeline(pipeline, gallery, encoder_dir, work_dir, batch_size or EMBED_BATCH)
@@ -288,11 +301,7 @@ def build_index_with_beam(run_dir: Path, gallery, options, *, float16: bool = Fa
         meta = complete_meta(meta, gallery, encoder_print, gallery_print, float16, (len(meta["image_ids"]), dimension))
 
         def fill(target: np.ndarray, building: Path) -> None:
-            start = 0
-            for path, _ in shards:
-                block = np.load(path)
-                target[start:start + len(block)] = block
-                start += len(block)
+            copy_shards(target, [path for path, _ in shards])
             if needs_compressed_index(len(target), dimension, memory_budget):
                 _compress(target, [path for path, _ in shards], building / COMPRESSED_NAME, memory_budget, log)
 

@@ -11,16 +11,30 @@ leave the *new* name pointing at an empty or partial file on many file systems.
 - `write_bytes_atomic`, `write_text_atomic`, `write_json_atomic`, `save_figure_atomic`: the
   common cases on top of `atomic_file`;
 - `move_into_place`: the last step alone, for a file written under a temporary name by other
-  means (a TFRecord shard, a resumable download).
+  means (a TFRecord shard, a resumable download);
+- `owned_temporary`, `owned_name`, `remove_leftovers`, `recover_directory`: what survives a killed writer.
+
+Temporary names are unique and created exclusively (``mkstemp`` / ``mkdtemp`` in the target's
+directory), so two writers of the same file never rename each other's half-written copy into
+place: the last complete one wins. Each name carries its writer's process id and host
+(``.{name}.{pid}-{host}-{random}.tmp``), so the next writer of the same target removes what a
+killed one left (`remove_leftovers`) without touching the work of a live one. A directory is
+swapped in by one ``renameat2(RENAME_EXCHANGE)`` where the file system has it; elsewhere by two
+renames (old aside, new in), and a writer killed between them leaves the old directory in a
+hidden ``.old`` sibling, which the next write or open puts back (`recover_directory`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,9 +46,106 @@ HASH_BLOCK_BYTES = 1 << 20
 
 
 def temporary_sibling(path: str | Path) -> Path:
-    """The hidden temporary name `atomic_file` writes `path` under: ``.{name}.tmp`` beside it."""
+    """``.{name}.tmp``: the fixed temporary name versions before unique names wrote `path` under,
+    which the packer still recognises as its own leftover."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp")
+
+
+# Names the host in temporary names: a process id says whether its writer lives only on its own host.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:8]
+# What follows ".{name}." in a temporary (.tmp) or retired (.old) sibling: owner, random part, kind.
+OWNED_SUFFIX = re.compile(r"(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[a-z0-9_]+\.(?P<kind>tmp|old)")
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+
+
+def owned_temporary(parent: str | Path, stem: str, *, directory: bool = False, kind: str = "tmp") -> Path:
+    """A new, exclusively created hidden file (or directory) in `parent`:
+    ``.{stem}.{pid}-{host}-{random}.{kind}``; `remove_leftovers` clears it once its process is gone."""
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=f".{stem}.{os.getpid()}-{HOST_TAG}-", suffix=f".{kind}", dir=parent))
+    while True:
+        path = owned_name(parent, stem, kind)
+        try:
+            # Not mkstemp: its files are private (0600), and the finished file keeps this mode.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+
+
+def owned_name(parent: str | Path, stem: str, kind: str = "tmp") -> Path:
+    """A fresh name of `owned_temporary`'s form, not created: for what is made exclusively by other
+    means (a symbolic link, which fails rather than replace an existing name)."""
+    return Path(parent) / f".{stem}.{os.getpid()}-{HOST_TAG}-{os.urandom(6).hex()}.{kind}"
+
+
+def _owner_is_gone(pid: int, host: str) -> bool:
+    """Whether process `pid` of the host tagged `host` has ended (another host's: unknown, so no)."""
+    if host != HOST_TAG:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _abandoned(parent: Path, stem: str) -> list[Path]:
+    """The ``.{stem}.*`` temporary and retired siblings in `parent` whose writer has ended."""
+    prefix = f".{stem}."
+    try:
+        names = os.listdir(parent)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        owned = OWNED_SUFFIX.fullmatch(name[len(prefix):]) if name.startswith(prefix) else None
+        if owned and _owner_is_gone(int(owned["pid"]), owned["host"]):
+            found.append(parent / name)
+    return sorted(found)
+
+
+def recover_directory(path: str | Path) -> None:
+    """Put back the directory `path` when a writer was killed between moving it aside and moving
+    its replacement in (the two-rename swap of `atomic_directory`), then `remove_leftovers`.
+
+    Readers call it before they look (`load_encoder`, the gallery index); where the parent is
+    read-only nothing can be repaired, and the reader then reports what it does not find."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        for retired in _abandoned(path.parent, path.name):
+            if retired.name.endswith(".old") and (retired / path.name).is_dir():
+                # FileNotFoundError: another process put it back first.
+                with contextlib.suppress(OSError):
+                    os.replace(retired / path.name, path)
+                    fsync_path(path.parent)
+                break
+    remove_leftovers(path)
+
+
+def remove_leftovers(path: str | Path) -> None:
+    """Delete the temporary and retired siblings of `path` that killed writers left behind (their
+    process has ended; a live writer's are kept)."""
+    path = Path(path)
+    for leftover in _abandoned(path.parent, path.name):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # gone already, or a read-only directory
+                leftover.unlink()
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """Whether `error` reports a full disk or an exhausted quota (ENOSPC, EDQUOT): as an
+    `OSError`'s errno, or in the message of a library that wraps it (h5py, TensorFlow, FAISS)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    message = str(error)
+    return any(os.strerror(code) in message for code in (errno.ENOSPC, errno.EDQUOT))
 
 
 def sha256_of_file(path: str | Path) -> str:
@@ -55,6 +166,21 @@ def probe_writable(directory: str | Path) -> None:
     probe = directory / f".write-check-{os.getpid()}-{os.urandom(4).hex()}"
     probe.write_bytes(b"")
     probe.unlink()
+
+
+def reserve_space(path: str | Path) -> None:
+    """Allocate every block of the file at `path` now (``posix_fallocate``), so that a full disk
+    is an `OSError` (ENOSPC) here instead of a SIGBUS that kills the process when a page of a
+    memory-mapped, sparse file is first written. A file system that cannot allocate ahead is left
+    as it is."""
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(descriptor, 0, os.fstat(descriptor).st_size)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(descriptor)
 
 
 def fsync_path(path: str | Path) -> None:
@@ -96,7 +222,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     If the block raises, the temporary file is removed and `path` keeps its old content.
     """
     path = Path(path)
-    temporary = temporary_sibling(path)
+    remove_leftovers(path)
+    temporary = owned_temporary(path.parent, path.name)
     try:
         yield temporary
         move_into_place(temporary, path)
@@ -140,14 +267,17 @@ def save_figure_atomic(figure: Any, path: str | Path, dpi: int = 100) -> Path:
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a new empty temporary sibling directory of `path` to fill; on success it replaces `path`.
 
-    On leaving the block every file in it is synced, an existing `path` is moved aside, the new
-    directory renamed into place and the old one deleted. If the block raises, the temporary
-    directory is deleted and `path` is left as it was. Temporary names are unique, so two
-    processes writing the same `path` do not delete each other's work (the last one wins).
+    On leaving the block every file in it is synced, then the new directory takes the place of
+    an existing `path` in one exchange (`exchange`; elsewhere: old moved aside, new renamed into
+    place) and the old one is deleted. If the block raises, the temporary directory is deleted
+    and `path` is left as it was. Temporary names are unique, so two processes writing the same
+    `path` do not delete each other's work (the last one wins); what a killed writer left is
+    recovered or removed first (`recover_directory`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    recover_directory(path)
+    building = owned_temporary(path.parent, path.name, directory=True)
     building.chmod(DIRECTORY_MODE)
     try:
         yield building
@@ -155,11 +285,29 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
+    if path.exists() and exchange(building, path):
+        fsync_path(path.parent)
+        shutil.rmtree(building, ignore_errors=True)  # now the old directory
+        return
     retired = None
     if path.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        retired = owned_temporary(path.parent, path.name, directory=True, kind="old")
         os.replace(path, retired / path.name)
     os.replace(building, path)
     fsync_path(path.parent)
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic rename (Linux ``renameat2(RENAME_EXCHANGE)``), so
+    no moment exists without either; False where the C library or file system lacks it."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))

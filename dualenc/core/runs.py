@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dualenc.core import config as configs
 from dualenc.core.errors import DualEncError
+from dualenc.core.files import owned_name, remove_leftovers
 from dualenc.core.locking import LOCK_NAME, directory_lock
 
 CONFIG_FILE = "config.json"
@@ -196,10 +197,13 @@ def claim_run_dir(root: Path) -> Iterator[RunClaim]:
 
 
 def point_latest(runs_root: Path, paths: RunPaths) -> None:
-    """Make `runs_root/latest` a relative symbolic link to `paths.root`, atomically."""
+    """Make `runs_root/latest` a relative symbolic link to `paths.root`, atomically.
+
+    The link is made under a unique name (`owned_name`; making a link is exclusive) and renamed
+    over the old one, so two runs starting at once cannot move each other's link; staging links
+    of killed processes are removed first."""
     link = runs_root / LATEST
-    staging = runs_root / f".{LATEST}.tmp"
-    if staging.is_symlink() or staging.exists():
-        staging.unlink()
-    staging.symlink_to(os.path.relpath(paths.root, runs_root))
+    remove_leftovers(link)
+    staging = owned_name(runs_root, LATEST)
+    staging.symlink_to(os.path.relpath(paths.root, runs_root))  # exclusive: never replaces another's link
     staging.replace(link)

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from dualenc.core.errors import DualEncError, first_line
-from dualenc.core.files import atomic_directory, write_bytes_atomic
+from dualenc.core.files import atomic_directory, recover_directory, write_bytes_atomic
 
 VISION_ENCODER_DIR = "vision_encoder"
 TEXT_ENCODER_DIR = "text_encoder"
@@ -199,6 +199,7 @@ class LoadedEncoder:
 
 
 def _load_saved_model(path: Path):
+    recover_directory(path)  # an export killed mid-swap leaves the previous encoder aside
     if not (path / "saved_model.pb").is_file():
         raise DualEncError(f"no exported encoder at {path}; run `python train.py` first or pass --model RUN_DIR")
     import tensorflow_text  # noqa: F401  registers the text ops a BERT or WordPiece preprocessor uses

@@ -47,6 +47,7 @@ EMBED_BATCH = 16
 # Batches handed to the encoder at once: a TensorFlow call releases the GIL, so one batch decodes
 # (in the encoder's graph) while another runs the network. 1.8x the images/s on 2 cores.
 BATCHES_IN_FLIGHT = 2
+NOT_FINITE = "the encoder gave it an embedding that is not finite (NaN or inf)"
 
 
 class Gallery(Protocol):
@@ -276,10 +277,11 @@ def embed_skipping_bad(encoder: LoadedEncoder, blobs: list[bytes],
     are read with their pixels left to the encoder (`read_folder_images`), so they take
     `pillow_reasons` and are explained as by full validation; a packed split's images were
     validated when packed, so one refused now is one another tool wrote, and the kernel's reason
-    says what went wrong. Every gallery, and the Beam index's inference function, skips by this rule.
+    says what went wrong. An image whose embedding is not finite (NaN or inf, which no search can
+    rank) is skipped too. Every gallery, and the Beam index's inference function, skips by this rule.
     """
     try:
-        return encoder.embed_batch(blobs), [None] * len(blobs)
+        return _finite_only(encoder.embed_batch(blobs), [None] * len(blobs))
     except tf.errors.OpError:
         pass
     rows, reasons = [], []
@@ -294,7 +296,18 @@ def embed_skipping_bad(encoder: LoadedEncoder, blobs: list[bytes],
             reasons.append(pillow_reasons and pillow_reason(blob)
                            or f"TensorFlow cannot decode the image: {lines[-1] if lines else type(exc).__name__}")
     embeddings = np.concatenate(rows) if rows else np.zeros((0, encoder.dimension), np.float32)
-    return embeddings, reasons
+    return _finite_only(embeddings, reasons)
+
+
+def _finite_only(embeddings: np.ndarray, reasons: list[str | None]) -> tuple[np.ndarray, list[str | None]]:
+    """`embeddings` (one row per None in `reasons`) without the rows that are not finite, whose
+    images get that as their reason."""
+    finite = np.isfinite(embeddings).all(axis=1)
+    if finite.all():
+        return embeddings, reasons
+    finite_rows = iter(finite)  # one per embedded image, in order
+    reasons = [NOT_FINITE if reason is None and not next(finite_rows) else reason for reason in reasons]
+    return embeddings[finite], reasons
 
 
 def _embedded(encoder: LoadedEncoder, batches: Iterable[tuple[object, list[bytes]]],

@@ -13,7 +13,13 @@ An index lives in ``RUN/index/<gallery-key>/``:
 - ``ann-hnsw.faiss`` / ``ann-ivf.faiss``: approximate-search indexes, built on first use;
 - ``ann-compressed.faiss``: for a gallery too large for memory (built by the Beam path, see
   `dualenc.retrieval.large_index`), a compressed IVF index that ``--ann auto`` searches memory-mapped,
-  the embeddings then staying memory-mapped too.
+  the embeddings then staying memory-mapped too;
+- ``ann-<kind>.json`` beside each: the sha256 of the embeddings it was built from and the FAISS
+  file's (size, mtime, inode) when it was saved. An approximate index is used only while both
+  match (and it reads whole and holds as many rows): one built for an earlier index, by a
+  process that loaded it before a rebuild, would answer with rows of other images. A stale or
+  damaged HNSW / IVF file is rebuilt; a compressed one, which only the Beam path can build, is
+  refused in one line when its embeddings' sha256 or its shape differs.
 
 `open_index` reuses an index while both fingerprints match and rebuilds it for a new encoder;
 for a gallery that changed under the same encoder, the gallery decides what to embed again
@@ -38,7 +44,7 @@ from dualenc.retrieval import knn
 from dualenc.data.pipeline import sha256_of_file
 from dualenc.core.errors import DualEncError
 from dualenc.export.encoders import VISION_ENCODER_DIR, load_encoder
-from dualenc.core.files import atomic_directory
+from dualenc.core.files import atomic_directory, recover_directory, reserve_space, write_json_atomic
 from dualenc.retrieval.gallery import EMBED_BATCH, Gallery
 
 INDEX_DIR = "index"
@@ -71,6 +77,7 @@ class GalleryIndex:
     labels: list[int] | None
     captions: list[str] | None
     skipped: list[dict]
+    embeddings_sha256: str  # what every approximate index of these rows is bound to
     embedded: int = 0
     compressed: object | None = None  # the memory-mapped `ann-compressed.faiss`, when there is one
     _ann: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)  # kind -> FAISS index
@@ -108,8 +115,9 @@ class GalleryIndex:
 
     def _load_or_build_ann(self, kind: str, log: TextIO):
         path = self.directory / f"ann-{kind}.faiss"
-        if path.is_file():
-            return knn.load_ann(path)
+        stored = self._stored_ann(path, log)
+        if stored is not None:
+            return stored
         index = knn.build_ann(self.embeddings, kind)
         sample = np.random.default_rng(0).permutation(len(self))[:RECALL_SAMPLE]
         recall = knn.ann_recall(index, self.embeddings, self.embeddings[sample], k=10)
@@ -118,8 +126,42 @@ class GalleryIndex:
             f"({len(sample)} gallery images as queries)",
             file=log,
         )
-        knn.save_ann(index, path)
+        try:
+            knn.save_ann(index, path)
+            write_json_atomic(ann_binding_path(path), ann_binding(path, self.embeddings_sha256))
+        except (OSError, DualEncError) as error:
+            message = error.strerror if isinstance(error, OSError) and error.strerror else error
+            print(f"cannot save {path} ({message}); searching with it unsaved", file=log)
         return index
+
+    def _stored_ann(self, path: Path, log: TextIO):
+        """The FAISS index saved at `path` when it was built from these embeddings and reads
+        whole, else None (why: on `log`)."""
+        if not path.is_file():
+            return None
+        if _read_json(ann_binding_path(path)) != ann_binding(path, self.embeddings_sha256):
+            print(f"{path} was not built from this index's embeddings; rebuilding it", file=log)
+            return None
+        try:
+            index = knn.load_ann(path)
+        except DualEncError as error:
+            print(f"{error}; rebuilding it", file=log)
+            return None
+        if index.ntotal != len(self):
+            print(f"{path} holds {index.ntotal} rows, not {len(self)}; rebuilding it", file=log)
+            return None
+        return index
+
+
+def ann_binding_path(path: Path) -> Path:
+    """Where the binding of the FAISS file `path` is kept: ``ann-<kind>.json`` beside it."""
+    return path.with_suffix(".json")
+
+
+def ann_binding(path: Path, embeddings_print: str) -> dict:
+    """What binds the FAISS file `path` to the embeddings it was built from: their sha256, and
+    the file's (size, mtime, inode), so a FAISS file put in its place later does not match."""
+    return {"embeddings_sha256": embeddings_print, "file": _file_stat(path)}
 
 
 def encoder_fingerprint(encoder_dir: Path) -> str:
@@ -146,16 +188,22 @@ def _file_stat(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
-def _recorded_stat(index_dir: Path) -> list[int] | None:
+def _read_json(path: Path):
+    """The JSON content of `path`, or None when it is missing or unreadable."""
     try:
-        return json.loads((index_dir / STAT_NAME).read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def _recorded_stat(index_dir: Path) -> list[int] | None:
+    return _read_json(index_dir / STAT_NAME)
 
 
 def _read_existing(index_dir: Path, log: TextIO) -> tuple[dict, np.ndarray] | None:
     """(meta, embeddings) of a previous index, or None when there is none, it is unreadable or
     its embeddings are not the ones it recorded (said on `log`)."""
+    recover_directory(index_dir)  # a rebuild killed mid-swap leaves the previous index aside
     try:
         meta = json.loads((index_dir / META_NAME).read_text(encoding="utf-8"))
         embeddings = np.load(index_dir / EMBEDDINGS_NAME, mmap_mode="r")
@@ -195,12 +243,16 @@ def write_index_streamed(index_dir: Path, meta: dict, fill: Callable[[np.ndarray
         with atomic_directory(index_dir) as building:
             target = np.lib.format.open_memmap(building / EMBEDDINGS_NAME, mode="w+", dtype=np.dtype(meta["dtype"]),
                                                shape=(meta["count"], meta["dimension"]))
+            reserve_space(building / EMBEDDINGS_NAME)  # a full disk: this OSError, not a SIGBUS in `fill`
             fill(target, building)
             target.flush()
             meta["embeddings_sha256"] = embeddings_sha256(target)
             del target
             (building / META_NAME).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
             (building / STAT_NAME).write_text(json.dumps(_file_stat(building / EMBEDDINGS_NAME)) + "\n", encoding="utf-8")
+            if (building / COMPRESSED_NAME).is_file():
+                ann_binding_path(building / COMPRESSED_NAME).write_text(
+                    json.dumps(ann_binding(building / COMPRESSED_NAME, meta["embeddings_sha256"])) + "\n", encoding="utf-8")
     except OSError as error:
         raise DualEncError(
             f"cannot write the gallery index {index_dir} ({error.strerror or error}); "
@@ -208,23 +260,44 @@ def write_index_streamed(index_dir: Path, meta: dict, fill: Callable[[np.ndarray
         ) from None
 
 
-def _loaded(index_dir: Path, meta: dict, embeddings: np.ndarray, embedded: int) -> GalleryIndex:
-    compressed = None
-    if (index_dir / COMPRESSED_NAME).is_file():
-        from dualenc.retrieval.large_index import open_large_index
+def _open_compressed(index_dir: Path, meta: dict, embeddings: np.ndarray):
+    """The index's memory-mapped ``ann-compressed.faiss``, None without one; `DualEncError` when
+    it was built for other embeddings (its binding, when it has one, or its row count differs)."""
+    path = index_dir / COMPRESSED_NAME
+    if not path.is_file():
+        return None
+    from dualenc.retrieval.large_index import open_large_index
 
-        compressed = open_large_index(index_dir / COMPRESSED_NAME)
-    return GalleryIndex(
-        directory=index_dir,
+    # Only the embeddings' sha256 is compared: a copied index folder gives the file another
+    # inode, and this index cannot be rebuilt here. One saved without a binding: its shape.
+    binding = _read_json(ann_binding_path(path))
+    compressed = open_large_index(path)
+    if (isinstance(binding, dict) and binding.get("embeddings_sha256") != meta["embeddings_sha256"]) or \
+            (compressed.ntotal, compressed.d) != embeddings.shape:
+        raise DualEncError(f"{path} was not built from the embeddings of {index_dir}; "
+                           "rebuild the index with --build-index (and --runner for a gallery this large)")
+    return compressed
+
+
+def _loaded(index_dir: Path, meta: dict, embeddings: np.ndarray, embedded: int) -> GalleryIndex:
+    compressed = _open_compressed(index_dir, meta, embeddings)
+    if compressed is None:
         # float16 storage leaves norms off by ~1e-3; normalising once here keeps scores cosines.
         # A gallery with a compressed index is too large to copy: its rows stay memory-mapped.
-        embeddings=embeddings if compressed is not None else knn.normalise_rows(embeddings),
+        embeddings = knn.normalise_rows(embeddings)
+        if not np.isfinite(embeddings).all():
+            raise DualEncError(f"the index {index_dir} holds embeddings that are not finite (NaN or inf); "
+                               "rebuild it with --build-index")
+    return GalleryIndex(
+        directory=index_dir,
+        embeddings=embeddings,
         compressed=compressed,
         image_ids=meta["image_ids"],
         paths=meta["paths"],
         labels=meta["labels"],
         captions=meta["captions"],
         skipped=meta["skipped"],
+        embeddings_sha256=meta["embeddings_sha256"],
         embedded=embedded,
     )
 
@@ -268,6 +341,7 @@ def index_location(run_dir: Path, gallery: Gallery) -> tuple[Path, Path]:
     run has no exported vision encoder."""
     run_dir = Path(run_dir).resolve()
     encoder_dir = run_dir / VISION_ENCODER_DIR
+    recover_directory(encoder_dir)  # an export killed mid-swap leaves the previous encoder aside
     if not (encoder_dir / "saved_model.pb").is_file():
         raise DualEncError(f"no exported vision encoder at {encoder_dir}; run `python train.py` first or pass --model RUN_DIR")
     return encoder_dir, run_dir / INDEX_DIR / gallery.key

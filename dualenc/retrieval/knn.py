@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dualenc.core.errors import DualEncError
+from dualenc.core.errors import DualEncError, first_line
 from dualenc.core.files import atomic_file
 from dualenc.retrieval.exact import exact_top_k
 
@@ -46,6 +46,16 @@ def normalise_rows(embeddings: np.ndarray) -> np.ndarray:
     return embeddings / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
+def finite_queries(query_embeddings: np.ndarray) -> np.ndarray:
+    """``(Q, D)`` (or one ``(D,)``) query embeddings as unit float32 rows; `DualEncError` when one
+    is not finite: a NaN scores no image, and the top-k scan would fail on it."""
+    queries = normalise_rows(np.atleast_2d(query_embeddings))
+    if not np.isfinite(queries).all():
+        raise DualEncError("the query's embedding is not finite (NaN or inf): the encoder is broken; "
+                           "re-export it, or retrain the run")
+    return queries
+
+
 def exact_search(
     query_embeddings: np.ndarray, gallery_embeddings: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +66,7 @@ def exact_search(
     Returns ``(scores, indices)``, each ``(Q, min(k, N))``, scores float32 in descending order per
     row, equal scores in ascending gallery order (`dualenc.retrieval.exact.exact_top_k` scans the gallery).
     """
-    queries = normalise_rows(np.atleast_2d(query_embeddings))
+    queries = finite_queries(query_embeddings)
     gallery = np.asarray(gallery_embeddings)
     if gallery.dtype != np.float16:
         gallery = gallery.astype(np.float32, copy=False)
@@ -142,7 +152,7 @@ def ann_search(index, query_embeddings: np.ndarray, k: int) -> tuple[np.ndarray,
     a beam of k (HNSW). An id that is still -1 means "no more results": callers stop there
     (`dualenc.retrieval.query.result_dicts` does), never show it as a gallery row.
     """
-    queries = np.ascontiguousarray(normalise_rows(np.atleast_2d(query_embeddings)))
+    queries = np.ascontiguousarray(finite_queries(query_embeddings))
     k = min(int(k), index.ntotal)
     scores, indices = index.search(queries, k)
     short = (indices < 0).any(axis=1)
@@ -182,14 +192,21 @@ def ann_recall(index, gallery_embeddings: np.ndarray, query_embeddings: np.ndarr
 def save_ann(index, path: Path) -> None:
     """Write a FAISS index to `path` atomically (temporary sibling, synced, then renamed)."""
     faiss = import_faiss()
-    with atomic_file(path) as temporary:
-        faiss.write_index(index, str(temporary))
+    try:
+        with atomic_file(path) as temporary:
+            faiss.write_index(index, str(temporary))
+    except RuntimeError as error:  # FAISS's own I/O failure (full disk, say)
+        raise DualEncError(f"cannot write {path} ({first_line(error)})") from None
 
 
 def load_ann(path: Path):
-    """Read a FAISS index written by `save_ann`, restoring its search-time settings."""
+    """Read a FAISS index written by `save_ann`, restoring its search-time settings; a cut or
+    damaged file is a `DualEncError`."""
     faiss = import_faiss()
-    index = faiss.read_index(str(path))
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as error:
+        raise DualEncError(f"cannot read the FAISS index {path} ({first_line(error)})") from None
     if hasattr(index, "hnsw"):
         index.hnsw.efSearch = HNSW_EF_SEARCH
     return index

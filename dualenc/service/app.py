@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import importlib.resources
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -45,6 +45,7 @@ from dualenc.service.inputs import (
     MULTIPART_OVERHEAD_BYTES,
     RequestError,
     ServiceLimits,
+    UploadBudget,
     check_image,
     multipart_field,
     query_parameters,
@@ -141,8 +142,9 @@ def _static_files() -> dict[str, tuple[bytes, str]]:
     return files
 
 
-async def _read_upload(request: Request, max_bytes: int) -> bytes:
-    """The request body, or a 413 once it passes the upload limit (plus multipart overhead)."""
+async def _read_upload(request: Request, max_bytes: int, take: Callable[[int], None]) -> bytes:
+    """The request body, or a 413 once it passes the upload limit (plus multipart overhead);
+    each chunk kept is first `take`n from the upload budget (`UploadBudget.holding`)."""
     limit = max_bytes + MULTIPART_OVERHEAD_BYTES
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max(DRAIN_BYTES, limit):
@@ -151,6 +153,7 @@ async def _read_upload(request: Request, max_bytes: int) -> bytes:
     async for chunk in request.stream():
         received += len(chunk)
         if received <= limit:
+            take(len(chunk))
             body += chunk
         elif received > max(DRAIN_BYTES, limit):
             break
@@ -184,7 +187,7 @@ def create_app(
     searcher = Searcher(Retriever(run_dir, ann=ann).use_index(gallery, index), timeout_s=limits.request_timeout_s)
     thumbnails = Thumbnails(gallery_images(gallery, index.image_ids))
     static = _static_files()
-    upload_slots = asyncio.Semaphore(limits.max_uploads)
+    upload_budget = UploadBudget(limits.max_buffered_upload_bytes)
     health = {
         "status": "ok",
         "model": run_dir.resolve().name,
@@ -265,17 +268,15 @@ def create_app(
     @app.post("/api/search")
     async def search_image(request: Request) -> JSONResponse:
         k = result_count(query_parameters(request.scope["query_string"]), DEFAULT_K, len(index), limits.max_k)
-        async def receive() -> bytes:
-            async with upload_slots:  # bounds the uploads held in memory at once
-                return await _read_upload(request, limits.max_upload_bytes)
-
-        try:
-            body = await asyncio.wait_for(receive(), limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestError(408, f"the upload did not arrive within {limits.request_timeout_s:g} s; "
-                                    "send the whole image at once") from None
-        content_type = request.headers.get("content-type", "")
-        return JSONResponse(await run_in_threadpool(image_results, body, content_type, k))
+        with upload_budget.holding() as take:  # the bytes count until the answer is made
+            try:
+                body = await asyncio.wait_for(_read_upload(request, limits.max_upload_bytes, take),
+                                              limits.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise RequestError(408, f"the upload did not arrive within {limits.request_timeout_s:g} s; "
+                                        "send the whole image at once") from None
+            content_type = request.headers.get("content-type", "")
+            return JSONResponse(await run_in_threadpool(image_results, body, content_type, k))
 
     @app.get("/images/{image_id:path}")
     def image(image_id: str) -> Response:

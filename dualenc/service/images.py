@@ -5,14 +5,18 @@ read only if its real path (links followed) is still inside the gallery folder, 
 link that leads out of it serves nothing. A packed split is read at the offsets of its
 images' first records, found once when the service starts by `dualenc.data.packed.first_records`
 (one pass over the shards, parsing only the image ids; the rule every index is built by): a
-later request reads one record, not the whole split. Thumbnails are re-encoded by Pillow, so
-what goes out is always a JPEG made from decoded pixels, never a file's raw bytes.
+later request reads one record, not the whole split. Those offsets hold only for the shard files
+they were found in, so each shard's (size, mtime, inode) is recorded before it is read and
+checked on the open file at each request: a split packed again under a running service is
+refused (404, one line) rather than serving other images' bytes. Thumbnails are re-encoded by
+Pillow, so what goes out is always a JPEG made from decoded pixels, never a file's raw bytes.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +26,7 @@ from PIL import Image
 
 from dualenc.retrieval.gallery import FolderGallery, Gallery
 from dualenc.data.images import ImageProblem, decode_rgb
+from dualenc.data.manifest import load_manifest
 from dualenc.data.packed import first_records
 from dualenc.data.records import IMAGE, IMAGE_ID
 
@@ -61,6 +66,9 @@ class PackedImages:
 
     def __init__(self, data_dir: Path, split: str, image_ids: Iterable[str]):
         wanted = set(image_ids)
+        # Taken before the offsets are read: a shard replaced meanwhile then fails the check too.
+        self.shard_stats = {Path(data_dir) / name: _identity(os.stat(Path(data_dir) / name))
+                            for name in load_manifest(data_dir).split(split, data_dir).shards}
         self.locations: dict[str, tuple[Path, int, int]] = {}
         for record in first_records(data_dir, split):
             image_id = record.features[IMAGE_ID].decode("utf-8")
@@ -74,11 +82,19 @@ class PackedImages:
         shard, offset, length = location
         try:
             with open(shard, "rb") as stream:
+                if _identity(os.fstat(stream.fileno())) != self.shard_stats.get(shard):
+                    raise ImageUnavailable(f"gallery image {image_id!r}: {shard.name} was packed again after the "
+                                           "service started; restart the service to serve the new split")
                 stream.seek(offset)
                 data = stream.read(length)
             return tf.train.Example.FromString(data).features.feature[IMAGE].bytes_list.value[0]
         except (OSError, IndexError, ValueError):
             raise ImageUnavailable(f"gallery image {image_id!r} is no longer readable") from None
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """A file's (size, mtime, device, inode): which file, and which version of it."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino
 
 
 def gallery_images(gallery: Gallery, image_ids: Iterable[str]) -> FolderImages | PackedImages:

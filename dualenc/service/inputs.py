@@ -9,9 +9,11 @@ spooled to a temporary file) after the body has been read up to `MAX_UPLOAD_BYTE
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import urllib.parse
+from collections.abc import Callable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
@@ -44,8 +46,9 @@ class ServiceLimits:
     `header_timeout_s`: a connection's request head, from connect (or the previous answer)
     until its last header line; `keep_alive_s`: an idle kept-alive connection;
     `max_connections`: open connections, beyond which requests get a 503
-    (``--max-connections``); `max_uploads`: uploads buffered at once (others wait their turn
-    within the request timeout).
+    (``--max-connections``); `max_buffered_upload_bytes`: upload bytes held in memory by all
+    requests together, beyond which an upload gets a 503 (a slow client holds only what it
+    has sent, so it never blocks the others' turn).
     """
 
     max_k: int = MAX_K
@@ -56,7 +59,7 @@ class ServiceLimits:
     header_timeout_s: float = 10.0
     keep_alive_s: int = 5
     max_connections: int = 64
-    max_uploads: int = 4
+    max_buffered_upload_bytes: int = 64 * 2**20
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -114,6 +117,34 @@ def result_count(parameters: dict[str, str], default: int, gallery_size: int, ma
     if k > gallery_size:
         raise RequestError(400, f"k={k} is more than the {gallery_size} images in the gallery; ask for at most {gallery_size}")
     return k
+
+
+class UploadBudget:
+    """The upload bytes all requests hold in memory together, bounded by `limit`.
+
+    Used from the event loop only (no lock needed): a request takes what each chunk adds inside
+    ``with budget.holding() as take:`` and gives it all back when the block ends, after its
+    answer; a chunk that would pass the limit is refused with a 503."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[Callable[[int], None]]:
+        taken = 0
+
+        def take(size: int) -> None:
+            nonlocal taken
+            if self.held + size > self.limit:
+                raise RequestError(503, "the server is holding as many uploads as it can; try again in a moment")
+            self.held += size
+            taken += size
+
+        try:
+            yield take
+        finally:
+            self.held -= taken
 
 
 def too_large(size: int, limit: int = MAX_UPLOAD_BYTES) -> RequestError:
