@@ -34,13 +34,18 @@ browser:
 	elif command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium chromium-driver; then :; \
 	else echo "warning: chromium and chromedriver are not installed and apt-get could not install them; the browser test will be skipped"; fi
 
+# Two workers, each module on one worker so its fixtures are built once, slow modules first (see
+# tests/conftest.py). PYTEST_WORKERS=0 runs in this process instead, e.g. to debug with --pdb.
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 # The whole suite, slow tests included (training runs, the quick benchmark).
 test: check-python $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 # For development: leaves out the tests marked slow (over ~20 s each; see setup.cfg).
 test-fast: check-python $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 # Unpinned: what a fresh `pip install` would get today. Run `make lock` after it passes.
 test-latest: check-python
@@ -55,3 +60,9 @@ lock:
 
 clean:
 	rm -rf $(VENV) .venv-latest runs .pytest_cache
+
+# The README's pictures (docs/demo-search.png, docs/search-page.png) redrawn from the demo run in
+# runs/latest; run `make demo` first. The page screenshot drives chromium (see `browser`).
+.PHONY: pictures
+pictures: check-python $(STAMP) browser
+	$(BIN)/python docs/pictures.py runs/latest

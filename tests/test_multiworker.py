@@ -51,7 +51,7 @@ def test_tf_config_orders_the_chief_first():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("{not json", "TF_CONFIG is not JSON"),
+        ("{not json", "TF_CONFIG is not valid JSON"),
         ('["a:1"]', "must be a JSON object"),
         (_tf_config(["a:1", "b:1"]), "names no task"),
         (_tf_config(["a:1", "b:1"], {"type": "worker", "index": 2}), "task index 2 is outside the cluster"),
@@ -81,7 +81,7 @@ def test_auto_placement_is_multi_worker_only_with_several_workers():
 @pytest.mark.parametrize(
     "environ, flags, expected",
     [
-        ({"TF_CONFIG": "{oops"}, ["--out", "o", "--data", "d"], "error: TF_CONFIG is not JSON"),
+        ({"TF_CONFIG": "{oops"}, ["--out", "o", "--data", "d"], "error: TF_CONFIG is not valid JSON"),
         ({"TF_CONFIG": _tf_config(["a:1", "b:1"])}, ["--out", "o", "--data", "d"], "error: TF_CONFIG names no task"),
         ({"TF_CONFIG": _tf_config(["a:1", "b:1"], {"type": "worker", "index": 5})}, ["--out", "o", "--data", "d"],
          "error: TF_CONFIG task index 5 is outside the cluster"),
@@ -198,7 +198,7 @@ def test_rendezvous_lets_workers_with_one_config_start():
 
 
 def test_rendezvous_refuses_a_different_config_on_every_worker():
-    outcomes = _check_in_all(["same", "same", "other"])
+    outcomes = _check_in_all(["same", "same", "other"], timeout_s=2.0)
     assert outcomes[0].startswith("worker 2 (<2>) started with a different command or config than the chief (<0>)")
     assert outcomes[1] == outcomes[2] == outcomes[0]
 
@@ -295,7 +295,9 @@ def test_a_worker_that_never_comes_up_is_named_after_the_timeout(demo_data, tmp_
 @pytest.mark.slow
 def test_workers_started_with_different_configs_are_refused_by_the_chief(demo_data, tmp_path):
     configs = launch.tf_configs(launch.free_ports(2))
-    env = _worker_env(tmp_path, DUALENC_WORKER_TIMEOUT_S="300")
+    # The chief names the refused worker only when it gives up waiting for a valid one, so this
+    # timeout is the test's length: long enough for two processes started together to check in.
+    env = _worker_env(tmp_path, DUALENC_WORKER_TIMEOUT_S="60")
     base = ["--data", str(demo_data), "--out", str(tmp_path / "run"), "--placement", "multi-worker", "--quiet"]
     chief = _start(train_command(*base, "--epochs", "2"), configs[0], env, tmp_path / "chief.log")
     other = _start(train_command(*base, "--epochs", "3"), configs[1], env, tmp_path / "other.log")

@@ -1,8 +1,9 @@
 """The search service: its API against `search.py --json` and a float64 reference, every bad input,
 path traversal, a real server under 32 concurrent clients, and the page in a real browser.
 
-A demo model is trained for one epoch (answers need not be good, only identical wherever
-they are computed); the gallery is the demo's train split (44 images), so k = 9 fits.
+The model is the demo run test_train inspects (`frozen_vision_run`: answers need not be good,
+only identical wherever they are computed); the gallery is the demo's train split (44 images),
+so k = 9 fits.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import uvicorn
 from PIL import Image
 
 import search
-import train
 from dualenc.retrieval.gallery import FolderGallery, PackedGallery
 from dualenc.retrieval.query import RESULT_FIELDS
 from dualenc.service import server as service_server
@@ -41,7 +41,7 @@ from dualenc.service.app import create_app
 from dualenc.service.batching import EmbeddingBatcher
 from dualenc.service.images import Thumbnails
 from dualenc.service.inputs import MAX_UPLOAD_BYTES
-from tests.support.training import REPO_ROOT, TINY_FLAGS
+from tests.support.training import REPO_ROOT
 
 SPLIT = "train"
 GALLERY_SIZE = 44  # distinct images in the 12-identity demo's train split
@@ -69,13 +69,9 @@ def running(app):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, demo_data) -> Path:
-    work = tmp_path_factory.mktemp("service-run")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(work)
-        patch.setenv("DUALENC_CACHE", str(work / "cache"))
-        assert train.main(["--data", str(demo_data), "--epochs", "1", *TINY_FLAGS, "--out", str(work / "run")]) == 0
-    return work / "run"
+def run_dir(frozen_vision_run) -> Path:
+    assert frozen_vision_run.exit_code == 0
+    return frozen_vision_run.run_dir
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +183,9 @@ def test_thumbnails_are_the_gallery_images(client, demo_data):
 def test_health_page_and_static_files_are_local(client, run_dir, demo_data):
     health = client.get("/api/health").json()
     assert health["images"] == GALLERY_SIZE and health["index"] == "exact"
-    assert health["model"] == str(run_dir.resolve()) and SPLIT in health["gallery"] and str(demo_data) in health["gallery"]
+    # No server path leaves the machine: the run and the data folder by name only.
+    assert health["model"] == run_dir.resolve().name and SPLIT in health["gallery"] and demo_data.name in health["gallery"]
+    assert str(demo_data.parent) not in health["gallery"]
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in page.headers["content-security-policy"]

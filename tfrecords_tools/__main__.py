@@ -57,10 +57,12 @@ def _pack(splits_and_skipped: tuple, args: argparse.Namespace, source: dict) -> 
         from tfrecords_tools.beam_pack import pack_with_beam
 
         pack_with_beam(splits, _absolute(args.out), source, args.beam_options, skipped=skipped,
-                       resize=args.resize, shard_size=args.shard_size, overwrite=args.overwrite)
+                       resize=args.resize, max_image_bytes=args.max_image_bytes, shard_size=args.shard_size,
+                       overwrite=args.overwrite)
         return 0
     pack(splits, _absolute(args.out), source, skipped=skipped, resize=args.resize,
-         shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite, verbose=args.verbose)
+         max_image_bytes=args.max_image_bytes, shard_size=args.shard_size, workers=args.workers,
+         overwrite=args.overwrite, verbose=args.verbose)
     return 0
 
 
@@ -83,7 +85,8 @@ def _run_coco(args: argparse.Namespace) -> int:
     if karpathy is not None:
         source["karpathy"] = str(karpathy)
     loaded = coco.load(annotations, images, split=args.split, holdout_images=args.holdout_images,
-                       captions_per_image=args.captions_per_image, karpathy=karpathy)
+                       captions_per_image=args.captions_per_image, karpathy=karpathy,
+                       allow_outside_images=args.allow_outside_images)
     return _pack(loaded, args, source)
 
 
@@ -93,7 +96,7 @@ def _run_cuhk_pedes(args: argparse.Namespace) -> int:
     annotations = _existing("--annotations", _absolute(args.annotations), "file")
     images = _existing("--images", _absolute(args.images), "directory")
     source = {"format": "cuhk-pedes", "annotations": str(annotations), "images": str(images)}
-    return _pack(cuhk_pedes.load(annotations, images, args.default_split), args, source)
+    return _pack(cuhk_pedes.load(annotations, images, args.default_split, args.allow_outside_images), args, source)
 
 
 def _run_folder(args: argparse.Namespace) -> int:
@@ -102,7 +105,7 @@ def _run_folder(args: argparse.Namespace) -> int:
     captions = _existing("--captions", _absolute(args.captions), "file")
     images = _existing("--images", _absolute(args.images), "directory")
     source = {"format": "folder", "annotations": str(captions), "images": str(images)}
-    return _pack(folder.load(captions, images), args, source)
+    return _pack(folder.load(captions, images, args.allow_outside_images), args, source)
 
 
 def _run_stats(args: argparse.Namespace) -> int:
@@ -121,8 +124,7 @@ def _run_stats(args: argparse.Namespace) -> int:
 
 
 def _run_make_demo(args: argparse.Namespace) -> int:
-    import json
-
+    from dualenc.core import jsonfiles
     from tfrecords_tools.demo import IMAGES_DIR, MARKER_NAME, REID_RAW_NAME, make_demo
 
     options = {"seed": args.seed}
@@ -130,7 +132,7 @@ def _run_make_demo(args: argparse.Namespace) -> int:
         options["identities"] = args.identities
     with _writing("--out", _absolute(args.out)):
         made = make_demo(_absolute(args.out), **options)
-    counts = json.loads((made / MARKER_NAME).read_text(encoding="utf-8"))["counts"]
+    counts = jsonfiles.load_file(made / MARKER_NAME, "demo marker")["counts"]
     for split, split_counts in counts.items():
         print(f"{split}: " + ", ".join(f"{value} {name}" for name, value in split_counts.items()))
     print(f"demo dataset (CUHK-PEDES layout) in {made}; pack it with: python -m tfrecords_tools "
@@ -148,6 +150,11 @@ def _packer_flags(parser: argparse.ArgumentParser) -> None:
                         help="threads reading images (default: one per core, %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a different dataset already packed in --out")
+    parser.add_argument("--allow-outside-images", action="store_true",
+                        help="read image paths of the annotations that resolve outside --images "
+                             "(../, absolute paths, symlinks out); refused by default")
+    parser.add_argument("--max-image-bytes", type=int, metavar="N",
+                        help="skip image files larger than N bytes (default: 67108864, 64 MiB)")
     parser.add_argument("--runner", metavar="NAME",
                         help="pack with an Apache Beam pipeline on this runner (DirectRunner, DataflowRunner, "
                              "FlinkRunner, ...); Beam options follow a bare '--'; --workers is then Beam's to choose")

@@ -28,7 +28,6 @@ DirectRunner; a shared mount such as NFS or Cloud Storage FUSE on Dataflow or Fl
 from __future__ import annotations
 
 import bisect
-import json
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -39,16 +38,21 @@ from dualenc.core.startup import import_tensorflow
 # Beam workers import this module first; `writer` below imports TensorFlow, quietly once it is loaded.
 import_tensorflow()
 
+from dualenc.core import jsonfiles  # noqa: E402
 from dualenc.core.errors import DualEncError  # noqa: E402
 from dualenc.core.files import move_into_place, probe_writable, write_json_atomic  # noqa: E402
+from dualenc.core.locking import directory_lock  # noqa: E402
 from dualenc.data.manifest import Manifest  # noqa: E402
 from dualenc.data.records import MANIFEST_NAME, shard_name  # noqa: E402
+from dualenc.data.images import DEFAULT_MAX_IMAGE_BYTES  # noqa: E402
+from tfrecords_tools.image_files import prepare_image_files  # noqa: E402
 from tfrecords_tools.writer import (  # noqa: E402
     DEFAULT_SHARD_SIZE,
     JOURNAL_NAME,
     ImageEntry,
     check_options,
     claim_out_dir,
+    make_out_dir,
     remove_packer_files,
     report,
     split_summary,
@@ -72,11 +76,10 @@ def shard_starts(kept_pairs: Iterable[tuple[int, int]], shard_size: int) -> list
     return starts
 
 
-def _prepare(item: tuple[str, int, ImageEntry], resize: int | None) -> tuple[str, int, ImageEntry, bytes | None, str | None]:
-    from dualenc.data.images import prepare_images
-
+def _prepare(item: tuple[str, int, ImageEntry], resize: int | None,
+             max_image_bytes: int) -> tuple[str, int, ImageEntry, bytes | None, str | None]:
     split, position, entry = item
-    [(image, reason)] = prepare_images([entry.path], resize)
+    [(image, reason)] = prepare_image_files([entry.path], resize, max_image_bytes)
     return split, position, entry, image, reason
 
 
@@ -133,7 +136,7 @@ def _write_result(shards: list[dict], out_dir: str, skips: list[dict]) -> None:
 
 
 def build_pipeline(pipeline, splits: dict[str, list[ImageEntry]], out_dir: Path, resize: int | None,
-                   shard_size: int, shard_writer: Callable = write_shard) -> None:
+                   max_image_bytes: int, shard_size: int, shard_writer: Callable = write_shard) -> None:
     """Add the packing transforms to `pipeline` (see the module docstring). `shard_writer`
     has `write_shard`'s signature; tests pass one that fails once."""
     import apache_beam as beam
@@ -143,7 +146,7 @@ def build_pipeline(pipeline, splits: dict[str, list[ImageEntry]], out_dir: Path,
         pipeline
         | "entries" >> beam.Create(items)
         | "spread over workers" >> beam.Reshuffle()
-        | "validate and re-encode" >> beam.Map(_prepare, resize)
+        | "validate and re-encode" >> beam.Map(_prepare, resize, max_image_bytes)
     )
     layouts = beam.pvalue.AsDict(
         prepared
@@ -169,7 +172,7 @@ def build_pipeline(pipeline, splits: dict[str, list[ImageEntry]], out_dir: Path,
 def _check_writable(out_dir: Path) -> None:
     """`DualEncError` when `out_dir` cannot be created or written (before any work starts)."""
     if out_dir.exists() and not out_dir.is_dir():
-        return  # `claim_out_dir` names this case
+        return  # `make_out_dir` names this case
     try:
         probe_writable(out_dir)
     except OSError as error:
@@ -191,40 +194,49 @@ def _split_states(splits: dict[str, list[ImageEntry]], result: dict) -> dict[str
 
 
 def pack_with_beam(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, options, *,
-                   skipped: Sequence[dict] = (), resize: int | None = None, shard_size: int | None = None,
+                   skipped: Sequence[dict] = (), resize: int | None = None,
+                   max_image_bytes: int | None = None, shard_size: int | None = None,
                    overwrite: bool = False, shard_writer: Callable = write_shard) -> Manifest:
     """`tfrecords_tools.writer.pack` run as a Beam pipeline with `options` (`PipelineOptions`,
-    see `dualenc.beam.options.pipeline_options`); returns the manifest it wrote."""
+    see `dualenc.beam.options.pipeline_options`); returns the manifest it wrote.
+
+    The driver holds ``--out``'s lock (`dualenc.core.locking`, as the local packer does) from
+    claiming the directory to writing the manifest, so neither packer can delete the other's
+    shards, with ``--overwrite`` or not.
+    """
     import apache_beam as beam
 
     shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
-    check_options(splits, resize, shard_size, None)
+    max_image_bytes = DEFAULT_MAX_IMAGE_BYTES if max_image_bytes is None else max_image_bytes
+    check_options(splits, resize, max_image_bytes, shard_size, None)
     out_dir = Path(out_dir)
     _check_writable(out_dir)
+    make_out_dir(out_dir)
     prior_skipped = list(skipped)
-    run_fingerprint = fingerprint(splits, source, prior_skipped, resize, shard_size)
-    claim = claim_out_dir(out_dir, run_fingerprint, overwrite)
-    if "manifest" in claim:
-        print(f"{out_dir} already holds this dataset, packed and verified; nothing to do", file=sys.stderr)
-        return claim["manifest"]
-    # A Beam run starts over: shards of an earlier attempt are rewritten, not resumed.
-    remove_packer_files(out_dir)
-    (out_dir / RESULT_NAME).unlink(missing_ok=True)
-    write_json_atomic(out_dir / JOURNAL_NAME, {"fingerprint": run_fingerprint, "splits": {}})
+    run_fingerprint = fingerprint(splits, source, prior_skipped, resize, shard_size, max_image_bytes)
+    with directory_lock(out_dir, "packer"):
+        claim = claim_out_dir(out_dir, run_fingerprint, overwrite)
+        if "manifest" in claim:
+            print(f"{out_dir} already holds this dataset, packed and verified; nothing to do", file=sys.stderr)
+            return claim["manifest"]
+        # A Beam run starts over: shards of an earlier attempt are rewritten, not resumed.
+        remove_packer_files(out_dir)
+        (out_dir / RESULT_NAME).unlink(missing_ok=True)
+        write_json_atomic(out_dir / JOURNAL_NAME, {"fingerprint": run_fingerprint, "splits": {}})
 
-    with beam.Pipeline(options=options) as pipeline:
-        build_pipeline(pipeline, splits, out_dir, resize, shard_size, shard_writer)
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, splits, out_dir, resize, max_image_bytes, shard_size, shard_writer)
 
-    result = json.loads((out_dir / RESULT_NAME).read_text(encoding="utf-8"))
-    summaries, image_skips = {}, []
-    for split, state in sorted(_split_states(splits, result).items()):
-        summaries[split], split_skips = split_summary(splits[split], state)
-        image_skips.extend(split_skips)
-    manifest = Manifest.create({**source, "fingerprint": run_fingerprint}, summaries,
-                               prior_skipped + image_skips, resize)
-    manifest.write(out_dir)
-    shards = {name for summary in summaries.values() for name in summary.shards}
-    remove_packer_files(out_dir, keep=shards | {MANIFEST_NAME})
-    (out_dir / RESULT_NAME).unlink(missing_ok=True)
+        result = jsonfiles.load_file(out_dir / RESULT_NAME, "Beam packer result")
+        summaries, image_skips = {}, []
+        for split, state in sorted(_split_states(splits, result).items()):
+            summaries[split], split_skips = split_summary(splits[split], state)
+            image_skips.extend(split_skips)
+        manifest = Manifest.create({**source, "fingerprint": run_fingerprint}, summaries,
+                                   prior_skipped + image_skips, resize)
+        manifest.write(out_dir)
+        shards = {name for summary in summaries.values() for name in summary.shards}
+        remove_packer_files(out_dir, keep=shards | {MANIFEST_NAME})
+        (out_dir / RESULT_NAME).unlink(missing_ok=True)
     report(out_dir, manifest)
     return manifest

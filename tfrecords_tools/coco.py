@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from dualenc.core.errors import DualEncError
 from dualenc.data.records import normalise_caption
+from tfrecords_tools.image_files import ImageDirectory
 from tfrecords_tools.writer import ImageEntry, empty_caption_skip, group_pairs, read_json_file, train_first_labels
 
 HOLDOUT_SPLIT = "valid"
@@ -71,10 +72,11 @@ def _karpathy_splits(karpathy: Path) -> dict[int, str]:
 
 
 def load(annotations: Path, images: Path, *, split: str = "train", holdout_images: int | None = None,
-         captions_per_image: int | None = None,
-         karpathy: Path | None = None) -> tuple[dict[str, list[ImageEntry]], list[dict]]:
+         captions_per_image: int | None = None, karpathy: Path | None = None,
+         allow_outside_images: bool = False) -> tuple[dict[str, list[ImageEntry]], list[dict]]:
     """The splits of a COCO caption file and the entries skipped (empty captions, images
-    missing from the Karpathy file)."""
+    missing from the Karpathy file); `DualEncError` for a `file_name` that resolves outside
+    `images`, unless `allow_outside_images` (`tfrecords_tools.image_files`)."""
     if holdout_images is not None and karpathy is not None:
         raise DualEncError("--holdout-images and --karpathy both choose splits; give one of them")
     if captions_per_image is not None and captions_per_image < 1:
@@ -83,6 +85,8 @@ def load(annotations: Path, images: Path, *, split: str = "train", holdout_image
     image_records = _records(annotations, content, "images", {"id": int, "file_name": str})
     caption_records = _records(annotations, content, "annotations", {"image_id": int, "caption": str})
     file_names = _file_names(annotations, image_records)
+    directory = ImageDirectory(images, allow_outside_images)
+    paths = {image: directory.path(name, f"{annotations}: image id {image}") for image, name in file_names.items()}
     captions: dict[int, list[str]] = {image: [] for image in file_names}
     skipped = []
     for index, record in enumerate(caption_records):
@@ -90,7 +94,7 @@ def load(annotations: Path, images: Path, *, split: str = "train", holdout_image
             raise DualEncError(f"{annotations}: annotations[{index}] field 'image_id' {record['image_id']} "
                                "matches no entry of 'images'")
         if not normalise_caption(record["caption"]):
-            path = str(images / file_names[record["image_id"]])
+            path = paths[record["image_id"]]
             skipped.append(empty_caption_skip(path, f"{annotations} annotations[{index}]"))
         elif captions_per_image is None or len(captions[record["image_id"]]) < captions_per_image:
             captions[record["image_id"]].append(record["caption"])
@@ -109,10 +113,10 @@ def load(annotations: Path, images: Path, *, split: str = "train", holdout_image
                 split_of[image] = karpathy_split[image]
             else:
                 del split_of[image]
-                skipped.append({"path": str(images / file_names[image]),
+                skipped.append({"path": paths[image],
                                 "reason": f"not listed in Karpathy splits {karpathy}",
                                 "pairs": len(captions[image])})
     label_of = train_first_labels((image, split_of[image]) for image in captioned if image in split_of)
-    rows = [(split_of[image], file_names[image], str(images / file_names[image]), caption, label_of[image])
+    rows = [(split_of[image], file_names[image], paths[image], caption, label_of[image])
             for image in label_of for caption in captions[image]]
     return group_pairs(rows), skipped

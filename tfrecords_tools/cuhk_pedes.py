@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from dualenc.core.errors import DualEncError
 from dualenc.data.records import normalise_caption
+from tfrecords_tools.image_files import ImageDirectory
 from tfrecords_tools.writer import (
     SPLIT_NAME,
     ImageEntry,
@@ -48,9 +49,11 @@ def _checked_entry(annotations: Path, index: int, entry: object, with_split: boo
     return entry
 
 
-def load(annotations: Path, images: Path,
-         default_split: str = "train") -> tuple[dict[str, list[ImageEntry]], list[dict]]:
-    """The splits of a CUHK-PEDES annotation file and the captions skipped as empty."""
+def load(annotations: Path, images: Path, default_split: str = "train",
+         allow_outside_images: bool = False) -> tuple[dict[str, list[ImageEntry]], list[dict]]:
+    """The splits of a CUHK-PEDES annotation file and the captions skipped as empty;
+    `DualEncError` for a `file_path` that resolves outside `images`, unless
+    `allow_outside_images` (`tfrecords_tools.image_files`)."""
     content = read_json_file(annotations)
     if not isinstance(content, list):
         raise DualEncError(f"{annotations}: expected a JSON list of entries, got {type(content).__name__}")
@@ -58,10 +61,11 @@ def load(annotations: Path, images: Path,
     entries = [_checked_entry(annotations, index, entry, with_split) for index, entry in enumerate(content)]
     split_of = [entry["split"] if with_split else default_split for entry in entries]
     label_of = train_first_labels(sorted((entry["id"], split) for entry, split in zip(entries, split_of)))
+    directory = ImageDirectory(images, allow_outside_images)
     rows, skipped = [], []
     for index, entry in enumerate(entries):
         image_id = PurePosixPath(entry["file_path"].replace("\\", "/")).as_posix()
-        path = str(images / image_id)
+        path = directory.path(image_id, f"{annotations} entry {index}")
         for caption_index, caption in enumerate(entry["captions"]):
             if not normalise_caption(caption):
                 skipped.append(empty_caption_skip(path, f"{annotations} entry {index} caption {caption_index}"))

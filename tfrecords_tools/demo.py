@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dualenc.core import jsonfiles
 from dualenc.core.errors import DualEncError
 from dualenc.core.files import atomic_directory
 from tfrecords_tools.demo_captions import make_caption, tokenize
@@ -129,8 +130,8 @@ def make_demo(out_dir: str | Path, identities: int = DEFAULT_IDENTITIES, seed: i
 def _read_marker(directory: Path) -> dict | None:
     """The demo marker's content, or None when the directory holds no demo dataset."""
     try:
-        marker = json.loads((directory / MARKER_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        marker = jsonfiles.load_file(directory / MARKER_NAME, "demo marker")
+    except DualEncError:
         return None
     return marker if isinstance(marker, dict) and marker.get("generator") == GENERATOR_NAME else None
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import os
 import shutil
 import urllib.error
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dualenc.core import jsonfiles
 from dualenc.core.errors import DualEncError
 from dualenc.core.files import fsync_tree, move_into_place, write_json_atomic
 
@@ -120,8 +120,8 @@ def _is_extracted(archive: Path) -> bool:
     if not marker.exists():
         return False
     try:
-        entries = json.loads(marker.read_text())["entries"]
-    except (ValueError, KeyError, TypeError):
+        entries = jsonfiles.load_file(marker, "extraction marker")["entries"]
+    except (DualEncError, KeyError, TypeError):
         return False
     return all((archive.parent / entry).exists() for entry in entries)
 

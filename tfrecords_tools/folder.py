@@ -17,14 +17,15 @@ is 128 KiB).
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from dualenc.core.errors import DualEncError, first_line
+from dualenc.core import jsonfiles
+from dualenc.core.errors import DualEncError
 from dualenc.data.images import SUPPORTED_SUFFIXES
 from dualenc.data.records import normalise_caption
+from tfrecords_tools.image_files import ImageDirectory
 from tfrecords_tools.writer import SPLIT_NAME, ImageEntry, empty_caption_skip, group_pairs, train_first_labels
 
 REQUIRED = ("image", "caption")
@@ -87,12 +88,7 @@ def _jsonl_rows(captions: Path, stream) -> Iterator[tuple[int, dict]]:
     for line_number, line in enumerate(stream, start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DualEncError(f"{captions} line {line_number}: not valid JSON ({error.msg})") from None
-        except ValueError as error:  # e.g. a number of more digits than Python converts
-            raise DualEncError(f"{captions} line {line_number}: {first_line(error)}") from None
+        row = jsonfiles.loads(line, f"{captions} line {line_number}")
         if not isinstance(row, dict):
             raise DualEncError(f"{captions} line {line_number}: expected a JSON object, got {type(row).__name__}")
         _check_columns(f"{captions} line {line_number}", list(row))
@@ -116,8 +112,11 @@ def _label(where: str, value: object) -> int:
     return label
 
 
-def load(captions: Path, images: Path) -> tuple[dict[str, list[ImageEntry]], list[dict]]:
-    """The splits of a caption table and the rows skipped for empty captions."""
+def load(captions: Path, images: Path,
+         allow_outside_images: bool = False) -> tuple[dict[str, list[ImageEntry]], list[dict]]:
+    """The splits of a caption table and the rows skipped for empty captions; `DualEncError`
+    for an `image` that resolves outside `images`, unless `allow_outside_images`
+    (`tfrecords_tools.image_files`)."""
     readers = {".csv": _csv_rows, ".jsonl": _jsonl_rows}
     if captions.suffix.lower() not in readers:
         raise DualEncError(f"--captions {captions}: expected a .csv or .jsonl file")
@@ -132,6 +131,7 @@ def load(captions: Path, images: Path) -> tuple[dict[str, list[ImageEntry]], lis
         raise DualEncError(f"cannot read captions file {captions} ({error.strerror or error})") from None
     with_label = bool(rows) and "label" in rows[0][1]
     first_label_line = rows[0][0] if rows else 0
+    directory = ImageDirectory(images, allow_outside_images)
     pairs, skipped = [], []
     for line_number, row in rows:
         where = f"{captions} line {line_number}"
@@ -145,7 +145,7 @@ def load(captions: Path, images: Path) -> tuple[dict[str, list[ImageEntry]], lis
         if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split):
             raise DualEncError(f"{where}: field 'split' must be a name of letters, digits and '_', got {split!r}")
         image_id = PurePosixPath(row["image"].strip()).as_posix()
-        path = str(images / image_id)
+        path = directory.path(image_id, where)
         if not normalise_caption(row["caption"]):
             skipped.append(empty_caption_skip(path, where))
             continue

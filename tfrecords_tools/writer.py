@@ -50,13 +50,16 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from dualenc.core import jsonfiles
 from dualenc.core.errors import DualEncError
 from dualenc.core.files import move_into_place, sha256_of_file, temporary_sibling, write_json_atomic
-from dualenc.data.images import pillow_reason, prepare_images, tensorflow_problems
+from dualenc.data.images import pillow_reason, tensorflow_problems
 from dualenc.core.locking import directory_lock
 from dualenc.data.manifest import Manifest, SplitSummary, manifest_path, read_manifest_file
 from dualenc.data.records import FORMAT_VERSION, MANIFEST_NAME, serialize_example, shard_name
 from dualenc.core.startup import import_tensorflow, native_stderr_dropped
+from dualenc.data.images import DEFAULT_MAX_IMAGE_BYTES
+from tfrecords_tools.image_files import prepare_image_files
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -75,6 +78,9 @@ SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 TRAIN_SPLIT = "train"
 # The resume journal: what an unfinished run has completed so far (removed when it finishes).
 JOURNAL_NAME = ".pack-journal.json"
+# Annotation files are read whole: COCO's with Karpathy's splits are ~150 MB; 1 GiB bounds the
+# memory a parsed file takes (several times its size).
+ANNOTATIONS_MAX_BYTES = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,18 +125,9 @@ def train_first_labels(keys: Iterable[tuple[Hashable, str]]) -> dict[Hashable, i
 
 
 def read_json_file(path: Path) -> object:
-    """The parsed JSON annotation file at `path`; `DualEncError` naming it when it is missing or
-    not JSON."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DualEncError(f"annotations file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DualEncError(f"cannot read annotations file {path}: {error}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DualEncError(f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    """The parsed JSON annotation file at `path` (`dualenc.core.jsonfiles`: `DualEncError` naming
+    it when it is missing, not a regular file, over `ANNOTATIONS_MAX_BYTES`, or not sane JSON)."""
+    return jsonfiles.load_file(path, "annotations file", max_bytes=ANNOTATIONS_MAX_BYTES)
 
 
 def empty_caption_skip(path: str, where: str) -> dict:
@@ -139,13 +136,14 @@ def empty_caption_skip(path: str, where: str) -> dict:
 
 
 def fingerprint(splits: dict[str, list[ImageEntry]], source: dict, skipped: list[dict],
-                resize: int | None, shard_size: int) -> str:
+                resize: int | None, shard_size: int, max_image_bytes: int) -> str:
     """sha256 over what determines the output: pairs, labels, options, annotation-level skips
     and the `source` keys other than its paths (left out so a moved dataset still resumes).
     Image bytes are not hashed (too slow for COCO): replacing an image file in place needs
     `--overwrite`."""
     content = {
         "format_version": FORMAT_VERSION,
+        "max_image_bytes": max_image_bytes,
         "resize": resize,
         "shard_size": shard_size,
         "source": {key: value for key, value in source.items() if key not in PATH_KEYS},
@@ -191,10 +189,7 @@ def _read_journal(path: Path) -> dict | None:
     """
     if not path.exists():
         return None
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DualEncError(f"{path} is not a packer file ({error}); remove it or pass --overwrite") from None
+    content = jsonfiles.load_file(path, "packer journal", hint="remove it or pass --overwrite")
     if not isinstance(content, dict):
         raise DualEncError(f"{path} is not a packer file (not a JSON object); remove it or pass --overwrite")
     return content
@@ -250,7 +245,8 @@ def claim_out_dir(out_dir: Path, run_fingerprint: str, overwrite: bool) -> dict:
     return {"journal": {"fingerprint": run_fingerprint, "splits": {}}}
 
 
-def _make_out_dir(out_dir: Path) -> None:
+def make_out_dir(out_dir: Path) -> None:
+    """Create `out_dir`; `DualEncError` when it is a file or cannot be created."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DualEncError(f"--out {out_dir} is a file; give a directory")
     try:
@@ -260,21 +256,21 @@ def _make_out_dir(out_dir: Path) -> None:
                            "choose a writable directory") from None
 
 
-def _pillow_prepared(entries: list[ImageEntry], resize: int | None, pool: concurrent.futures.Executor | None,
-                     workers: int) -> Iterator[tuple[bytes | None, str | None]]:
+def _pillow_prepared(entries: list[ImageEntry], resize: int | None, max_image_bytes: int,
+                     pool: concurrent.futures.Executor | None, workers: int) -> Iterator[tuple[bytes | None, str | None]]:
     """(bytes, None) or (None, reason) per entry after Pillow's checks (JPEGs kept as is: header
     only), in order; at most a few tasks per worker in flight so finished images never pile up
     in memory."""
-    tasks = [([entry.path for entry in entries[start:start + IMAGES_PER_TASK]], resize, False)
+    tasks = [([entry.path for entry in entries[start:start + IMAGES_PER_TASK]], resize, max_image_bytes, False)
              for start in range(0, len(entries), IMAGES_PER_TASK)]
     if pool is None:
         for task in tasks:
-            yield from prepare_images(*task)
+            yield from prepare_image_files(*task)
         return
     max_pending = workers * TASKS_IN_FLIGHT_PER_WORKER
     pending: collections.deque = collections.deque()
     for task in tasks:
-        pending.append(pool.submit(prepare_images, *task))
+        pending.append(pool.submit(prepare_image_files, *task))
         if len(pending) >= max_pending:
             yield from pending.popleft().result()
     while pending:
@@ -295,12 +291,13 @@ def _tensorflow_checked(results: list[tuple[bytes | None, str | None]],
     return checked
 
 
-def _prepared(entries: list[ImageEntry], resize: int | None, pool: concurrent.futures.Executor | None,
-              workers: int, verbose: bool) -> Iterator[tuple[bytes | None, str | None]]:
+def _prepared(entries: list[ImageEntry], resize: int | None, max_image_bytes: int,
+              pool: concurrent.futures.Executor | None, workers: int,
+              verbose: bool) -> Iterator[tuple[bytes | None, str | None]]:
     """(bytes, None) or (None, reason) per entry, in order: Pillow's checks and re-encoding in
     the threads, then TensorFlow's decoder over each batch of what would be stored."""
     batch = []
-    for result in _pillow_prepared(entries, resize, pool, workers):
+    for result in _pillow_prepared(entries, resize, max_image_bytes, pool, workers):
         batch.append(result)
         if len(batch) == TENSORFLOW_CHECK_IMAGES:
             yield from _tensorflow_checked(batch, verbose)
@@ -440,8 +437,9 @@ def split_summary(entries: list[ImageEntry], split_state: dict) -> tuple[SplitSu
 
 
 def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: dict,
-                 resize: int | None, shard_size: int, pool: concurrent.futures.Executor | None,
-                 workers: int, verbose: bool) -> tuple[SplitSummary, list[dict]]:
+                 resize: int | None, max_image_bytes: int, shard_size: int,
+                 pool: concurrent.futures.Executor | None, workers: int,
+                 verbose: bool) -> tuple[SplitSummary, list[dict]]:
     split_state = journal["splits"].setdefault(split, {"shards": [], "tail_skipped": [], "complete": False})
     if split_state["complete"]:
         _finalise_split(out_dir, split, journal)
@@ -459,7 +457,7 @@ def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: 
         remaining = entries[start:]
         try:
             for position, entry, (image, reason) in zip(range(start, len(entries)), remaining,
-                                                         _prepared(remaining, resize, pool, workers, verbose)):
+                                                         _prepared(remaining, resize, max_image_bytes, pool, workers, verbose)):
                 if image is None:
                     writer.skip(position, reason)
                 else:
@@ -476,9 +474,10 @@ def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: 
     return split_summary(entries, split_state)
 
 
-def check_options(splits: dict[str, list[ImageEntry]], resize: int | None, shard_size: int,
-                   workers: int | None) -> None:
-    for flag, value in (("--resize", resize), ("--shard-size", shard_size), ("--workers", workers)):
+def check_options(splits: dict[str, list[ImageEntry]], resize: int | None, max_image_bytes: int,
+                  shard_size: int, workers: int | None) -> None:
+    for flag, value in (("--resize", resize), ("--max-image-bytes", max_image_bytes),
+                        ("--shard-size", shard_size), ("--workers", workers)):
         if value is not None and value < 1:
             raise DualEncError(f"{flag} must be at least 1, got {value}")
     for split in splits:
@@ -510,7 +509,8 @@ def _disk_full(error: BaseException, tf: Any) -> bool:
 
 
 def _write_all(splits: dict[str, list[ImageEntry]], out_dir: Path, journal: dict, resize: int | None,
-               shard_size: int, workers: int, verbose: bool) -> tuple[dict[str, SplitSummary], list[dict]]:
+               max_image_bytes: int, shard_size: int, workers: int,
+               verbose: bool) -> tuple[dict[str, SplitSummary], list[dict]]:
     """Write every split's shards; returns their summaries and the images skipped."""
     image_count = sum(len(entries) for entries in splits.values())
     pool = (concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="pack-reader")
@@ -518,8 +518,8 @@ def _write_all(splits: dict[str, list[ImageEntry]], out_dir: Path, journal: dict
     summaries, image_skips = {}, []
     try:
         for split in sorted(splits):
-            summaries[split], split_skips = _write_split(out_dir, split, splits[split], journal,
-                                                          resize, shard_size, pool, workers, verbose)
+            summaries[split], split_skips = _write_split(out_dir, split, splits[split], journal, resize,
+                                                          max_image_bytes, shard_size, pool, workers, verbose)
             image_skips.extend(split_skips)
     finally:
         if pool is not None:
@@ -529,22 +529,25 @@ def _write_all(splits: dict[str, list[ImageEntry]], out_dir: Path, journal: dict
 
 def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
          skipped: Iterable[dict] = (), resize: int | None = None,
-         shard_size: int | None = None, workers: int | None = None,
-         overwrite: bool = False, verbose: bool = False) -> Manifest:
+         max_image_bytes: int | None = None, shard_size: int | None = None,
+         workers: int | None = None, overwrite: bool = False, verbose: bool = False) -> Manifest:
     """Pack `splits` into shards and `manifest.json` in `out_dir`; returns the manifest.
 
     `source` describes the input (``format``, absolute ``annotations``/``images`` paths, and any
     content identifiers, which join the fingerprint); `skipped` lists entries the source module
-    already dropped. `shard_size` defaults to `DEFAULT_SHARD_SIZE`. Images are read and validated in
-    `workers` threads (default: one per core). A directory holding the same fingerprint is
+    already dropped. `shard_size` defaults to `DEFAULT_SHARD_SIZE`, `max_image_bytes` to
+    `dualenc.data.images.DEFAULT_MAX_IMAGE_BYTES`. Images are read and validated in
+    `workers` threads (default: one per core); one that is not a regular file or holds more than
+    `max_image_bytes` is skipped (`tfrecords_tools.image_files`). A directory holding the same fingerprint is
     resumed or, when finished, reused as is; another dataset is refused unless `overwrite`.
     `verbose` lets TensorFlow's native log lines through (`dualenc.core.startup`).
     """
     shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
-    check_options(splits, resize, shard_size, workers)
+    max_image_bytes = DEFAULT_MAX_IMAGE_BYTES if max_image_bytes is None else max_image_bytes
+    check_options(splits, resize, max_image_bytes, shard_size, workers)
     prior_skipped = list(skipped)
-    run_fingerprint = fingerprint(splits, source, prior_skipped, resize, shard_size)
-    _make_out_dir(out_dir)
+    run_fingerprint = fingerprint(splits, source, prior_skipped, resize, shard_size, max_image_bytes)
+    make_out_dir(out_dir)
     with directory_lock(out_dir, "packer"):
         claim = claim_out_dir(out_dir, run_fingerprint, overwrite)
         if "manifest" in claim:
@@ -553,7 +556,7 @@ def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
         journal = claim["journal"]
         tf = import_tensorflow(verbose)
         try:
-            summaries, image_skips = _write_all(splits, out_dir, journal, resize, shard_size,
+            summaries, image_skips = _write_all(splits, out_dir, journal, resize, max_image_bytes, shard_size,
                                                 workers or os.cpu_count() or 1, verbose)
             manifest = Manifest.create({**source, "fingerprint": run_fingerprint}, summaries,
                                        prior_skipped + image_skips, resize)

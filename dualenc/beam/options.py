@@ -18,6 +18,7 @@ import io
 import logging
 import os
 
+from dualenc.core import jsonfiles
 from dualenc.core.errors import DualEncError
 from dualenc.core.startup import LOG_ENV, QUIET_TF_LOG_LEVEL
 
@@ -26,6 +27,8 @@ BEAM_SEPARATOR = "--"
 BEAM_LOG_LEVEL = logging.WARNING
 # The workers' log level, unless the user gives one: their start-up notices are not for users.
 HARNESS_LOG_OPTION = "--default_sdk_harness_log_level"
+# Read by Beam's option parser as JSON, like the values of --beam_services.
+BEAM_SERVICES_ENV = "BEAM_SERVICE_OVERRIDES"
 
 
 def split_beam_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -48,6 +51,24 @@ def check_runner_flags(runner: str | None, beam_args: list[str]) -> None:
     if runner is None and beam_args:
         raise DualEncError(f"Beam options after '--' ({' '.join(beam_args)}) need --runner NAME "
                            "(e.g. --runner DirectRunner)")
+
+
+def _check_json_values(beam_args: list[str]) -> None:
+    """Refuse JSON values nested too deeply for Python's parser before Beam's parser meets them.
+
+    Beam reads some options as JSON (``--transform_name_mapping``, ``--beam_services``,
+    ``--sdk_harness_log_level_overrides``, ...) with `json.loads`; a value nested thousands deep
+    overflows its recursion, a traceback instead of the parser's one-line complaint (which it
+    gives for any other bad value). Every value that starts like JSON is measured, whatever its
+    option, so a new JSON option of Beam's is covered too.
+    """
+    given = [(f"${BEAM_SERVICES_ENV}", os.environ.get(BEAM_SERVICES_ENV, ""))]
+    for arg in beam_args:
+        name, equals, value = arg.partition("=")
+        given.append((f"Beam option {name}", value) if equals and name.startswith("-") else ("a Beam option value", arg))
+    for source, value in given:
+        if value.lstrip()[:1] in ("[", "{"):
+            jsonfiles.check_nesting(value, source)
 
 
 def _check_runner(runner: str) -> None:
@@ -79,6 +100,7 @@ def pipeline_options(runner: str, beam_args: list[str]):
     # Unknown options are reported below as an error, not as Beam's "discarding" warning.
     logging.getLogger("apache_beam.options.pipeline_options").setLevel(logging.ERROR)
     _check_runner(runner)
+    _check_json_values(beam_args)
     quiet_workers = [] if any(arg.startswith(HARNESS_LOG_OPTION) for arg in beam_args) else [f"{HARNESS_LOG_OPTION}=ERROR"]
     options = PipelineOptions([*quiet_workers, *beam_args, f"--runner={runner}"])
     messages = io.StringIO()

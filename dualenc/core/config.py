@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from dualenc.core import jsonfiles
 from dualenc.core.errors import DualEncError
 from dualenc.core.files import write_json_atomic
 
@@ -288,23 +289,9 @@ def save(config: Any, path: str | Path) -> None:
 
 def read_json(path: str | Path, label: str) -> Any:
     """The JSON content of the file at `path`; `label` ("--config", "config file") names it in
-    the one-line `DualEncError` for a missing, unreadable, non-UTF-8 or malformed file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DualEncError(f"{label} {path} does not exist") from None
-    except IsADirectoryError:
-        raise DualEncError(f"{label} {path} is a directory; pass a JSON file") from None
-    except UnicodeDecodeError as exc:
-        byte = f"byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
-        raise DualEncError(f"{label} {path} is not UTF-8 text ({byte}); save it as UTF-8 JSON") from None
-    except OSError as exc:
-        raise DualEncError(f"cannot read {label} {path} ({exc.strerror})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DualEncError(f"{label} {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    the one-line `DualEncError` for a missing, unreadable, oversized, non-UTF-8 or malformed file
+    (`dualenc.core.jsonfiles`)."""
+    return jsonfiles.load_file(path, label)
 
 
 def load(cls: type, path: str | Path) -> Any:

@@ -52,6 +52,7 @@ import functools
 import io
 import os
 import re
+import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -80,6 +81,8 @@ MAX_SIDE = 1_000_000  # libpng's default limit, which TensorFlow keeps
 BYTES_SHOWN = 8
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (PNG_SIGNATURE, "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
               (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"))
+# The largest image file read (a packer's --max-image-bytes overrides it): no photo is larger.
+DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
 READS_IN_FLIGHT_PER_WORKER = 4  # bounds the image bytes waiting in memory
 # From this many images on, `tensorflow_problems` decodes them in one traced function (a
 # parallel map, traced once per process, ~0.3 ms less CPU per image than eager one-by-one calls).
@@ -287,15 +290,38 @@ def canonical_image_bytes(data: bytes, max_side: int | None = None, check_pixels
     return _encode(pixels, "JPEG" if image.format in JPEG_FORMATS else "PNG")
 
 
-def read_image_file(path: str | Path, max_side: int | None = None, check_pixels: bool = True) -> bytes:
-    """`canonical_image_bytes` of the file at `path`; `ImageProblem` also when it cannot be read."""
+def read_image_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of the regular file at `path`; `ImageProblem` (the skip reason) when it is
+    missing, unreadable, not a regular file (never waiting on a FIFO) or over `max_bytes`."""
     try:
-        data = Path(path).read_bytes()
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ImageProblem("file not found") from None
     except OSError as error:
         raise ImageProblem(f"cannot read file: {error.strerror or error}") from None
-    return canonical_image_bytes(data, max_side, check_pixels)
+    try:
+        status = os.fstat(descriptor)
+        if stat.S_ISDIR(status.st_mode):
+            raise ImageProblem("cannot read file: Is a directory")
+        if not stat.S_ISREG(status.st_mode):
+            raise ImageProblem("not a regular file (a directory, device, FIFO or socket)")
+        if status.st_size > max_bytes:
+            raise ImageProblem(f"{status.st_size:,} bytes, more than --max-image-bytes {max_bytes:,}")
+        with os.fdopen(os.dup(descriptor), "rb") as stream:
+            data = stream.read(max_bytes + 1)  # a file still growing stops here too
+    except OSError as error:
+        raise ImageProblem(f"cannot read file: {error.strerror or error}") from None
+    finally:
+        os.close(descriptor)
+    if len(data) > max_bytes:
+        raise ImageProblem(f"more than --max-image-bytes {max_bytes:,} bytes")
+    return data
+
+
+def read_image_file(path: str | Path, max_side: int | None = None, check_pixels: bool = True) -> bytes:
+    """`canonical_image_bytes` of the file at `path` (read by `read_image_bytes`: a regular file
+    of bounded size, never a FIFO or device); `ImageProblem` also when it cannot be read."""
+    return canonical_image_bytes(read_image_bytes(path), max_side, check_pixels)
 
 
 def _bytes_or_reason(path: str | Path, max_side: int | None,

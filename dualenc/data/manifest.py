@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn
 
+from dualenc.core import jsonfiles
 from dualenc.core.errors import DualEncError
 from dualenc.core.files import write_json_atomic
 from dualenc.data.records import FORMAT_VERSION, MANIFEST_NAME
@@ -201,11 +201,7 @@ def default_split(manifest: Manifest, data_dir: str | Path) -> str:
 def read_manifest_file(path: str | Path) -> Manifest:
     """The validated manifest at `path` (its shards are not looked for; see `load_manifest`)."""
     path = Path(path)
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DualEncError(f"{path} is not valid JSON ({error}); {PACK_HINT}") from None
-    return Manifest.from_json(content, path)
+    return Manifest.from_json(jsonfiles.load_file(path, "manifest", hint=PACK_HINT), path)
 
 
 def load_manifest(data_dir: str | Path) -> Manifest:

@@ -15,15 +15,16 @@ and are refused. Pure Python, so a CLI checks `TF_CONFIG` before it imports Tens
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 
+from dualenc.core import jsonfiles
 from dualenc.core.errors import DualEncError
 
 TF_CONFIG = "TF_CONFIG"
 # The jobs whose tasks train under MultiWorkerMirroredStrategy, chief first.
 TRAINING_JOBS = ("chief", "worker")
+TF_CONFIG_SHAPE = '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": N}}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +61,7 @@ def _addresses(cluster: object, job: str) -> list[str]:
 
 def parse_tf_config(text: str) -> Cluster:
     """The `Cluster` described by a `TF_CONFIG` value; `DualEncError` (one line) for anything unusable."""
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DualEncError(f"{TF_CONFIG} is not JSON ({error.msg} at column {error.colno}): {text[:80]!r}") from None
+    values = jsonfiles.loads(text, TF_CONFIG, hint=f"set it to {TF_CONFIG_SHAPE}")
     if not isinstance(values, Mapping):
         raise DualEncError(f'{TF_CONFIG} must be a JSON object with "cluster" and "task", got {text[:80]!r}')
     cluster = values.get("cluster")

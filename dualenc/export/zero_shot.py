@@ -11,12 +11,12 @@ The scores are the preset's as published, so a user sees what fine-tuning adds.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
 from dualenc.core import config as configs
 from dualenc.core.errors import DualEncError
+from dualenc.core import jsonfiles
 
 ZERO_SHOT_DIR = "zero-shot"
 
@@ -32,8 +32,8 @@ def looks_like_preset(model: str) -> bool:
     path = Path(model).expanduser()
     if path.is_dir():
         try:
-            return "registered_name" in json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
+            return "registered_name" in jsonfiles.load_file(path / "config.json", "preset config")
+        except (DualEncError, TypeError):
             return False
     return is_handle(model)
 

@@ -7,10 +7,10 @@ tokenizer), so neither imports the other.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dualenc.core.errors import DualEncError, first_line
+from dualenc.core import jsonfiles
 
 # The keras-hub backbone class each family's presets hold.
 BACKBONE_CLASSES = {"clip": "CLIPBackbone", "siglip": "SigLIPBackbone", "bert": "BertBackbone"}
@@ -54,8 +54,8 @@ def preset_family(preset: str, flag: str) -> str:
         if not directory.is_dir():
             raise DualEncError(f"{flag} {preset}: no such directory; pass a keras-hub preset directory or handle")
         try:
-            backbone_class = check_config_class(json.loads((directory / PRESET_CONFIG).read_text())).__name__
-        except (OSError, ValueError, KeyError, TypeError):  # missing, not JSON, or not a serialised keras-hub object
+            backbone_class = check_config_class(jsonfiles.load_file(directory / PRESET_CONFIG, "preset config")).__name__
+        except (DualEncError, ValueError, KeyError, TypeError):  # missing, not JSON, or not a serialised keras-hub object
             raise DualEncError(
                 f"{flag} {preset} is not a keras-hub preset directory (no {PRESET_CONFIG} of a keras-hub backbone); "
                 "save one with keras-hub's save_to_preset (see README, 'Starting from CLIP or SigLIP')"

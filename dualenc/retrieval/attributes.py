@@ -21,13 +21,13 @@ and expects every result to have them. This module measures that:
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from dualenc.retrieval.ranking import top_k
+from dualenc.core import jsonfiles
 from tfrecords_tools.demo import ATTRIBUTE_VALUES, ATTRIBUTES_NAME, IMAGES_DIR, attribute_combinations
 
 K = 9
@@ -205,7 +205,7 @@ def evaluate_attributes(
     fractions.
     """
     queries = list(attribute_queries() if queries is None else queries)
-    truth = json.loads((gallery_dir / ATTRIBUTES_NAME).read_text(encoding="utf-8"))
+    truth = jsonfiles.load_file(gallery_dir / ATTRIBUTES_NAME, "demo attributes file", hint="re-generate the demo")
     paths = sorted(truth)
     relevant = relevance(queries, [truth[path] for path in paths])
     answerable = relevant.any(axis=1)

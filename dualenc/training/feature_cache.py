@@ -12,6 +12,7 @@ the tower's weights and input shape (so another backbone, weights file or image 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,6 +28,8 @@ from dualenc.data.images import decode_image
 from dualenc.data.manifest import load_manifest
 from dualenc.data.packed import distinct_records
 from dualenc.data.records import CAPTION, IMAGE, IMAGE_ID, parse_example
+from dualenc.core import jsonfiles
+from dualenc.core.errors import DualEncError
 
 FEATURES_FILE = "features.npy"
 KEYS_FILE = "keys.json"
@@ -122,7 +125,9 @@ def cached_features(
     data_dir = Path(data_dir)
     entry = Path(cache_dir) / "features" / _cache_key(data_dir, split, kind, fingerprint)
     if (entry / FEATURES_FILE).is_file() and (entry / KEYS_FILE).is_file():
-        return CachedFeatures(keys=json.loads((entry / KEYS_FILE).read_text()), features=np.load(entry / FEATURES_FILE))
+        with contextlib.suppress(DualEncError):  # an unreadable cache entry is computed again
+            keys = jsonfiles.load_file(entry / KEYS_FILE, "feature cache keys")
+            return CachedFeatures(keys=keys, features=np.load(entry / FEATURES_FILE))
     computed = _compute(embed, data_dir, split, kind, image_size)
     with atomic_directory(entry) as staging:
         np.save(staging / FEATURES_FILE, computed.features)

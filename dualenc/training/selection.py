@@ -35,6 +35,7 @@ import keras
 import numpy as np
 
 from dualenc.core.files import atomic_directory, atomic_file, move_into_place
+from dualenc.core import jsonfiles
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "training.weights.h5"
@@ -168,7 +169,8 @@ def restore_backup(backup_dir: Path, model: keras.Model) -> SelectionState | Non
     if not backups:
         return None
     newest = backups[-1]
-    state = SelectionState.from_json(json.loads((newest / STATE_FILE).read_text()))
+    state = SelectionState.from_json(jsonfiles.load_file(newest / STATE_FILE, "backup state", allow_nonfinite=True,
+                                                         hint="delete the backup folder to start over"))
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
     model.load_weights(newest / WEIGHTS_FILE)
