@@ -126,3 +126,11 @@ def test_no_private_name_imported_across_modules(tree):
         for target, names in _imports(path, _module_name(path), known):
             crossing += [f"{_module_name(path)}: {target}.{n}" for n in names if n.startswith("_") and n != "__version__"]
     assert not crossing, "\n".join(crossing)
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_every_folder_of_modules_is_a_package(tree):
+    """`packages = find:` installs only folders with an ``__init__.py`` (one left out of git
+    leaves a fresh clone's install without it)."""
+    folders = {path.parent for path in (ROOT / tree).rglob("*.py") if "__pycache__" not in path.parts}
+    assert sorted(str(folder.relative_to(ROOT)) for folder in folders if not (folder / "__init__.py").is_file()) == []
