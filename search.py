@@ -23,9 +23,12 @@ EXAMPLES = """examples:
   python search.py "two people" --gallery ~/photos --json  any folder of images
   python search.py --image query.jpg --gallery ~/photos    image → image
   python search.py --build-index --data data/coco --split val --ann hnsw
-  python search.py --evaluate                              R@1/5/10, mAP, top-100 accuracy (+ attribute
-                                                           precision@9 on the demo)
-  python search.py --evaluate --model clip_vit_base_patch16 --data data/coco   zero-shot CLIP
+  python search.py --evaluate                              the paper table (R@1/5/10 + RSUM, or + mAP and
+                                                           mINP for person search), R@1/5/10 and mAP both
+                                                           ways, top-100 accuracy (+ attribute precision@9
+                                                           on the demo)
+  python search.py --evaluate --model clip_vit_base_patch16 --data data/coco --split test   zero-shot CLIP
+  python search.py --projector runs/latest/projector      then: tensorboard --logdir runs/latest/projector
   python search.py --serve                                 a search page at http://127.0.0.1:8000/
 """
 
@@ -55,12 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--ann", default="auto", choices=("auto", "exact", "hnsw", "ivf"),
         help="search method: exact, FAISS hnsw/ivf, or auto (FAISS HNSW above 50,000 images)",
     )
+    parser.add_argument(
+        "--engine", default="auto", choices=("auto", "tflite", "savedmodel"),
+        help="what embeds images (gallery and --image): the run's vision_encoder.tflite with XNNPACK on every core, "
+             "the SavedModel, or auto (TFLite when TensorFlow sees no GPU and the run has the file)",
+    )
     parser.add_argument("--build-index", action="store_true", help="(re)build the gallery index; no query needed")
     parser.add_argument("--float16", action="store_true", help="store the index in half precision")
     parser.add_argument("--runner", metavar="NAME",
                         help="--build-index: embed with an Apache Beam pipeline on this runner (DirectRunner, "
                              "DataflowRunner, FlinkRunner, ...); Beam options follow a bare '--'")
     parser.add_argument("--evaluate", action="store_true", help="measure retrieval on a packed split instead of searching")
+    parser.add_argument("--protocol", choices=("image-text", "person"),
+                        help="--evaluate: the paper table to print: image-text (COCO/Flickr30k: R@1/5/10 both ways, "
+                             "RSUM) or person (CUHK-PEDES/ICFG-PEDES/RSTPReid: text→image R@1/5/10, mAP, mINP); "
+                             "default: person when images share labels, else image-text")
+    parser.add_argument("--projector", type=Path, metavar="DIR",
+                        help="write TensorBoard's embedding-projector files for the gallery into DIR "
+                             "(view with: tensorboard --logdir DIR)")
     parser.add_argument("--serve", action="store_true", help="serve a search page and JSON API over the gallery")
     parser.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="--serve: port (default 8000; 0 picks a free one)")
@@ -87,7 +102,7 @@ def open_run(args: argparse.Namespace):
     from dualenc.api import load
     from dualenc.retrieval.gallery import FolderGallery
 
-    retriever = load(args.model, ann=args.ann)
+    retriever = load(args.model, ann=args.ann, engine=args.engine)
     if args.gallery is not None and args.split is not None:
         raise DualEncError("--split applies to --data, not to --gallery folders")
     if args.beam_options is None:
@@ -99,7 +114,7 @@ def open_run(args: argparse.Namespace):
     gallery = FolderGallery(args.gallery) if args.gallery is not None else \
         default_gallery(retriever.run_dir, args.data, args.split)
     return retriever.use_index(gallery, build_index_with_beam(retriever.run_dir, gallery, args.beam_options,
-                                                              float16=args.float16))
+                                                              float16=args.float16, engine=args.engine))
 
 
 def search(args: argparse.Namespace, retriever) -> list[dict]:
@@ -132,13 +147,34 @@ def draw_grid(path: Path, results: list[dict], gallery, query_text: str) -> None
     save_result_grid(path, images, titles, query_text)
 
 
-def evaluate(retriever) -> dict:
-    """Retrieval metrics of the run on its packed split (`dualenc.api.Retriever.evaluate`)."""
-    return retriever.evaluate()
+def evaluate(retriever, protocol: str | None = None) -> dict:
+    """Retrieval metrics of the run on its packed split (`dualenc.api.Retriever.evaluate`), with
+    the paper table of `protocol` (by default the one the split's labels show)."""
+    return retriever.evaluate(protocol)
+
+
+PROTOCOL_TITLES = {
+    "image-text": "image-text protocol (COCO/Flickr30k: a caption's own image, any of an image's captions)",
+    "person": "person protocol (CUHK-PEDES/ICFG-PEDES/RSTPReid: any image of the described person)",
+}
+DIRECTION_TITLES = {"text_to_image": "text→image", "image_to_text": "image→text"}
+
+
+def print_paper_table(protocol: str, table: dict) -> None:
+    """The table papers print for `protocol`: one column group per direction, then RSUM if any."""
+    groups = [(DIRECTION_TITLES[key], table[key]) for key in DIRECTION_TITLES if key in table]
+    if "RSUM" in table:
+        groups.append(("", {"RSUM": table["RSUM"]}))
+    print(PROTOCOL_TITLES[protocol])
+    print("".join(f"{title:^{9 * len(scores)}}" for title, scores in groups).rstrip())
+    print("".join(f"{name:>9}" for _, scores in groups for name in scores))
+    print("".join(f"{value:>9.2f}" for _, scores in groups for value in scores.values()))
 
 
 def print_evaluation(scores: dict) -> None:
     print(f"{scores['data']} split {scores['split']}: {scores['images']} images, {scores['captions']} captions")
+    print_paper_table(scores["protocol"], scores["paper"])
+    print("all scores (a hit is any image or caption of the same label):")
     columns = list(scores["text_to_image"])
     print(f"{'direction':<12}" + "".join(f"{name:>9}" for name in columns))
     for label, key in (("text→image", "text_to_image"), ("image→text", "image_to_text")):
@@ -160,8 +196,15 @@ def run(args: argparse.Namespace) -> int:
         raise DualEncError("--evaluate measures the whole split; drop the QUERY/--image")
     if args.serve and (searching or args.evaluate or args.json or args.grid is not None):
         raise DualEncError("--serve answers queries over HTTP; drop the QUERY/--image/--evaluate/--json/--grid")
-    if not (searching or args.build_index or args.evaluate or args.serve):
-        raise DualEncError("nothing to do: give a QUERY, --image FILE, --build-index, --evaluate or --serve (see --help)")
+    if not (searching or args.build_index or args.evaluate or args.serve or args.projector is not None):
+        raise DualEncError("nothing to do: give a QUERY, --image FILE, --build-index, --evaluate, --projector DIR "
+                           "or --serve (see --help)")
+    if args.protocol is not None and not args.evaluate:
+        raise DualEncError(f"--protocol {args.protocol} chooses the --evaluate table; add --evaluate")
+    if args.projector is not None:
+        from dualenc.retrieval.projector import check_projector_directory
+
+        check_projector_directory(args.projector)
     if args.query is not None:
         args.query = check_query(args.query)
     if args.evaluate and args.gallery is not None:
@@ -191,8 +234,12 @@ def run(args: argparse.Namespace) -> int:
         if kind not in ("exact", "compressed"):
             index.ann_index(kind)
         print(f"indexed {len(index)} images ({index.embedded} embedded now) in {index.directory}; search: {kind}", file=sys.stderr)
+    if args.projector is not None:
+        config = retriever.projector(args.projector)
+        print(f"wrote the embedding projector of {len(index)} images to {config.parent}; "
+              f"view: tensorboard --logdir {config.parent}", file=sys.stderr)
     if args.evaluate:
-        scores = evaluate(retriever)
+        scores = evaluate(retriever, args.protocol)
         if args.json:
             print(json.dumps(scores, indent=2))
         else:
@@ -223,7 +270,7 @@ def serve(retriever, args: argparse.Namespace) -> None:
                            max_upload_pixels=args.max_upload_pixels, request_timeout_s=args.request_timeout,
                            header_timeout_s=args.header_timeout, max_connections=args.max_connections)
     serve_forever(retriever.run_dir, retriever.gallery, index=retriever.gallery_index, ann=retriever.ann,
-                  host=args.host, port=args.port, limits=limits)
+                  engine=retriever.engine, host=args.host, port=args.port, limits=limits)
 
 
 def main(argv: list[str] | None = None) -> int:

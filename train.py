@@ -212,9 +212,14 @@ def _with_attribute_scores(report: dict, paths: runs.RunPaths, data_dir: Path) -
 
 
 def score_summary(report: dict) -> str:
-    """R@1/5/10 and mAP both ways in one line, labelled as the per-epoch lines are ("t2i R@1 …")."""
-    directions = (("t2i", "text_to_image"), ("i2t", "image_to_text"))
-    return ", ".join(f"{label} {name} {value:.1f}" for label, key in directions for name, value in report[key].items())
+    """The paper table of the report's protocol in one line, labelled as the per-epoch lines are
+    ("person protocol: t2i R@1 …, t2i mINP …" or "image-text protocol: t2i R@1 …, i2t R@10 …, RSUM …")."""
+    table = report["paper"]
+    directions = [(label, key) for label, key in (("t2i", "text_to_image"), ("i2t", "image_to_text")) if key in table]
+    scores = [f"{label} {name} {value:.1f}" for label, key in directions for name, value in table[key].items()]
+    if "RSUM" in table:
+        scores.append(f"RSUM {table['RSUM']:.1f}")
+    return f"{report['protocol']} protocol: " + ", ".join(scores)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,16 +109,26 @@ def bench_training(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list
 
 
 def bench_index(sizes: dict, inputs: dict) -> tuple[dict, list[dict]]:
-    """Index build images/s from a saved encoder, with and without the encoder's loading time."""
+    """Index build images/s from a saved encoder, with and without the encoder's loading time:
+    ours on the SavedModel and on TFLite + XNNPACK (what ``--engine auto`` picks without a GPU)."""
     params = {"images": inputs["coco"]["images"], "batch_size": sizes["index_batch"],
               "image_size": list(sizes["index_image_size"]), "run_dir": inputs["encoder"]["run_dir"],
               "keras_model": inputs["encoder"]["keras_model"]}
-    runs = common.interleaved("index", ["seed", "ours"], sizes["index_repeats"], params)
+    common.run_isolated("index", "convert", params)
+    runs = common.interleaved("index", ["seed", "ours", "tflite"], sizes["index_repeats"], params)
     summaries = {key: pair_summary(runs, key, higher_is_better=True)
-                 for key in ("images_per_s", "embed_images_per_s")}
+                 for key in ("images_per_s", "embed_images_per_s", "images_per_cpu_s")}
+    tflite_runs = {"seed": runs["seed"], "ours": runs["tflite"]}
+    tflite = {key: pair_summary(tflite_runs, key, higher_is_better=True) for key in ("images_per_s", "images_per_cpu_s")}
+    cosine = min(run["min_cosine_vs_savedmodel"] for run in runs["tflite"])
     name = f"index build ({len(list(Path(inputs['coco']['images']).glob('*.jpg')))} JPEGs)"
-    notes = {"images_per_s": "includes loading the encoder", "embed_images_per_s": "encoder load excluded"}
-    return summaries, [_row(name, summary, notes[key]) for key, summary in summaries.items()]
+    notes = {"images_per_s": "SavedModel; includes loading the encoder", "embed_images_per_s": "SavedModel; encoder load excluded",
+             "images_per_cpu_s": "SavedModel; images per CPU second (all threads)"}
+    rows = [_row(name, summary, notes[key]) for key, summary in summaries.items()]
+    rows += [{**_row(name, summary), "metric": f"tflite_{key}",
+              "note": f"--engine tflite (XNNPACK); least cosine to the SavedModel's {cosine:.6f}"}
+             for key, summary in tflite.items()]
+    return {**summaries, "tflite": tflite, "tflite_min_cosine": cosine}, rows
 
 
 def bench_query(sizes: dict) -> tuple[dict, list[dict]]:

@@ -28,7 +28,8 @@ import numpy as np
 
 from dualenc.core.errors import DualEncError
 from dualenc.data.images import ImageProblem, canonical_image_bytes, read_image_file
-from dualenc.export.encoders import TEXT_ENCODER_DIR, VISION_ENCODER_DIR, LoadedEncoder, load_encoder
+from dualenc.export.encoders import TEXT_ENCODER_DIR, VISION_ENCODER_DIR, Encoder, LoadedEncoder, load_encoder
+from dualenc.export.engines import load_vision_encoder, resolve_engine
 from dualenc.retrieval.gallery import FolderGallery, Gallery, PackedGallery
 from dualenc.retrieval.index import GalleryIndex, open_index
 from dualenc.retrieval.query import check_query, result_dicts
@@ -111,13 +112,16 @@ class Retriever:
 
     Build one with `load`. Embeddings are float32 rows of unit length; search results are the
     dicts ``search.py --json`` prints (`dualenc.retrieval.query.RESULT_FIELDS`). `ann` is the
-    default search method ("auto", "exact", "hnsw", "ivf"; see ``search.py --ann``).
+    default search method ("auto", "exact", "hnsw", "ivf"; see ``search.py --ann``); `engine`
+    embeds images, for queries and indexes alike ("auto", "tflite", "savedmodel"; see
+    `dualenc.export.engines`).
     """
 
-    def __init__(self, run_dir: Path, *, ann: str = "auto", batch_size: int = 64):
+    def __init__(self, run_dir: Path, *, ann: str = "auto", batch_size: int = 64, engine: str = "auto"):
         self.run_dir = Path(run_dir)
         self.ann = ann
         self.batch_size = batch_size
+        self.engine = engine
         self.gallery: Gallery | None = None
         self.gallery_index: GalleryIndex | None = None
 
@@ -127,9 +131,9 @@ class Retriever:
         return load_encoder(self.run_dir / TEXT_ENCODER_DIR, batch_size=self.batch_size)
 
     @functools.cached_property
-    def vision_encoder(self) -> LoadedEncoder:
-        """The exported vision encoder, loaded on first use (indexing loads its own copy)."""
-        return load_encoder(self.run_dir / VISION_ENCODER_DIR, batch_size=self.batch_size)
+    def vision_encoder(self) -> Encoder:
+        """The vision encoder on the retriever's engine, loaded on first use (indexing loads its own copy)."""
+        return load_vision_encoder(self.run_dir, self.engine, batch_size=self.batch_size)
 
     def encode_text(self, texts: str | Sequence[str]) -> np.ndarray:
         """Captions or queries → ``(N, D)`` embeddings (a single string gives one row)."""
@@ -162,7 +166,8 @@ class Retriever:
             gallery = FolderGallery(Path(folder).expanduser())
         elif gallery is None:
             gallery = default_gallery(self.run_dir, data, split, log)
-        return self.use_index(gallery, open_index(self.run_dir, gallery, rebuild=rebuild, float16=float16, log=log))
+        return self.use_index(gallery, open_index(self.run_dir, gallery, rebuild=rebuild, float16=float16, log=log,
+                                                  engine=self.engine))
 
     def use_index(self, gallery: Gallery, gallery_index: GalleryIndex) -> Retriever:
         """A retriever of the same run searching `gallery` through `gallery_index`, an index
@@ -190,20 +195,34 @@ class Retriever:
         scores, rows = index.search(np.asarray(embedding)[None, :], int(k), ann=self.ann)
         return result_dicts(index, scores[0], rows[0])
 
-    def evaluate(self) -> dict:
+    def evaluate(self, protocol: str | None = None) -> dict:
         """Retrieval metrics on the indexed packed split (by default the run's test split): R@1/5/10
-        and mAP both ways, top-k accuracy (`dualenc.retrieval.evaluation.evaluate_split`, the
-        function train.py's ``metrics.json`` comes from), and attribute precision on the demo."""
+        and mAP both ways, top-k accuracy, the paper table of `protocol` ("image-text" or
+        "person"; by default the one the split's labels show) under ``paper``
+        (`dualenc.retrieval.evaluation.evaluate_split`, the function train.py's ``metrics.json``
+        comes from), and attribute precision on the demo."""
         from dualenc.retrieval.attributes import run_attribute_report
-        from dualenc.retrieval.evaluation import evaluate_split
+        from dualenc.retrieval.evaluation import check_protocol, evaluate_split
 
+        if protocol is not None:
+            check_protocol(protocol)
         index = self._index()
         if not isinstance(self.gallery, PackedGallery):
             raise DualEncError("evaluation needs captions: pass a packed dataset with --data DIR [--split NAME], not --gallery")
         report = evaluate_split(self.text_encoder, self.gallery.data_dir, self.gallery.split, index.embeddings,
-                                index.labels, index.image_ids)
+                                index.labels, index.image_ids, protocol)
         attribute_scores = run_attribute_report(self.run_dir, self.gallery.data_dir)
         return report if attribute_scores is None else {**report, "attributes": attribute_scores}
+
+    def projector(self, directory: str | Path) -> Path:
+        """Write TensorBoard's embedding-projector files for the indexed gallery (by default the
+        run's test split) into `directory`, so ``tensorboard --logdir DIRECTORY`` shows its
+        embedding space (`dualenc.retrieval.projector`); returns the config's path."""
+        from dualenc.retrieval.projector import check_projector_directory, write_projector
+
+        check_projector_directory(directory)
+        index = self._index()
+        return write_projector(directory, self.gallery, index)
 
     def _index(self) -> GalleryIndex:
         if self.gallery_index is None:
@@ -212,12 +231,18 @@ class Retriever:
         return self.gallery_index
 
 
-def load(run_dir: str | Path = DEFAULT_RUN, *, ann: str = "auto", batch_size: int = 64) -> Retriever:
+def load(run_dir: str | Path = DEFAULT_RUN, *, ann: str = "auto", batch_size: int = 64, engine: str = "auto") -> Retriever:
     """The run in `run_dir` (both exported encoders), or a keras-hub CLIP/SigLIP preset made a
-    zero-shot run, ready to embed and search. `DualEncError` when it holds no exported encoders."""
+    zero-shot run, ready to embed and search. `DualEncError` when it holds no exported encoders.
+
+    `engine` embeds images: "tflite" (the run's ``vision_encoder.tflite`` with XNNPACK on every
+    core), "savedmodel", or "auto", TFLite where TensorFlow sees no GPU and the run has the file
+    (`dualenc.export.engines.resolve_engine`, resolved here once for every search and index).
+    """
     from dualenc.core.startup import import_tensorflow
     from dualenc.retrieval.knn import resolve_ann
 
     import_tensorflow(False)
     resolve_ann(ann, 0)  # an unknown choice fails now, not at the first search
-    return Retriever(resolve_run(run_dir), ann=ann, batch_size=batch_size)
+    run = resolve_run(run_dir)
+    return Retriever(run, ann=ann, batch_size=batch_size, engine=resolve_engine(run, engine))

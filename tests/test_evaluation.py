@@ -203,3 +203,46 @@ def test_evaluate_split_scores_a_packed_split_against_a_float64_reference(tmp_pa
     similarities = first.astype(np.float64) @ images.astype(np.float64).T
     expected = 100.0 * np.mean(similarities.argmax(axis=1) == np.arange(9))
     assert at_one == {"k": 1, "percent": pytest.approx(expected)} and 0 < expected < 100
+
+
+@pytest.mark.parametrize("protocol", [None, "image-text"])
+def test_evaluate_split_holds_the_paper_table_against_a_float64_reference(tmp_path, protocol):
+    from dualenc.retrieval.evaluation import evaluate_split
+    from tests.support.colour_run import write_packed_dataset
+
+    rng = np.random.default_rng(8)
+    # Ten images of five people (labels shared: the person protocol unless named), three
+    # captions each, packed in an order that interleaves images.
+    records = [(f"caption {image} {n}", b"", f"img{image}", image % 5) for n in range(3) for image in range(10)]
+    write_packed_dataset(tmp_path / "data", {"test": records})
+    vectors = {caption: rng.normal(size=6).astype(np.float32) for caption, *_ in records}
+    text_encoder = lambda captions: np.stack([vectors[caption] for caption in captions])  # noqa: E731
+    image_ids = [f"img{image}" for image in rng.permutation(10)]
+    image_labels = np.array([int(image_id[3:]) % 5 for image_id in image_ids])
+    images = rng.normal(size=(10, 6)).astype(np.float32)
+
+    report = evaluate_split(text_encoder, tmp_path / "data", "test", images, image_labels, image_ids, protocol)
+    captions = np.stack([vectors[caption] for caption, *_ in records]).astype(np.float64)
+    unit_images = images.astype(np.float64) / np.linalg.norm(images, axis=1, keepdims=True)
+    similarities = captions / np.linalg.norm(captions, axis=1, keepdims=True) @ unit_images.T  # (30, 10) cosine
+    if protocol is None:
+        caption_labels = np.array([label for *_, label in records])
+        t2i, t2i_map = _reference_scores(captions, images, caption_labels, image_labels, (1, 5, 10))
+        order = np.argsort(-similarities, axis=1, kind="stable")
+        inp = [np.count_nonzero(image_labels == label) / (np.flatnonzero(image_labels[order[row]] == label)[-1] + 1)
+               for row, label in enumerate(caption_labels)]
+        assert report["protocol"] == "person"
+        assert report["paper"] == {"text_to_image": pytest.approx(
+            {"R@1": t2i[1], "R@5": t2i[5], "R@10": t2i[10], "mAP": t2i_map, "mINP": 100 * np.mean(inp)}, abs=1e-6)}
+        return
+    # Image-text: a caption's hit is its own image; an image's, any of its three captions.
+    own = np.array([image_ids.index(image_id) for _, _, image_id, _ in records])
+    text_ranks = np.count_nonzero(similarities > similarities[np.arange(30), own][:, None], axis=1)
+    image_ranks = [np.count_nonzero(similarities[:, image] > similarities[own == image, image].max()) for image in range(10)]
+    expected_t2i = {f"R@{k}": 100 * np.mean(text_ranks < k) for k in (1, 5, 10)}
+    expected_i2t = {f"R@{k}": 100 * np.mean(np.array(image_ranks) < k) for k in (1, 5, 10)}
+    assert report["protocol"] == "image-text"
+    assert report["paper"]["text_to_image"] == pytest.approx(expected_t2i, abs=1e-6)
+    assert report["paper"]["image_to_text"] == pytest.approx(expected_i2t, abs=1e-6)
+    assert report["paper"]["RSUM"] == pytest.approx(sum(expected_t2i.values()) + sum(expected_i2t.values()), abs=1e-6)
+    assert 0 < expected_t2i["R@1"] < 100 and 0 < expected_i2t["R@1"] < 100

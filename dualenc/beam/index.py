@@ -4,7 +4,7 @@ The result is the index `dualenc.retrieval.index.open_index` builds (same rows i
 ``meta.json``, embeddings equal within float rounding of a different batching); the search side
 cannot tell which path built it. The pipeline:
 
-    work items ─ Reshuffle ─ read images ─┬─ RunInference (the exported vision SavedModel) ─┐
+    work items ─ Reshuffle ─ read images ─┬─ RunInference (the run's vision encoder) ──────┐
     (packed shards or folder chunks)      └─ unreadable ───────────────────────────────────┴─
         GroupByKey(work item) ─ write one embedding shard + its rows
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -48,6 +47,7 @@ import_tensorflow()
 
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor  # noqa: E402
 
+from dualenc.core import jsonfiles  # noqa: E402
 from dualenc.core.errors import DualEncError  # noqa: E402
 from dualenc.core.files import atomic_file, owned_temporary, probe_writable, remove_leftovers, write_json_atomic  # noqa: E402
 
@@ -110,28 +110,34 @@ def _embed_or_explain(encoder, batch, inference_args, model_id=None, *, pillow_r
 
 
 class VisionEncoderHandler(TFModelHandlerTensor):
-    """Beam's TensorFlow model handler over the exported vision SavedModel (bytes → embeddings).
+    """Beam's TensorFlow model handler over the run's vision encoder (bytes → embeddings).
 
-    It loads with `dualenc.export.encoders.load_encoder` (``tf.saved_model.load``): Keras 3's
-    ``load_model``, which the base class calls, does not read SavedModels.
+    It loads with `dualenc.export.engines.load_vision_encoder`, the local index's and the API's
+    loader, on `engine` as each worker resolves it (``auto``: TFLite on a worker without a GPU):
+    Keras 3's ``load_model``, which the base class calls, does not read SavedModels.
     """
 
-    def __init__(self, encoder_dir: Path, batch_size: int, pillow_reasons: bool):
+    def __init__(self, run_dir: Path, batch_size: int, pillow_reasons: bool, engine: str):
+        from dualenc.export.encoders import VISION_ENCODER_DIR
+
         inference_fn = functools.partial(_embed_or_explain, pillow_reasons=pillow_reasons)
-        super().__init__(str(encoder_dir), inference_fn=inference_fn, min_batch_size=1, max_batch_size=batch_size)
+        super().__init__(str(Path(run_dir) / VISION_ENCODER_DIR), inference_fn=inference_fn, min_batch_size=1,
+                         max_batch_size=batch_size)
+        self.run_dir = str(run_dir)
         self.batch_size = batch_size
+        self.engine = engine
 
     def load_model(self):
-        from dualenc.export.encoders import load_encoder
+        from dualenc.export.engines import load_vision_encoder
 
-        return load_encoder(Path(self._model_uri), batch_size=self.batch_size)
+        return load_vision_encoder(Path(self.run_dir), self.engine, batch_size=self.batch_size)
 
 
-def _vision_handler(encoder_dir: Path, batch_size: int, pillow_reasons: bool):
+def _vision_handler(run_dir: Path, batch_size: int, pillow_reasons: bool, engine: str):
     """`VisionEncoderHandler`, keyed by image position (and its `GalleryImage`)."""
     from apache_beam.ml.inference.base import KeyedModelHandler
 
-    return KeyedModelHandler(VisionEncoderHandler(encoder_dir, batch_size, pillow_reasons))
+    return KeyedModelHandler(VisionEncoderHandler(run_dir, batch_size, pillow_reasons, engine))
 
 
 def _to_group(keyed_result) -> tuple[int, tuple]:
@@ -158,8 +164,9 @@ def write_embedding_shard(grouped: tuple[int, Iterable[tuple]], work_dir: str) -
     return len(embedded)
 
 
-def build_pipeline(pipeline, gallery, encoder_dir: Path, work_dir: Path, batch_size: int) -> None:
-    """Add the embedding transforms for `gallery` (packed or folder) to `pipeline`."""
+def build_pipeline(pipeline, gallery, run_dir: Path, work_dir: Path, batch_size: int, engine: str = "auto") -> None:
+    """Add the embedding transforms for `gallery` (packed or folder) to `pipeline`, embedding with
+    the vision encoder of the run in `run_dir` on `engine`."""
     import apache_beam as beam
     from apache_beam.ml.inference.base import RunInference
 
@@ -195,7 +202,7 @@ def build_pipeline(pipeline, gallery, encoder_dir: Path, work_dir: Path, batch_s
     embedded = (
         images
         | "key by position" >> beam.Map(lambda image: ((image[0], image[1]), image[2]))
-        | "embed" >> RunInference(_vision_handler(encoder_dir, batch_size, pillow_reasons))
+        | "embed" >> RunInference(_vision_handler(run_dir, batch_size, pillow_reasons, engine))
         | "by work item" >> beam.Map(_to_group)
     )
     results = embedded if unreadable is None else (embedded, unreadable) | "with skips" >> beam.Flatten()
@@ -214,7 +221,7 @@ def _row_lists(work_dir: Path) -> list[tuple[Path, list[tuple]]]:
     shards = []
     for rows_path in sorted(work_dir.glob(f"{ROWS_PREFIX}*.json")):
         group = int(rows_path.stem[len(ROWS_PREFIX):])
-        rows = [(GalleryImage(**row["image"]), row["reason"]) for row in json.loads(rows_path.read_text(encoding="utf-8"))]
+        rows = [(GalleryImage(**row["image"]), row["reason"]) for row in jsonfiles.load_file(rows_path, "Beam work file")]
         shards.append((work_dir / _shard_names(group)[0], rows))
     return shards
 
@@ -258,9 +265,10 @@ def _compress(embeddings: np.ndarray, shard_paths: list[Path], path: Path, memor
 
 
 def build_index_with_beam(run_dir: Path, gallery, options, *, float16: bool = False, batch_size: int | None = None,
-                          memory_budget: int | None = None, log: TextIO | None = None):
+                          memory_budget: int | None = None, log: TextIO | None = None, engine: str = "auto"):
     """Embed `gallery` with a Beam pipeline run with `options` and store its index under the run,
-    replacing any earlier one; returns the loaded `dualenc.retrieval.index.GalleryIndex`.
+    replacing any earlier one; returns the loaded `dualenc.retrieval.index.GalleryIndex`. Images
+    are embedded on `engine` (`dualenc.export.engines`), as each worker resolves it.
 
     A gallery whose float32 rows and HNSW graph would exceed `memory_budget` (default
     `dualenc.retrieval.large_index.DEFAULT_MEMORY_BUDGET`) also gets a compressed index, built from the
@@ -290,7 +298,7 @@ def build_index_with_beam(run_dir: Path, gallery, options, *, float16: bool = Fa
     work_dir = owned_temporary(index_dir.parent, work_stem, directory=True)
     try:
         with beam.Pipeline(options=options) as pipeline:
-            build_pipeline(pipeline, gallery, encoder_dir, work_dir, batch_size or EMBED_BATCH)
+            build_pipeline(pipeline, gallery, encoder_dir.parent, work_dir, batch_size or EMBED_BATCH, engine)
         shards = _row_lists(work_dir)
         rows = [row for _, shard_rows in shards for row in shard_rows]
         meta = gallery.meta(rows)

@@ -20,6 +20,8 @@ text preprocessor uses), on CPU or GPU: no device placement is saved.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,11 +30,13 @@ import numpy as np
 import tensorflow as tf
 
 from dualenc.core.errors import DualEncError, first_line
-from dualenc.core.files import atomic_directory, recover_directory, write_bytes_atomic
+from dualenc.core.files import atomic_directory, recover_directory, sha256_of_file, write_bytes_atomic, write_json_atomic
 
 VISION_ENCODER_DIR = "vision_encoder"
 TEXT_ENCODER_DIR = "text_encoder"
 VISION_TFLITE = "vision_encoder.tflite"
+# Beside the TFLite file: the fingerprint of the vision SavedModel it was converted from.
+VISION_TFLITE_SOURCE = "vision_encoder.tflite.json"
 SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "pixels"
 OUTPUT = "embeddings"
@@ -65,6 +69,17 @@ def _write(archive: keras.export.ExportArchive, path: Path) -> None:
         archive.write_out(str(staging), options=tf.saved_model.SaveOptions(experimental_io_device=None), verbose=False)
 
 
+def decode_images(images: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    """Image bytes ``[N]`` → uint8 pixels ``[N, H, W, 3]`` by the one decoder shared with training
+    (`dualenc.data.images.decode_image`): what the vision SavedModel runs in its graph, and what
+    the TFLite engine (`dualenc.export.engines`) runs before its model, so both see the same pixels."""
+    from dualenc.data.images import decode_image
+
+    height, width = image_size
+    return tf.map_fn(lambda image_bytes: decode_image(image_bytes, (height, width)), images,
+                     fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8))
+
+
 def export_vision_encoder(
     encode_pixels: Callable, image_size: tuple[int, int], path: Path, track: Sequence[object] | None = None
 ) -> None:
@@ -74,8 +89,6 @@ def export_vision_encoder(
     Keras layers listed in `track` (e.g. ``DualEncoder.encode_images`` with the vision tower and
     image head), which are what the file holds; by default the method's owner or the model itself.
     """
-    from dualenc.data.images import decode_image  # the one decoder shared with training
-
     height, width = (int(side) for side in image_size)
     archive = _archive(track if track is not None else [_owner(encode_pixels)])
 
@@ -84,12 +97,7 @@ def export_vision_encoder(
 
     def embed_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
         def encode_batch() -> tf.Tensor:
-            pixels = tf.map_fn(
-                lambda image_bytes: decode_image(image_bytes, (height, width)),
-                images,
-                fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8),
-            )
-            return encode_pixels(pixels)
+            return encode_pixels(decode_images(images, (height, width)))
 
         def encode_nothing() -> tf.Tensor:
             # Some CPU kernels (oneDNN convolutions) mis-shape an empty batch; encoding one black
@@ -129,8 +137,29 @@ def export_text_encoder(
     _write(archive, path)
 
 
+def encoder_fingerprint(encoder_dir: Path) -> str:
+    """sha256 over ``saved_model.pb`` and the ``variables/`` index and data files, with their names:
+    what an index (`dualenc.retrieval.index`) and a TFLite file (`tflite_source`) are bound to."""
+    files = [encoder_dir / "saved_model.pb", *sorted((encoder_dir / "variables").glob("variables.*"))]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(encoder_dir)}\0{sha256_of_file(path)}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def tflite_source(path: Path) -> str | None:
+    """The `encoder_fingerprint` of the SavedModel the TFLite file at `path` was converted from, as
+    recorded beside it (`VISION_TFLITE_SOURCE`), or None when nothing readable is recorded."""
+    try:
+        return json.loads((Path(path).parent / VISION_TFLITE_SOURCE).read_text(encoding="utf-8"))["vision_encoder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def export_vision_tflite(saved_model_dir: Path, path: Path) -> None:
-    """Convert the ``pixels`` signature of a vision SavedModel to a TFLite file (builtin ops only)."""
+    """Convert the ``pixels`` signature of a vision SavedModel to a TFLite file (builtin ops only),
+    and record beside it which SavedModel it came from (`tflite_source`): a SavedModel exported
+    again later without it leaves a stale TFLite file, which the engines then refuse."""
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[PIXELS_SIGNATURE])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     try:
@@ -138,6 +167,8 @@ def export_vision_tflite(saved_model_dir: Path, path: Path) -> None:
     except Exception as exc:  # the converter raises ConverterError and plain exceptions alike
         raise DualEncError(f"cannot convert {saved_model_dir} to TFLite ({first_line(exc)})") from None
     write_bytes_atomic(path, flatbuffer)
+    # Written last, so a record never vouches for a file converted from another SavedModel.
+    write_json_atomic(Path(path).parent / VISION_TFLITE_SOURCE, {"vision_encoder": encoder_fingerprint(Path(saved_model_dir))})
 
 
 def export_encoders(
@@ -162,12 +193,35 @@ def export_encoders(
     export_text_encoder(encode_texts, run_dir / TEXT_ENCODER_DIR, text_preprocessor, track_texts)
 
 
-class LoadedEncoder:
-    """An exported encoder: a list of inputs (bytes or str) → unit embeddings, NumPy ``[N, D]``.
+class Encoder:
+    """What every embedding engine offers: a list of inputs (bytes or str) → unit embeddings,
+    NumPy float32 ``[N, D]``, fed `batch_size` at a time.
 
-    Inputs are fed `batch_size` at a time; `embed_batch` encodes one batch and lets TensorFlow
-    errors through, so a caller can find which input in a batch was bad.
+    A subclass sets `path`, `batch_size` and `dimension` and defines `embed_batch`, which
+    encodes one batch and lets TensorFlow errors through, so a caller can find which input in a
+    batch was bad (`dualenc.retrieval.gallery.embed_skipping_bad`).
     """
+
+    path: Path
+    batch_size: int
+    dimension: int
+
+    def embed_batch(self, inputs: Sequence[bytes | str]) -> np.ndarray:
+        """One batch of inputs → float32 ``[len(inputs), D]``."""
+        raise NotImplementedError
+
+    def __call__(self, inputs: Sequence[bytes | str]) -> np.ndarray:
+        batches = [
+            self.embed_batch(inputs[start : start + self.batch_size])
+            for start in range(0, len(inputs), self.batch_size)
+        ]
+        if not batches:
+            return np.zeros((0, self.dimension), np.float32)
+        return np.concatenate(batches, axis=0)
+
+
+class LoadedEncoder(Encoder):
+    """An exported SavedModel encoder (see the module docstring for its signatures)."""
 
     def __init__(self, path: Path, batch_size: int = 64):
         self.path = Path(path)
@@ -187,15 +241,6 @@ class LoadedEncoder:
         """One batch of inputs → float32 ``[len(inputs), D]``."""
         tensor = tf.constant(list(inputs), dtype=tf.string, shape=[len(inputs)])
         return self._signature(**{self.input_name: tensor})[OUTPUT].numpy()
-
-    def __call__(self, inputs: Sequence[bytes | str]) -> np.ndarray:
-        batches = [
-            self.embed_batch(inputs[start : start + self.batch_size])
-            for start in range(0, len(inputs), self.batch_size)
-        ]
-        if not batches:
-            return np.zeros((0, self.dimension), np.float32)
-        return np.concatenate(batches, axis=0)
 
 
 def _load_saved_model(path: Path):

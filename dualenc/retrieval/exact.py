@@ -5,8 +5,8 @@ gallery (N·D·4 bytes, 1 GiB at 1M × 256) must stream through the cores once (
 share it out). A partition of all N scores per query costs several further passes; here only
 scores above each query's running k-th best become candidates (a comparison per score, then a
 handful of rows), the first threshold coming from a sample of the leading rows. With many
-queries the gallery is scored in blocks of rows, so the (block, Q) scores stay in cache instead
-of a (N, Q) matrix being written out (1M × 64 scores are 256 MB).
+queries the gallery is scored in blocks of rows (a (block, Q) score buffer reused, never a
+(N, Q) matrix: 1M × 64 scores are 256 MB), each block large enough for OpenBLAS to use every core.
 
 A float16 gallery (half the bytes to read) is converted block by block into a float32 buffer
 that stays in cache, then scored the same way: scores are exact for the stored float16 values.
@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import numpy as np
 
-# Scores computed per matrix product (4 MiB): one product over a 1M gallery for a single query,
-# 16k rows for 64 queries. Each product wakes OpenBLAS's threads, which on a busy machine costs
-# milliseconds, so many small products were measured 6x slower than one large one.
-SCORES_PER_BLOCK = 1 << 20
+# Scores computed per matrix product (64 MiB, plus a 16 MiB mask): one product over a 1M gallery
+# for a single query, 256k rows for 64 queries. OpenBLAS runs a (16k, 256)·(256, 64) product on one
+# core only, and each product wakes its threads (milliseconds on a busy machine): 64 queries over
+# 1M × 256 took 0.41 s of wall time (0.82 s CPU) in 16k-row blocks, 0.37 s (0.70 s) in 256k-row
+# ones (2 shared cores, medians of 3 x 2 runs; bench/query.py).
+SCORES_PER_BLOCK = 1 << 24
 MIN_BLOCK_ROWS = 16384
 # A float16 gallery is converted to float32 this many rows at a time (a 2 MiB buffer in cache).
 FLOAT16_BLOCK_ROWS = 2048
@@ -57,6 +59,13 @@ class _Candidates:
         self.indices: list[list[np.ndarray]] = [[] for _ in range(queries)]
         self.counts = np.zeros(queries, np.int64)
         self.threshold = np.full(queries, -np.inf, np.float32)
+        self._above = np.zeros(0, bool)
+
+    def _mask(self, shape: tuple[int, int]) -> np.ndarray:
+        """A reused boolean buffer of `shape`: a fresh one per block costs page faults each time."""
+        if self._above.size < shape[0] * shape[1]:
+            self._above = np.empty(shape[0] * shape[1], bool)
+        return self._above[: shape[0] * shape[1]].reshape(shape)
 
     def add(self, block_scores: np.ndarray, first_row: int) -> None:
         """Take the rows of `block_scores` ``(n, Q)`` (gallery rows from `first_row`) that beat
@@ -68,9 +77,14 @@ class _Candidates:
             # kept), so a few rows become candidates rather than all of them.
             kth = np.partition(sample, len(sample) - self.k, axis=0)[len(sample) - self.k]
             self.threshold[unset] = np.nextafter(kth, np.float32(-np.inf))
-        row, query_of = np.nonzero(block_scores > self.threshold)
-        if not len(row):
+        above = np.greater(block_scores, self.threshold, out=self._mask(block_scores.shape))
+        # Few scores beat a threshold: find their rows first (one pass), then where they are in
+        # those rows. A 2-d `nonzero` over the whole block cost 4x the comparison itself.
+        rows = np.flatnonzero(above.any(axis=1))
+        if not len(rows):
             return
+        in_rows, query_of = np.nonzero(above[rows])
+        row = rows[in_rows]
         by_query = np.argsort(query_of, kind="stable")  # rows stay ascending within a query
         row, query_of = row[by_query], query_of[by_query]
         values = block_scores[row, query_of]

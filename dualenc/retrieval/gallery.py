@@ -137,7 +137,7 @@ def gallery_meta(rows: Sequence[tuple[GalleryImage, str | None]], directory: Pat
 def report_skipped(description: str, skipped: Iterable[tuple[GalleryImage, str]], log: TextIO) -> None:
     """One line per image newly skipped in the gallery `description`, with its reason."""
     for image, reason in skipped:
-        print(f"skipping unreadable image {image.image_id} in {description}: {reason}", file=log)
+        print(f"skipping unreadable image {image.image_id}: {reason} ({description})", file=log)
 
 
 def _content_hash(content: object) -> str:

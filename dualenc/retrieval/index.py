@@ -41,11 +41,12 @@ from typing import TextIO
 import numpy as np
 
 from dualenc.retrieval import knn
-from dualenc.data.pipeline import sha256_of_file
 from dualenc.core.errors import DualEncError
-from dualenc.export.encoders import VISION_ENCODER_DIR, load_encoder
+from dualenc.export.encoders import VISION_ENCODER_DIR, encoder_fingerprint
+from dualenc.export.engines import load_vision_encoder
 from dualenc.core.files import atomic_directory, recover_directory, reserve_space, write_json_atomic
 from dualenc.retrieval.gallery import EMBED_BATCH, Gallery
+from dualenc.core import jsonfiles
 
 INDEX_DIR = "index"
 META_NAME = "meta.json"
@@ -164,15 +165,6 @@ def ann_binding(path: Path, embeddings_print: str) -> dict:
     return {"embeddings_sha256": embeddings_print, "file": _file_stat(path)}
 
 
-def encoder_fingerprint(encoder_dir: Path) -> str:
-    """sha256 over ``saved_model.pb`` and the ``variables/`` index and data files, with their names."""
-    files = [encoder_dir / "saved_model.pb", *sorted((encoder_dir / "variables").glob("variables.*"))]
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.relative_to(encoder_dir)}\0{sha256_of_file(path)}\n".encode("utf-8"))
-    return digest.hexdigest()
-
-
 def embeddings_sha256(embeddings: np.ndarray) -> str:
     """sha256 over the stored embeddings' dtype, shape and bytes."""
     digest = hashlib.sha256(f"{embeddings.dtype.str}{embeddings.shape}".encode("utf-8"))
@@ -189,10 +181,10 @@ def _file_stat(path: Path) -> list[int]:
 
 
 def _read_json(path: Path):
-    """The JSON content of `path`, or None when it is missing or unreadable."""
+    """The JSON content of `path`, or None when it is missing, unreadable or not sane JSON."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return jsonfiles.load_file(path, "index file")
+    except DualEncError:
         return None
 
 
@@ -204,8 +196,8 @@ def _read_existing(index_dir: Path, log: TextIO) -> tuple[dict, np.ndarray] | No
     """(meta, embeddings) of a previous index, or None when there is none, it is unreadable or
     its embeddings are not the ones it recorded (said on `log`)."""
     recover_directory(index_dir)  # a rebuild killed mid-swap leaves the previous index aside
+    meta = _read_json(index_dir / META_NAME)
     try:
-        meta = json.loads((index_dir / META_NAME).read_text(encoding="utf-8"))
         embeddings = np.load(index_dir / EMBEDDINGS_NAME, mmap_mode="r")
     except (OSError, ValueError):
         return None
@@ -303,12 +295,14 @@ def _loaded(index_dir: Path, meta: dict, embeddings: np.ndarray, embedded: int) 
 
 
 def open_index(
-    run_dir: Path, gallery: Gallery, *, rebuild: bool = False, float16: bool = False, log: TextIO | None = None
+    run_dir: Path, gallery: Gallery, *, rebuild: bool = False, float16: bool = False, log: TextIO | None = None,
+    engine: str = "auto",
 ) -> GalleryIndex:
     """The index of `gallery` for the run's vision encoder: reused, updated or (re)built.
 
     `rebuild` forces a full rebuild; `float16` stores the embeddings in half precision when
-    the index is written. Notes (rebuilds, skipped images) go to `log`.
+    the index is written; images are embedded on `engine` (`dualenc.export.engines`). Notes
+    (rebuilds, skipped images) go to `log`.
     """
     log = sys.stderr if log is None else log
     encoder_dir, index_dir = index_location(run_dir, gallery)
@@ -327,7 +321,7 @@ def open_index(
             print(f"{len(meta['skipped'])} unreadable image(s) of this gallery are skipped; see {index_dir / META_NAME}", file=log)
         return _loaded(index_dir, meta, embeddings, embedded=0)
 
-    encoder = load_encoder(encoder_dir, batch_size=EMBED_BATCH)
+    encoder = load_vision_encoder(run_dir, engine, batch_size=EMBED_BATCH)
     meta, embeddings, embedded = gallery.embed(encoder, existing, log)
     if not meta["image_ids"]:
         raise DualEncError(f"{gallery.description} has no readable images; pass another --gallery or --data/--split")

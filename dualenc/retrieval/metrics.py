@@ -1,4 +1,4 @@
-"""Retrieval metrics over embeddings: recall@k, mean average precision, top-k accuracy.
+"""Retrieval metrics over embeddings: recall@k, mean average precision, mINP, top-k accuracy.
 
 Inputs are NumPy arrays: queries (Q, D), gallery (G, D), labels (Q,) and (G,). Similarity is
 cosine: both sides are L2-normalised here (a zero row stays zero and scores 0 against all).
@@ -133,6 +133,47 @@ def mean_average_precision(
     if not answered.any():
         return float("nan")
     return 100.0 * float(np.mean(precision_sum[answered] / relevant_count[answered]))
+
+
+def mean_inverse_negative_penalty(
+    query_embeddings: np.ndarray,
+    gallery_embeddings: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    chunk_size: int = 1024,
+) -> float:
+    """mINP: how far down the ranking a query's hardest relevant item lies, in percent.
+
+    For a query with n relevant (same-label) gallery items, the last of which is at 0-based
+    rank ρ_last::
+
+        INP = n / (ρ_last + 1)        (the share of true matches in the ranking down to the last)
+
+    mINP is its mean over queries (Ye et al., "Deep Learning for Person Re-identification: A
+    Survey and Outlook", TPAMI 2021), what person-search papers (IRRA and its followers) print
+    beside mAP: 100 when every match precedes every non-match, small when one match is buried.
+    Queries with no relevant item are excluded, NaN when none has one (as in
+    `mean_average_precision`). Only the last relevant item of each query is ranked, so this
+    costs O(G) per query.
+    """
+    queries, gallery = _prepare(query_embeddings, gallery_embeddings)
+    query_labels = _check_length("query_labels", query_labels, len(queries))
+    gallery_labels = _check_length("gallery_labels", gallery_labels, len(gallery))
+    penalties = []
+    for rows in _chunks(len(queries), chunk_size):
+        similarities = queries[rows] @ gallery.T
+        relevant = gallery_labels[None, :] == query_labels[rows, None]
+        answered = relevant.any(axis=1)
+        # The last relevant item has the lowest similarity and, among equal ones, the highest
+        # index: argmin over the reversed row finds that last minimum first.
+        reversed_scores = np.where(relevant, similarities, np.inf)[:, ::-1]
+        last_relevant = len(gallery) - 1 - np.argmin(reversed_scores, axis=1)
+        ranks = ranks_of(similarities, last_relevant)
+        penalties.append((relevant.sum(axis=1) / (ranks + 1))[answered])
+    answered_penalties = np.concatenate(penalties)
+    if not answered_penalties.size:
+        return float("nan")
+    return 100.0 * float(np.mean(answered_penalties))
 
 
 def top_k_accuracy(

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 
 from dualenc.api import Retriever
 from dualenc.core.errors import DualEncError
+from dualenc.export.engines import resolve_engine
 from dualenc.retrieval.gallery import Gallery
 from dualenc.retrieval.index import GalleryIndex, open_index
 from dualenc.retrieval.query import MAX_QUERY_CHARS
@@ -173,18 +174,22 @@ def create_app(
     *,
     index: GalleryIndex | None = None,
     ann: str = "auto",
+    engine: str = "auto",
     allowed_hosts: Collection[str] | None = None,
     limits: ServiceLimits | None = None,
 ) -> FastAPI:
     """The service for the run's encoders over `gallery` (its index opened or built if not given).
 
-    `ann` chooses the search method as ``search.py --ann`` does; `allowed_hosts`, when given,
-    are the only Host names answered (see `_Guard`); `limits` bound every request.
+    `ann` chooses the search method and `engine` what embeds images, as ``search.py --ann`` and
+    ``--engine`` do; `allowed_hosts`, when given, are the only Host names answered (see
+    `_Guard`); `limits` bound every request.
     """
     run_dir = Path(run_dir)
     limits = ServiceLimits() if limits is None else limits
-    index = open_index(run_dir, gallery) if index is None else index
-    searcher = Searcher(Retriever(run_dir, ann=ann).use_index(gallery, index), timeout_s=limits.request_timeout_s)
+    engine = resolve_engine(run_dir, engine)
+    index = open_index(run_dir, gallery, engine=engine) if index is None else index
+    searcher = Searcher(Retriever(run_dir, ann=ann, engine=engine).use_index(gallery, index),
+                        timeout_s=limits.request_timeout_s)
     thumbnails = Thumbnails(gallery_images(gallery, index.image_ids))
     static = _static_files()
     upload_budget = UploadBudget(limits.max_buffered_upload_bytes)

@@ -119,6 +119,7 @@ def serve(
     port: int,
     index: GalleryIndex | None = None,
     ann: str = "auto",
+    engine: str = "auto",
     limits: ServiceLimits | None = None,
     log: TextIO | None = None,
 ) -> None:
@@ -131,7 +132,7 @@ def serve(
         print(f"warning: --host {host} lets other machines reach this search service, which has no "
               "authentication; use 127.0.0.1 unless that is what you want", file=log)
     allowed_hosts = (*LOOPBACK_HOSTS, host.strip("[]")) if loopback else None
-    app = create_app(run_dir, gallery, index=index, ann=ann, allowed_hosts=allowed_hosts, limits=limits)
+    app = create_app(run_dir, gallery, index=index, ann=ann, engine=engine, allowed_hosts=allowed_hosts, limits=limits)
     bound_port = listener.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
     print(f"serving {gallery.description} with {run_dir} at http://{shown_host}:{bound_port}/ (Ctrl-C to stop)",
