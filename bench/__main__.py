@@ -200,7 +200,7 @@ def bench_service(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[
                  "ref": None, "ours": abuse["p99_ms"], "ratio": None, "ref_peak_mb": None,
                  "ours_peak_mb": result["server_peak_mb"],
                  "note": f"{abuse['clients']} query clients (p50 {abuse['p50_ms']:.3g} ms, {abuse['errors']} errors) while "
-                         f"4 clients upload 2000x2000 PNGs ({abuse['large_uploads_answered']} answered, HTTP "
+                         f"4 clients upload 1600x1600 PNGs ({abuse['large_uploads_answered']} answered, HTTP "
                          f"{abuse['large_upload_statuses']}) and 40 hold stalled uploads; peak = server"})
     return result, rows
 
