@@ -1,4 +1,4 @@
-"""Command line: ``python -m tfrecords_tools {coco,cuhk-pedes,folder,stats,make-demo} ...``.
+"""Command line: ``python -m tfrecords_tools {coco,karpathy,cuhk-pedes,icfg-pedes,rstpreid,folder,stats,make-demo}``.
 
 Each packer writes ``{split}-{index}-of-{count}.tfrecord`` shards and ``manifest.json`` into
 ``--out``. Re-running the same command resumes an interrupted run (or does nothing when it
@@ -99,6 +99,30 @@ def _run_cuhk_pedes(args: argparse.Namespace) -> int:
     return _pack(cuhk_pedes.load(annotations, images, args.default_split, args.allow_outside_images), args, source)
 
 
+def _run_karpathy(args: argparse.Namespace) -> int:
+    from tfrecords_tools import karpathy
+
+    annotations = _existing("--annotations", _absolute(args.annotations), "file")
+    images = _existing("--images", _absolute(args.images), "directory")
+    splits = tuple(split.strip() for split in args.splits.split(","))
+    grouped, skipped, dataset = karpathy.load(annotations, images, restval=args.restval, splits=splits,
+                                              captions_per_image=args.captions_per_image,
+                                              allow_outside_images=args.allow_outside_images)
+    source = {"format": "karpathy", "annotations": str(annotations), "images": str(images),
+              "dataset": dataset, "restval": args.restval}
+    return _pack((grouped, skipped), args, source)
+
+
+def _run_person_set(args: argparse.Namespace) -> int:
+    from tfrecords_tools import icfg_pedes, rstpreid
+
+    loaders = {"icfg-pedes": icfg_pedes.load, "rstpreid": rstpreid.load}
+    annotations = _existing("--annotations", _absolute(args.annotations), "file")
+    images = _existing("--images", _absolute(args.images), "directory")
+    source = {"format": args.command, "annotations": str(annotations), "images": str(images)}
+    return _pack(loaders[args.command](annotations, images, args.allow_outside_images), args, source)
+
+
 def _run_folder(args: argparse.Namespace) -> int:
     from tfrecords_tools import folder
 
@@ -190,6 +214,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split for files without a 'split' field, like caption_all.json (default: %(default)s)")
     _packer_flags(pedes)
     pedes.set_defaults(run=_run_cuhk_pedes)
+
+    karpathy = commands.add_parser("karpathy", help="pack Flickr30k, Flickr8k or COCO with Karpathy's splits")
+    karpathy.add_argument("--annotations", required=True,
+                          help="dataset_flickr30k.json, dataset_flickr8k.json or dataset_coco.json")
+    karpathy.add_argument("--images", required=True,
+                          help="the directory filename (COCO: filepath/filename) is relative to: "
+                               "flickr30k-images/, or the folder holding COCO's train2014/ and val2014/")
+    karpathy.add_argument("--restval", default="train", choices=("train", "val", "drop"),
+                          help="where COCO's restval images go (default: %(default)s, as the field trains)")
+    karpathy.add_argument("--splits", default="train,val,test", metavar="LIST",
+                          help="the splits to pack, comma-separated (default: %(default)s; "
+                               "test alone for zero-shot scores)")
+    karpathy.add_argument("--captions-per-image", type=int, metavar="N",
+                          help="keep the first N sentences of each image (default: all the file lists)")
+    _packer_flags(karpathy)
+    karpathy.set_defaults(run=_run_karpathy)
+
+    person_sets = {"icfg-pedes": ("ICFG-PEDES", "ICFG-PEDES.json", "file_path"),
+                   "rstpreid": ("RSTPReid", "data_captions.json", "img_path")}
+    for name, (title, file_name, path_field) in person_sets.items():
+        person_set = commands.add_parser(name, help=f"pack {title} ({file_name}; identities as labels)")
+        person_set.add_argument("--annotations", required=True, help=file_name)
+        person_set.add_argument("--images", required=True, help=f"the imgs/ directory {path_field} is relative to")
+        _packer_flags(person_set)
+        person_set.set_defaults(run=_run_person_set)
 
     folder = commands.add_parser("folder", help="pack a folder of images with a CSV or JSONL caption table")
     folder.add_argument("--captions", required=True, help="FILE.csv or FILE.jsonl with image, caption[, label, split]")

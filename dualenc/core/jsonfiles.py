@@ -124,19 +124,21 @@ def load_file(path: str | Path, label: str, *, hint: str = "", max_bytes: int = 
         raise DualEncError(f"{where} is a directory; pass a JSON file") from None
     except OSError as error:
         raise DualEncError(f"cannot read {where} ({error.strerror or error}){_then(hint)}") from None
-    with os.fdopen(descriptor, "rb") as stream:
+    try:
         status = os.fstat(descriptor)
-        if stat.S_ISDIR(status.st_mode):
+        if stat.S_ISDIR(status.st_mode):  # checked before fdopen, which refuses a directory itself
             raise DualEncError(f"{where} is a directory; pass a JSON file")
         if not stat.S_ISREG(status.st_mode):
             raise DualEncError(f"{where} is not a regular file (a device, FIFO or socket); pass a JSON file")
         if status.st_size > max_bytes:
             raise DualEncError(f"{where} holds {status.st_size:,} bytes, more than the {max_bytes:,} "
                                f"a {label} may have{_then(hint)}")
-        try:
+        with os.fdopen(os.dup(descriptor), "rb") as stream:
             data = stream.read(max_bytes + 1)  # a file growing while read stops here too
-        except OSError as error:
-            raise DualEncError(f"cannot read {where} ({error.strerror or error}){_then(hint)}") from None
+    except OSError as error:
+        raise DualEncError(f"cannot read {where} ({error.strerror or error}){_then(hint)}") from None
+    finally:
+        os.close(descriptor)
     if len(data) > max_bytes:
         raise DualEncError(f"{where} holds more than the {max_bytes:,} bytes a {label} may have{_then(hint)}")
     try:
