@@ -164,7 +164,7 @@ def _fetch(url: str, part: Path, expected_size: int | None, show_progress: bool)
             unit_scale=True,
             unit_divisor=1024,
             desc=part.name.removesuffix(".part"),
-            disable=not show_progress,
+            disable=None if show_progress else True,  # None: no redrawn bar when stderr is not a terminal
         ) as progress:
             while chunk := response.read(CHUNK_BYTES):
                 sink.write(chunk)
@@ -197,7 +197,7 @@ def _verify(
         unit_scale=True,
         unit_divisor=1024,
         desc=f"sha256 {path.name}",
-        disable=not show_progress,
+        disable=None if show_progress else True,  # None: no redrawn bar when stderr is not a terminal
     ) as progress:
         while chunk := source.read(CHUNK_BYTES):
             digest.update(chunk)

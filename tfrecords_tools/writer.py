@@ -452,8 +452,10 @@ def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: 
     writer = _SplitWriter(out_dir, split, journal, split_state)
     total_pairs = sum(len(entry.pairs) for entry in entries)
     done_pairs = sum(len(entry.pairs) for entry in entries[:start])
+    # disable=None: no redrawn bar when stderr is not a terminal (CI logs, nohup); the split's
+    # summary line still follows.
     with tqdm(total=total_pairs, initial=done_pairs, unit="pair", desc=f"packing {split}",
-              file=sys.stderr, dynamic_ncols=True) as progress:
+              file=sys.stderr, dynamic_ncols=True, disable=None) as progress:
         remaining = entries[start:]
         try:
             for position, entry, (image, reason) in zip(range(start, len(entries)), remaining,
