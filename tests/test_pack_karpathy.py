@@ -177,6 +177,27 @@ def test_flickr30k_1k_test_split_packs_to_1000_images_and_5000_captions(tmp_path
     assert counts(tmp_path / "out") == {"train": (1, 5), "val": (1, 5), "test": (1000, 5000)}
 
 
+@pytest.mark.slow
+def test_coco_5k_test_split_packs_to_5000_images_and_25000_captions(tmp_path):
+    """COCO's Karpathy test split: 5,000 val2014 images; a few carry six or seven sentences, and
+    ``--captions-per-image 5`` keeps five of each, the 25,000 captions the retrieval tables use."""
+    records = []
+    folder = tmp_path / "coco" / "val2014"
+    folder.mkdir(parents=True)
+    for index in range(5000):
+        filename = f"COCO_val2014_{index:012d}.jpg"
+        Image.fromarray(random_pixels(index, 4, 4)).save(folder / filename, "JPEG")
+        count = 7 if index % 997 == 0 else 6 if index % 499 == 0 else 5
+        records.append({"filepath": "val2014", "filename": filename, "imgid": index, "cocoid": index,
+                        "split": "test", "sentids": list(range(count)), "sentences": sentences(index, count)})
+    annotations = tmp_path / "dataset_coco.json"
+    annotations.write_text(json.dumps({"images": records, "dataset": "coco"}))
+    assert pack(annotations, tmp_path / "coco", tmp_path / "out", "--splits", "test", "--captions-per-image", "5",
+                "--workers", "2") == 0
+    assert counts(tmp_path / "out") == {"test": (5000, 25000)}
+    assert manifest_of(tmp_path / "out")["splits"]["test"]["ids"] == 5000
+
+
 def test_one_unreadable_image_is_skipped_and_listed_and_a_crash_resumes_to_the_clean_result(tmp_path, monkeypatch):
     annotations = make_flickr(tmp_path)
     write_image(tmp_path / "flickr30k-images" / "1000523639.jpg", "truncated", seed=0)
