@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +156,50 @@ def sha256_of_file(path: str | Path) -> str:
         for block in iter(lambda: stream.read(HASH_BLOCK_BYTES), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class UnreadableFile(Exception):
+    """Why `read_regular_file` refused a path: `kind` is "missing", "directory", "special" (a
+    device, FIFO or socket), "too large" (`size`: its bytes, or None when it grew while read)
+    or "error" (`reason`: the OS's words)."""
+
+    def __init__(self, kind: str, *, size: int | None = None, reason: str = ""):
+        super().__init__(kind)
+        self.kind, self.size, self.reason = kind, size, reason
+
+
+def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file at `path`, at most `max_bytes`; `UnreadableFile` otherwise.
+
+    Opened without blocking and checked before reading, so a FIFO is never waited on and a
+    device never read; a file still growing stops at the limit. The one reader of files a user
+    or a file names (images, JSON): callers word the refusal for their field.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise UnreadableFile("missing") from None
+    except IsADirectoryError:
+        raise UnreadableFile("directory") from None
+    except OSError as error:
+        raise UnreadableFile("error", reason=str(error.strerror or error)) from None
+    try:
+        status = os.fstat(descriptor)
+        if stat.S_ISDIR(status.st_mode):  # before fdopen, which refuses a directory itself
+            raise UnreadableFile("directory")
+        if not stat.S_ISREG(status.st_mode):
+            raise UnreadableFile("special")
+        if status.st_size > max_bytes:
+            raise UnreadableFile("too large", size=status.st_size)
+        with os.fdopen(os.dup(descriptor), "rb") as stream:
+            data = stream.read(max_bytes + 1)
+    except OSError as error:
+        raise UnreadableFile("error", reason=str(error.strerror or error)) from None
+    finally:
+        os.close(descriptor)
+    if len(data) > max_bytes:
+        raise UnreadableFile("too large")
+    return data
 
 
 def probe_writable(directory: str | Path) -> None:

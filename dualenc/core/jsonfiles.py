@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dualenc.core.errors import DualEncError
+from dualenc.core.files import UnreadableFile, read_regular_file
 
 # Our files nest a few levels (a config, a manifest, COCO's annotations: 3 to 5).
 MAX_DEPTH = 100
@@ -117,30 +116,16 @@ def load_file(path: str | Path, label: str, *, hint: str = "", max_bytes: int = 
     path = Path(path)
     where = f"{label} {path}"
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise DualEncError(f"{where} does not exist{_then(hint)}") from None
-    except IsADirectoryError:
-        raise DualEncError(f"{where} is a directory; pass a JSON file") from None
-    except OSError as error:
-        raise DualEncError(f"cannot read {where} ({error.strerror or error}){_then(hint)}") from None
-    try:
-        status = os.fstat(descriptor)
-        if stat.S_ISDIR(status.st_mode):  # checked before fdopen, which refuses a directory itself
-            raise DualEncError(f"{where} is a directory; pass a JSON file")
-        if not stat.S_ISREG(status.st_mode):
-            raise DualEncError(f"{where} is not a regular file (a device, FIFO or socket); pass a JSON file")
-        if status.st_size > max_bytes:
-            raise DualEncError(f"{where} holds {status.st_size:,} bytes, more than the {max_bytes:,} "
-                               f"a {label} may have{_then(hint)}")
-        with os.fdopen(os.dup(descriptor), "rb") as stream:
-            data = stream.read(max_bytes + 1)  # a file growing while read stops here too
-    except OSError as error:
-        raise DualEncError(f"cannot read {where} ({error.strerror or error}){_then(hint)}") from None
-    finally:
-        os.close(descriptor)
-    if len(data) > max_bytes:
-        raise DualEncError(f"{where} holds more than the {max_bytes:,} bytes a {label} may have{_then(hint)}")
+        data = read_regular_file(path, max_bytes)
+    except UnreadableFile as refused:
+        raise DualEncError({
+            "missing": f"{where} does not exist{_then(hint)}",
+            "directory": f"{where} is a directory; pass a JSON file",
+            "special": f"{where} is not a regular file (a device, FIFO or socket); pass a JSON file",
+            "too large": f"{where} holds {refused.size:,} bytes, more than the {max_bytes:,} a {label} may have{_then(hint)}"
+            if refused.size else f"{where} holds more than the {max_bytes:,} bytes a {label} may have{_then(hint)}",
+            "error": f"cannot read {where} ({refused.reason}){_then(hint)}",
+        }[refused.kind]) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -52,7 +52,6 @@ import functools
 import io
 import os
 import re
-import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +60,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
+
+from dualenc.core.files import UnreadableFile, read_regular_file
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -291,31 +292,20 @@ def canonical_image_bytes(data: bytes, max_side: int | None = None, check_pixels
 
 
 def read_image_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
-    """The bytes of the regular file at `path`; `ImageProblem` (the skip reason) when it is
-    missing, unreadable, not a regular file (never waiting on a FIFO) or over `max_bytes`."""
+    """The bytes of the regular file at `path` (`dualenc.core.files.read_regular_file`);
+    `ImageProblem` (the skip reason) when it is missing, unreadable, not a regular file (never
+    waiting on a FIFO) or over `max_bytes`."""
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise ImageProblem("file not found") from None
-    except OSError as error:
-        raise ImageProblem(f"cannot read file: {error.strerror or error}") from None
-    try:
-        status = os.fstat(descriptor)
-        if stat.S_ISDIR(status.st_mode):
-            raise ImageProblem("cannot read file: Is a directory")
-        if not stat.S_ISREG(status.st_mode):
-            raise ImageProblem("not a regular file (a directory, device, FIFO or socket)")
-        if status.st_size > max_bytes:
-            raise ImageProblem(f"{status.st_size:,} bytes, more than --max-image-bytes {max_bytes:,}")
-        with os.fdopen(os.dup(descriptor), "rb") as stream:
-            data = stream.read(max_bytes + 1)  # a file still growing stops here too
-    except OSError as error:
-        raise ImageProblem(f"cannot read file: {error.strerror or error}") from None
-    finally:
-        os.close(descriptor)
-    if len(data) > max_bytes:
-        raise ImageProblem(f"more than --max-image-bytes {max_bytes:,} bytes")
-    return data
+        return read_regular_file(path, max_bytes)
+    except UnreadableFile as refused:
+        raise ImageProblem({
+            "missing": "file not found",
+            "directory": "cannot read file: Is a directory",
+            "special": "not a regular file (a directory, device, FIFO or socket)",
+            "too large": f"{refused.size:,} bytes, more than --max-image-bytes {max_bytes:,}" if refused.size
+            else f"more than --max-image-bytes {max_bytes:,} bytes",
+            "error": f"cannot read file: {refused.reason}",
+        }[refused.kind]) from None
 
 
 def read_image_file(path: str | Path, max_side: int | None = None, check_pixels: bool = True) -> bytes:
