@@ -13,6 +13,7 @@ import pytest
 from dualenc.core.errors import DualEncError
 from dualenc.core.locking import directory_lock
 from tests.support.images import write_image
+from dualenc.data import images
 from tfrecords_tools import image_files
 from tfrecords_tools.__main__ import main
 
@@ -79,8 +80,8 @@ def test_read_image_bytes_stops_at_the_cap_for_a_file_that_grows(tmp_path, monke
     path.write_bytes(b"x" * 10)
     monkeypatch.setattr(os, "fstat", lambda descriptor: os.stat(tmp_path / "small"))  # a size that lies
     (tmp_path / "small").write_bytes(b"")
-    with pytest.raises(image_files.ImageProblem, match="more than --max-image-bytes 5 bytes"):
-        image_files.read_image_bytes(str(path), 5)
+    with pytest.raises(images.ImageProblem, match="more than --max-image-bytes 5 bytes"):
+        images.read_image_bytes(str(path), 5)
 
 
 def test_the_beam_packer_refuses_an_out_dir_a_local_packer_holds(tmp_path, capsys):

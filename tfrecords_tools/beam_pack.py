@@ -44,8 +44,7 @@ from dualenc.core.files import move_into_place, probe_writable, write_json_atomi
 from dualenc.core.locking import directory_lock  # noqa: E402
 from dualenc.data.manifest import Manifest  # noqa: E402
 from dualenc.data.records import MANIFEST_NAME, shard_name  # noqa: E402
-from dualenc.data.images import DEFAULT_MAX_IMAGE_BYTES  # noqa: E402
-from tfrecords_tools.image_files import prepare_image_files  # noqa: E402
+from dualenc.data.images import DEFAULT_MAX_IMAGE_BYTES, prepare_images  # noqa: E402
 from tfrecords_tools.writer import (  # noqa: E402
     DEFAULT_SHARD_SIZE,
     JOURNAL_NAME,
@@ -79,7 +78,7 @@ def shard_starts(kept_pairs: Iterable[tuple[int, int]], shard_size: int) -> list
 def _prepare(item: tuple[str, int, ImageEntry], resize: int | None,
              max_image_bytes: int) -> tuple[str, int, ImageEntry, bytes | None, str | None]:
     split, position, entry = item
-    [(image, reason)] = prepare_image_files([entry.path], resize, max_image_bytes)
+    [(image, reason)] = prepare_images([entry.path], resize, max_image_bytes)
     return split, position, entry, image, reason
 
 

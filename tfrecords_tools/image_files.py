@@ -7,7 +7,7 @@ hostile one can name ``../../home/me/.ssh/id_rsa``, ``/etc/shadow``, a symlink t
 - when the annotations are loaded, `ImageDirectory.path` resolves each path, symlinks included,
   and refuses (one line naming the entry) one that lands outside ``--images``, unless
   ``--allow-outside-images`` says such paths are meant;
-- when an image is read (the local and the Beam packer alike), `read_image_bytes` opens it
+- when an image is read (the local and the Beam packer alike, `dualenc.data.images.prepare_images`), `read_image_bytes` opens it
   without blocking, refuses anything but a regular file, and reads at most ``--max-image-bytes``;
   each refusal is the image's skip reason in the manifest.
 """
@@ -19,10 +19,7 @@ import os
 from pathlib import Path
 
 from dualenc.core.errors import DualEncError
-from dualenc.data.images import ImageProblem, canonical_image_bytes, read_image_bytes
 
-# Far above any photo a dataset holds (a 50-megapixel JPEG is ~25 MB), far below what a
-# worker thread could hold several of without trouble.
 ALLOW_OUTSIDE_FLAG = "--allow-outside-images"
 
 
@@ -48,16 +45,3 @@ class ImageDirectory:
                 raise DualEncError(f"{where}: image {image_id!r} lies outside --images {self.root} (at {resolved}); "
                                    f"fix the path, or pass {ALLOW_OUTSIDE_FLAG} if such paths are meant")
         return str(candidate)
-
-
-def prepare_image_files(paths: list[str], max_side: int | None, max_bytes: int,
-                        check_pixels: bool = True) -> list[tuple[bytes | None, str | None]]:
-    """Per path, (bytes to store, None) or (None, why the image is skipped): `read_image_bytes`,
-    then `dualenc.data.images.canonical_image_bytes` (`max_side`, `check_pixels` as there)."""
-    prepared = []
-    for path in paths:
-        try:
-            prepared.append((canonical_image_bytes(read_image_bytes(path, max_bytes), max_side, check_pixels), None))
-        except ImageProblem as problem:
-            prepared.append((None, str(problem)))
-    return prepared

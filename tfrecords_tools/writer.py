@@ -58,8 +58,7 @@ from dualenc.core.locking import directory_lock
 from dualenc.data.manifest import Manifest, SplitSummary, manifest_path, read_manifest_file
 from dualenc.data.records import FORMAT_VERSION, MANIFEST_NAME, serialize_example, shard_name
 from dualenc.core.startup import import_tensorflow, native_stderr_dropped
-from dualenc.data.images import DEFAULT_MAX_IMAGE_BYTES
-from tfrecords_tools.image_files import prepare_image_files
+from dualenc.data.images import DEFAULT_MAX_IMAGE_BYTES, prepare_images
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -265,12 +264,12 @@ def _pillow_prepared(entries: list[ImageEntry], resize: int | None, max_image_by
              for start in range(0, len(entries), IMAGES_PER_TASK)]
     if pool is None:
         for task in tasks:
-            yield from prepare_image_files(*task)
+            yield from prepare_images(*task)
         return
     max_pending = workers * TASKS_IN_FLIGHT_PER_WORKER
     pending: collections.deque = collections.deque()
     for task in tasks:
-        pending.append(pool.submit(prepare_image_files, *task))
+        pending.append(pool.submit(prepare_images, *task))
         if len(pending) >= max_pending:
             yield from pending.popleft().result()
     while pending:

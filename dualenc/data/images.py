@@ -82,7 +82,8 @@ MAX_SIDE = 1_000_000  # libpng's default limit, which TensorFlow keeps
 BYTES_SHOWN = 8
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (PNG_SIGNATURE, "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
               (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"))
-# The largest image file read (a packer's --max-image-bytes overrides it): no photo is larger.
+# The largest image file read (a packer's --max-image-bytes overrides it): far above any photo a
+# dataset holds (a 50-megapixel JPEG is ~25 MB), far below what a worker thread could hold several of.
 DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
 READS_IN_FLIGHT_PER_WORKER = 4  # bounds the image bytes waiting in memory
 # From this many images on, `tensorflow_problems` decodes them in one traced function (a
@@ -308,25 +309,26 @@ def read_image_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES)
         }[refused.kind]) from None
 
 
-def read_image_file(path: str | Path, max_side: int | None = None, check_pixels: bool = True) -> bytes:
+def read_image_file(path: str | Path, max_side: int | None = None, check_pixels: bool = True,
+                    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
     """`canonical_image_bytes` of the file at `path` (read by `read_image_bytes`: a regular file
     of bounded size, never a FIFO or device); `ImageProblem` also when it cannot be read."""
-    return canonical_image_bytes(read_image_bytes(path), max_side, check_pixels)
+    return canonical_image_bytes(read_image_bytes(path, max_bytes), max_side, check_pixels)
 
 
-def _bytes_or_reason(path: str | Path, max_side: int | None,
-                     check_pixels: bool = True) -> tuple[bytes | None, str | None]:
+def _bytes_or_reason(path: str | Path, max_side: int | None, check_pixels: bool = True,
+                     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> tuple[bytes | None, str | None]:
     try:
-        return read_image_file(path, max_side, check_pixels), None
+        return read_image_file(path, max_side, check_pixels, max_bytes), None
     except ImageProblem as problem:
         return None, str(problem)
 
 
-def prepare_images(paths: list[str], max_side: int | None,
+def prepare_images(paths: list[str], max_side: int | None, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                    check_pixels: bool = True) -> list[tuple[bytes | None, str | None]]:
-    """`read_image_file` over a chunk of paths, for a pool: per path (bytes, None) on success
-    or (None, reason) when the image must be skipped."""
-    return [_bytes_or_reason(path, max_side, check_pixels) for path in paths]
+    """`read_image_file` over a chunk of paths, for a pool (the local and the Beam packer): per
+    path (bytes, None) on success or (None, reason) when the image must be skipped."""
+    return [_bytes_or_reason(path, max_side, check_pixels, max_bytes) for path in paths]
 
 
 def pillow_reason(data: bytes) -> str | None:
