@@ -60,6 +60,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--monitor", choices=configs.MONITORS,
                         help="what LR reduction, early stopping and the best checkpoint follow")
+    parser.add_argument("--schedule", choices=configs.SCHEDULES,
+                        help="learning rate within the run: constant (cut on plateaus) or cosine (to 0 at the last step)")
+    parser.add_argument("--warmup-epochs", type=float, help="linear warm-up over this many epochs (may be fractional)")
+    parser.add_argument("--warmup-from", type=float, help="the warm-up's first rate, as a fraction of the learning rate")
+    parser.add_argument("--head-lr-multiplier", type=float,
+                        help="heads, temperature and classifier learn at this multiple of the towers' rate")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="training images mirrored left-right at random (off by itself when captions name sides)")
+    parser.add_argument("--translate", type=float, help="training images shifted by up to this fraction of their size")
+    parser.add_argument("--erase", type=float, help="probability of random erasing of a training image")
+    parser.add_argument("--token-dropout", type=float, help="probability of dropping each training caption token (bilstm)")
     parser.add_argument("--out", help="run directory (default: runs/<timestamp>, linked from runs/latest)")
     parser.add_argument("--no-feature-cache", action="store_true",
                         help="run frozen backbones every epoch instead of caching their features")
@@ -115,8 +126,12 @@ def build_config(args: argparse.Namespace) -> configs.TrainConfig:
         model_changes.update(temperature=configs.SIGLIP_TEMPERATURE, learn_temperature=True)
     if "cmpc" in model_changes.get("loss", model.loss):
         model_changes.setdefault("num_classes", max(model.num_classes, 1))
-    changes = {"model": dataclasses.replace(model, **model_changes)}
-    for field in ("epochs", "batch_size", "learning_rate", "placement", "mixed_precision", "seed", "monitor", "data"):
+    augment_changes = {field: getattr(args, field) for field in ("flip", "translate", "erase", "token_dropout")
+                       if getattr(args, field) is not None}
+    changes = {"model": dataclasses.replace(model, **model_changes),
+               "augment": dataclasses.replace(config.augment, **augment_changes)}
+    for field in ("epochs", "batch_size", "learning_rate", "placement", "mixed_precision", "seed", "monitor", "data",
+                  "schedule", "warmup_epochs", "warmup_from", "head_lr_multiplier"):
         if getattr(args, field) is not None:
             changes[field] = getattr(args, field)
     return dataclasses.replace(config, **changes)
@@ -196,17 +211,19 @@ def point_latest_run(paths: runs.RunPaths) -> None:
 
 
 def _with_attribute_scores(report: dict, paths: runs.RunPaths, data_dir: Path) -> dict:
-    """Add attribute-query precision@9 (`dualenc.retrieval.attributes`) to the report and metrics.json.
+    """Add attribute-query precision@9 (`dualenc.retrieval.attributes`) and the captions' R@1
+    ceiling (`dualenc.retrieval.ceiling`) to the report and metrics.json.
 
     Only for the built-in demo (no --data): `search.py --evaluate` scores any other demo pack.
     """
     from dualenc.retrieval.attributes import run_attribute_report
+    from dualenc.retrieval.ceiling import demo_pack_ceiling
     from dualenc.core.files import write_json_atomic
 
     scores = run_attribute_report(paths.root, data_dir)
     if scores is None:
         return report
-    report = {**report, "attributes": scores}
+    report = {**report, "attributes": scores, "t2i_r1_ceiling": demo_pack_ceiling(data_dir, report["split"])}
     write_json_atomic(paths.metrics, report)
     return report
 
@@ -240,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         scores = report["attributes"]
         print(f"attribute queries: precision@{scores['k']} {scores['precision']:.2f} (chance {scores['chance']:.2f}; "
               f"{scores['queries']} queries, {scores['images']} images of unseen people)")
+        print(f"identity ceiling: no model exceeds t2i R@1 {report['t2i_r1_ceiling']:.1f} on these captions "
+              "(each names only some attributes, and several people fit it)")
     return 0
 
 

@@ -156,3 +156,47 @@ def test_decode_image_downsizes_with_antialiasing():
     Image.fromarray(np.repeat(board[..., None], 3, axis=-1)).save(buffer, "PNG")
     decoded = decode_image(tf.constant(buffer.getvalue()), (10, 10)).numpy().astype(np.float64)
     assert np.abs(decoded - board.astype(np.float64).mean()).max() <= 5
+
+
+# --- decoded pixels kept in memory ---------------------------------------------------------------
+
+
+def test_decoded_pixels_hold_each_image_once_as_the_pipeline_decodes_it(packed):
+    from dualenc.data.pipeline import decoded_pixels
+    from dualenc.data.packed import first_records
+
+    out, _ = packed
+    ids, pixels = decoded_pixels(out, ["train", "valid"], (12, 6))
+    assert len(ids) == len(set(ids)) == len(KINDS) and pixels.shape == (len(KINDS), 12, 6, 3)
+    for split in ("train", "valid"):
+        for record in first_records(out, split, ("image",)):
+            image_id = record.features["image_id"].decode("utf-8")
+            np.testing.assert_array_equal(pixels[ids.index(image_id)], decode_image(record.features["image"], (12, 6)).numpy())
+
+
+def test_training_on_decoded_pixels_gives_the_batches_decoding_gives(packed):
+    from dualenc.data.pipeline import decoded_pixels
+    from dualenc.data.records import IMAGE, IMAGE_ID
+    from dualenc.training.feature_cache import CachedFeatures
+
+    out, _ = packed
+    cache = CachedFeatures(*decoded_pixels(out, ["train"], (12, 6)))
+    arguments = {"image_size": (12, 6), "batch_size": 4, "training": True, "epoch_seeds": [epoch_seed(1, 0), epoch_seed(1, 1)]}
+    decoded = list(pair_batches(out, "train", **arguments).as_numpy_iterator())
+    looked_up = list(pair_batches(out, "train", image_inputs=lambda features: {IMAGE: cache.lookup(features[IMAGE_ID])},
+                                  **arguments).as_numpy_iterator())
+    assert len(decoded) == len(looked_up) == 8
+    for want, got in zip(decoded, looked_up):
+        assert sorted(want) == sorted(got)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_pixels_over_the_memory_budget_are_not_kept(packed, monkeypatch):
+    import dualenc.data.pipeline
+    from dualenc.data.pipeline import decoded_pixels
+
+    out, _ = packed
+    monkeypatch.setattr(dualenc.data.pipeline, "PIXEL_CACHE_BYTES", 12 * 6 * 3 * len(KINDS) - 1)
+    assert decoded_pixels(out, ["train", "valid"], (12, 6)) is None
+    assert decoded_pixels(out, ["train"], (12, 6)) is not None

@@ -88,8 +88,9 @@ def test_logged_epoch_means_equal_a_separate_evaluation(demo_data, tmp_path):
 # --- resume: the same run as without the interruption ------------------------------------------
 
 RESUME_EPOCHS = 8
-# Short patience, so that a few epochs see the rate cut and the run stop early.
-SHORT_SCHEDULE = {"lr_patience": 1, "stop_patience": 3}
+# Short patience, so that a few epochs see the rate cut and the run stop early (the tiny run's
+# validation loss creeps down by thousandths for epochs after the warm-up).
+SHORT_SCHEDULE = {"lr_patience": 1, "stop_patience": 3, "min_delta": 0.005}
 
 
 class Interrupted(Exception):
@@ -120,14 +121,21 @@ def test_a_run_interrupted_after_its_best_epoch_and_during_export_resumes_to_the
     import dualenc.training.loop
     from dualenc.training.selection import Schedule
 
-    # Dropout on: a resumed run must draw the masks the uninterrupted one drew.
-    config = _tiny_config(demo_data, dropout=0.2, epochs=RESUME_EPOCHS, seed=3, monitor="val_loss")
+    from dualenc.core.config import AugmentConfig
+
+    # Dropout and every augmentation on, and a warm-up: a resumed run must draw the masks and
+    # augmentations the uninterrupted one drew, and take the rates it took at each step.
+    config = _tiny_config(demo_data, dropout=0.2, epochs=RESUME_EPOCHS, seed=3, monitor="val_loss", warmup_epochs=1.5,
+                          augment=AugmentConfig(flip=True, translate=0.1, erase=0.5, token_dropout=0.1))
     schedule = Schedule.following(config.monitor, **SHORT_SCHEDULE)
     report, model, config = _train(config, tmp_path / "whole", schedule=schedule)
     whole = _log_columns(tmp_path / "whole")
     # The uninterrupted run exercises what resume must replay: a cut in the rate and an early stop.
     assert report["epochs_trained"] < RESUME_EPOCHS
     assert len(set(whole["learning_rate"])) > 1
+    # Warm-up over the first epoch and a half: the towers' rate is still rising at the first epoch's end.
+    assert whole["scheduled_learning_rate"][0] < whole["learning_rate"][0]
+    assert whole["scheduled_learning_rate"][1] == pytest.approx(whole["learning_rate"][1])
     # Killed before committing the epoch after the best (numbered from 1, as epochs_done counts).
     kill_at = report["best_epoch"] + 1
 
@@ -175,6 +183,29 @@ def test_a_run_interrupted_after_its_best_epoch_and_during_export_resumes_to_the
         np.testing.assert_array_equal(got, want)
     assert not (tmp_path / "resumed" / "backup").exists()
     assert [path.name for path in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["best.weights.h5"]
+
+
+@pytest.mark.slow
+def test_augmented_training_leaves_the_exported_encoders_deterministic_and_unaugmented(demo_data, tmp_path):
+    from dualenc.core.config import AugmentConfig
+    from dualenc.data.images import decode_image
+    from dualenc.data.packed import read_batches
+    from dualenc.export.encoders import TEXT_ENCODER_DIR, VISION_ENCODER_DIR, load_encoder
+    from dualenc.models.preprocessing import build_text_preprocessor
+
+    augment = AugmentConfig(flip=True, translate=0.2, erase=0.9, token_dropout=0.5)
+    _, model, config = _train(_tiny_config(demo_data, epochs=1, augment=augment), tmp_path / "run")
+    batch = next(read_batches(Path(config.data), "test", ("image", "caption"), batch_size=16))
+    images = [bytes(image) for image in batch["image"]]
+    captions = [caption.decode("utf-8") for caption in batch["caption"]]
+    vision = load_encoder(tmp_path / "run" / VISION_ENCODER_DIR)
+    text = load_encoder(tmp_path / "run" / TEXT_ENCODER_DIR)
+    pixels = np.stack([decode_image(image, config.model.vision.image_size).numpy() for image in images])
+    tokens = build_text_preprocessor(config.model.text)(np.array(captions))
+    # The same answer every time, and the model's answer on the images and captions as they are.
+    for _ in range(2):
+        np.testing.assert_allclose(vision(images), np.asarray(model.encode_images(pixels)), atol=1e-5)
+        np.testing.assert_allclose(text(captions), np.asarray(model.encode_texts(tokens)), atol=1e-5)
 
 
 def test_building_a_mixed_precision_model_leaves_the_global_policy_as_it_was(tmp_path):

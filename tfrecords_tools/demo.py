@@ -33,14 +33,13 @@ from PIL import Image
 from dualenc.core import jsonfiles
 from dualenc.core.errors import DualEncError
 from dualenc.core.files import atomic_directory
-from tfrecords_tools.demo_captions import make_caption, tokenize
+from tfrecords_tools.demo_captions import COLORS, make_caption, tokenize
 from tfrecords_tools.demo_render import render_person, sample_look
 
 GENDERS = ("woman", "man")
 UPPERS = ("coat", "jacket", "shirt", "sweater")
 LOWERS = ("pants", "shorts", "skirt")
 BAGS = ("backpack", "handbag", "none")
-COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey")
 ATTRIBUTE_VALUES = {
     "gender": GENDERS,
     "upper": UPPERS,

@@ -19,6 +19,8 @@ GENDER_NOUNS = {"woman": ("woman", "lady", "girl", "female"), "man": ("man", "gu
 NEUTRAL_NOUNS = ("person", "pedestrian")
 SUBJECT_PRONOUNS = {"woman": "she", "man": "he"}
 POSSESSIVE_PRONOUNS = {"woman": "her", "man": "his"}
+# Every garment's possible colour (an attribute value of `tfrecords_tools.demo`).
+COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey")
 COLOR_SPELLINGS = {"grey": ("grey", "gray")}
 
 # "{color}" marks the colour word; singular garments get "a"/"an" in front.
@@ -147,3 +149,42 @@ def make_caption(attributes: Mapping[str, str], rng: np.random.Generator) -> str
         )
     sentence = _pick(rng, patterns)
     return ". ".join(part[0].upper() + part[1:] for part in sentence.split(". ")) + "."
+
+
+# The nouns each garment's phrases use, for reading a caption back (`named_attributes`).
+UPPER_NOUNS = {"coat": ("coat", "overcoat"), "jacket": ("jacket",), "shirt": ("shirt",),
+               "sweater": ("sweater", "jumper", "pullover")}
+LOWER_NOUNS = {"pants": ("pants", "trousers"), "shorts": ("shorts",), "skirt": ("skirt",)}
+NO_BAG_WORD = "bag"  # only "without a bag", "with no bag", "does not carry a bag" … use it
+
+
+def named_attributes(caption: str) -> dict[str, str]:
+    """The attributes `caption` names, keys as in ``attributes.json``: the inverse of `make_caption`.
+
+    A colour word colours the next garment noun (`make_caption` always puts it before its
+    garment, within the phrase); "bag" alone appears only in phrases saying there is none.
+    """
+    words = tokenize(caption)
+    nouns = {**{noun: ("upper", garment) for garment, options in UPPER_NOUNS.items() for noun in options},
+             **{noun: ("lower", garment) for garment, options in LOWER_NOUNS.items() for noun in options}}
+    genders = {noun: gender for gender, options in GENDER_NOUNS.items() for noun in options}
+    bags = {noun: bag for bag, options in BAG_NOUNS.items() for noun in options}
+    spellings = {spelling: color for color, options in COLOR_SPELLINGS.items() for spelling in options}
+    named: dict[str, str] = {}
+    color = None
+    for word in words:
+        if word in genders:
+            named["gender"] = genders[word]
+        elif word in bags:
+            named["bag"] = bags[word]
+        elif word == NO_BAG_WORD:
+            named["bag"] = "none"
+        elif word in nouns:
+            part, garment = nouns[word]
+            named[part] = garment
+            if color is not None:
+                named[f"{part}_color"] = color
+            color = None
+        elif word in COLORS or word in spellings:
+            color = spellings.get(word, word)
+    return named

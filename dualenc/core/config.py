@@ -36,6 +36,8 @@ SIGLIP_TEMPERATURE = 0.1
 SIGLIP_BIAS = -10.0
 PLACEMENTS = ("single", "split", "mirrored", "multi-worker", "auto")
 # Epoch-end values that learning-rate reduction, early stopping and checkpoints may follow.
+# How the learning rate moves within a run (`dualenc.training.optimizer.schedule_factor`).
+SCHEDULES = ("constant", "cosine")
 MONITORS = ("val_loss", "val_t2i_r1", "val_t2i_r10", "val_i2t_r1", "val_i2t_r10", "val_t2i_map", "val_i2t_map")
 
 # Seed 003's BERT: the uncased preprocessor and small BERT L-4 H-512 from TensorFlow Hub.
@@ -186,12 +188,47 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Training-only augmentation (`dualenc.data.augment`): applied in the input pipeline to
+    training batches, never to validation, evaluation or the exported encoders.
+
+    `flip`: mirror each image left-right with probability 1/2 (a run turns it off when its
+    training captions name left or right). `translate`: shift each image by up to this fraction
+    of its height and width, filling from the edge (pad-and-crop without new colours or a
+    resize, so no garment changes length). `erase`: probability of random erasing (one box of
+    2-20 % of the image filled with noise). `token_dropout`: probability that each caption token
+    is dropped (BiLSTM token ids only).
+    """
+
+    flip: bool = False
+    translate: float = 0.0
+    erase: float = 0.0
+    token_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for field in ("translate", "erase", "token_dropout"):
+            value = getattr(self, field)
+            if not 0 <= value < 1:
+                raise DualEncError(f"augment {field} must be in [0, 1), got {value!r}")
+
+    @property
+    def images(self) -> bool:
+        """Whether any augmentation changes images (so a frozen vision tower's features cannot be cached)."""
+        return self.flip or self.translate > 0 or self.erase > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run: data, model, optimisation and devices.
 
     `monitor` is what the plateau schedule, early stopping and the best epoch follow: seed
     003's ``val_loss``, or a validation retrieval score (higher is better), which tracks what
     search needs more closely when the loss keeps drifting while recall still improves.
+    `schedule` shapes the learning rate within the run: "constant" (with the plateau cuts) or
+    "cosine" (down to 0 at the last step, no plateau cuts), either after `warmup_epochs` of
+    linear warm-up from `warmup_from` times the rate. `head_lr_multiplier` scales the rate of
+    everything but the towers (heads, temperature, bias, ID classifier): new parts learn faster
+    than pretrained towers (IRRA: 5x). `augment` is training-only augmentation.
     `validation` is filled in when the run resolves its data (`dualenc.training.loop.resolve_config`):
     the split it validates on, or "train-holdout" when the data has no validation split and a
     tenth of the training identities (or images) are held out instead.
@@ -208,17 +245,32 @@ class TrainConfig:
     seed: int = 0
     monitor: str = "val_loss"
     validation: str | None = None
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    warmup_from: float = 0.1
+    head_lr_multiplier: float = 1.0
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         _choice("placement", self.placement, PLACEMENTS)
         _choice("monitor", self.monitor, MONITORS)
-        for field in ("batch_size", "learning_rate"):
+        _choice("schedule", self.schedule, SCHEDULES)
+        for field in ("batch_size", "learning_rate", "head_lr_multiplier"):
             _positive(field, getattr(self, field))
         # 0 epochs: export and score the towers as they start (zero-shot for pretrained presets).
         if self.epochs < 0:
             raise DualEncError(f"epochs must be >= 0, got {self.epochs!r}")
+        # A warm-up longer than a short run (a smoke run of a preset) covers the whole run.
+        if not self.warmup_epochs >= 0:
+            raise DualEncError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        if not 0 <= self.warmup_from <= 1:
+            raise DualEncError(f"warmup_from must be in [0, 1], got {self.warmup_from!r}")
         if not 0 <= self.seed <= MAX_SEED:
             raise DualEncError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        # BERT-style towers take a dict of tensors, not plain token ids to drop.
+        if self.augment.token_dropout > 0 and self.model.text.tower != "bilstm":
+            raise DualEncError(f"--token-dropout applies to the bilstm text tower's token ids, not to "
+                               f"--text {self.model.text.tower}; drop the flag")
 
 
 def to_dict(config: Any) -> dict:

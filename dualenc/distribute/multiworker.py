@@ -179,15 +179,16 @@ def worker_callbacks(placement: Any) -> list[keras.callbacks.Callback]:
 
 
 def input_sharding(
-    cluster: Cluster | None, manifest: Any, data_dir: Path, splits: tuple[str, str]
-) -> Callable[[tf.data.Dataset, str], tf.data.Dataset] | None:
-    """For a multi-worker run, a function giving the "train" and "validation" inputs the sharding
-    their split's number of files allows (`shard_mode`); it prints the training one. None otherwise."""
+    cluster: Cluster | None, manifest: Any, data_dir: Path, split: str
+) -> Callable[[tf.data.Dataset], tf.data.Dataset] | None:
+    """For a multi-worker run, a function giving the training inputs of `split` the sharding its
+    number of files allows (`shard_mode`), which it prints. None otherwise."""
     if cluster is None:
         return None
-    files = {role: len(manifest.split(split, data_dir).shards) for role, split in zip(("train", "validation"), splits)}
-    print(describe(cluster, shard_mode(files["train"], cluster.num_workers), files["train"]), flush=True)
-    return lambda dataset, role: shard_inputs(dataset, shard_mode(files[role], cluster.num_workers))
+    files = len(manifest.split(split, data_dir).shards)
+    mode = shard_mode(files, cluster.num_workers)
+    print(describe(cluster, mode, files), flush=True)
+    return lambda dataset: shard_inputs(dataset, mode)
 
 
 def shard_mode(num_files: int, num_workers: int) -> str:

@@ -308,7 +308,17 @@ class DualEncoder(keras.Model):
             labels = tf.range(tf.shape(caption_embeddings, out_type=tf.int64)[0])
         else:
             labels = gather_replicas(labels)
-        loss = losses.dual_encoder_loss(
+        loss = self.pair_loss(caption_embeddings, image_embeddings, labels)
+        self.loss_tracker.update_state(loss)
+        self.r1_t2i_tracker.update_state(in_batch_recall_at_1(caption_embeddings, image_embeddings, labels, labels))
+        self.r1_i2t_tracker.update_state(in_batch_recall_at_1(image_embeddings, caption_embeddings, labels, labels))
+        return loss
+
+    def pair_loss(self, caption_embeddings: tf.Tensor, image_embeddings: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        """The configured loss of one batch of pairs, (B, D) unit embeddings each, with their
+        identity `labels` (B,) (or ``range(B)`` when pairs have none): what a train or test step
+        minimises or reports, at the model's current temperature, bias and classifier."""
+        return losses.dual_encoder_loss(
             self.config.loss,
             image_embeddings=image_embeddings,
             caption_embeddings=caption_embeddings,
@@ -317,10 +327,6 @@ class DualEncoder(keras.Model):
             class_weights=self.class_weights,
             bias=self.logit_bias,
         )
-        self.loss_tracker.update_state(loss)
-        self.r1_t2i_tracker.update_state(in_batch_recall_at_1(caption_embeddings, image_embeddings, labels, labels))
-        self.r1_i2t_tracker.update_state(in_batch_recall_at_1(image_embeddings, caption_embeddings, labels, labels))
-        return loss
 
     def train_step(self, data: Any) -> dict[str, tf.Tensor]:
         """One optimiser step on a batch (the inputs dict; Keras' (x, y) tuples use x)."""

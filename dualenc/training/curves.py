@@ -21,13 +21,15 @@ DIRECTIONS = (("text -> image", "val_t2i"), ("image -> text", "val_i2t"))
 
 
 def curves_figure(history: dict[str, list[float]]) -> Figure:
-    """Three panels against epoch: loss (train and validation), then R@1/R@10 text->image, then image->text.
+    """Four panels against epoch: loss (train and validation), R@1/R@10 text->image, then
+    image->text, and the learning rate.
 
     `history` maps Keras log names (``loss``, ``val_loss``, ``val_t2i_r1``, ``val_t2i_r10``,
-    ``val_i2t_r1``, ``val_i2t_r10``) to one value per epoch; missing keys are left out.
-    The caller closes the figure.
+    ``val_i2t_r1``, ``val_i2t_r10``) and the run's rates (``learning_rate``, the base rate each
+    epoch started with; ``scheduled_learning_rate``, the towers' rate at its end) to one value
+    per epoch; missing keys are left out. The caller closes the figure.
     """
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    figure, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     loss_axis = axes[0]
     for key, label in (("loss", "train"), ("val_loss", "validation")):
         if history.get(key):
@@ -40,6 +42,11 @@ def curves_figure(history: dict[str, list[float]]) -> Figure:
                 axis.plot(range(1, len(values) + 1), values, marker="o", label=f"R@{k}")
         axis.set_title(f"{title} recall (%)")
         axis.set_ylim(0, 100)
+    rate_axis = axes[3]
+    for key, label, start in (("learning_rate", "base (epoch start)", 0), ("scheduled_learning_rate", "towers (epoch end)", 1)):
+        if history.get(key):
+            rate_axis.plot([epoch + start for epoch in range(len(history[key]))], history[key], marker="o", label=label)
+    rate_axis.set_title("learning rate")
     for axis in axes:
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)

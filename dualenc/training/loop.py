@@ -32,16 +32,19 @@ from dualenc.core import config as configs
 from dualenc import losses
 from dualenc.training.curves import plot_curves
 from dualenc.data import pipeline
-from dualenc.data.pipeline import Holdout, epoch_seed, verify_checksums
+from dualenc.data.augment import sides_named
+from dualenc.data.pipeline import Holdout, decoded_pixels, epoch_seed, verify_checksums
 from dualenc.core.errors import DualEncError
-from dualenc.retrieval.evaluation import embed_split, evaluate_split, retrieval_metrics
+from dualenc.retrieval.evaluation import SplitEmbeddings, embed_split, evaluate_split, retrieval_metrics
 from dualenc.retrieval.gallery import PackedGallery
 from dualenc.retrieval.index import open_index
 from dualenc.export.encoders import TEXT_ENCODER_DIR, export_encoders, load_encoder
+from dualenc.training.optimizer import PartwiseAdamW, StepSchedule
 from dualenc.training.feature_cache import CachedFeatures, cached_features, tower_fingerprint
 from dualenc.core.files import atomic_file, write_json_atomic
 from dualenc.data.manifest import TEST_SPLITS, Manifest, default_split, load_manifest
-from dualenc.models.model import CAPTION_FEATURES, IMAGE_FEATURES, TOKENS, DualEncoder, build_dual_encoder
+from dualenc.models.model import (CAPTION_FEATURES, IMAGE_FEATURES, TOKENS, DualEncoder, build_dual_encoder,
+                                  in_batch_recall_at_1)
 from dualenc.distribute.multiworker import fingerprint, input_sharding, join_run, worker_cache_dir, worker_callbacks
 from dualenc.data.packed import split_captions
 from dualenc.distribute.placement import make_placement
@@ -65,6 +68,9 @@ VALIDATION_SPLITS = ("val", "valid", "validation", "test")
 # `TrainConfig.validation` when the data has no validation split: part of train is held out.
 HELD_OUT_VALIDATION = "train-holdout"
 HOLDOUT_FRACTION = 0.1
+# The caches' key for decoded pixels (`dualenc.data.pipeline.decoded_pixels`), beside frozen
+# towers' "image" and "caption" features.
+PIXELS = "pixels"
 # K of the P x K identity batches used by CMPM/CMPC (IRRA samples 4 instances per identity).
 INSTANCES_PER_IDENTITY = 4
 
@@ -107,8 +113,11 @@ def choose_holdout(data_dir: Path, manifest: Manifest, seed: int) -> Holdout:
 
 def resolve_config(config: configs.TrainConfig, manifest: Manifest, paths: RunPaths) -> configs.TrainConfig:
     """Fill what depends on the data and the run directory: CMPC's class count, the vocabulary
-    path, where validation pairs come from."""
+    path, where validation pairs come from; and flips off when the training captions name a side
+    ("a bag on her left shoulder"), which a mirrored picture would contradict."""
     model = config.model
+    if config.augment.flip and sides_named(split_captions(config.data, TRAIN_SPLIT).captions):
+        config = dataclasses.replace(config, augment=dataclasses.replace(config.augment, flip=False))
     if losses.needs_class_weights(model.loss):
         model = dataclasses.replace(model, num_classes=manifest.split(TRAIN_SPLIT, config.data).ids)
     if model.text.tower == "bilstm" and model.text.vocabulary is None:
@@ -129,14 +138,21 @@ def check_data(config: configs.TrainConfig, data_dir: Path) -> Manifest:
     return manifest
 
 
-def _frozen(config: configs.ModelConfig) -> dict[str, bool]:
-    """Which towers are frozen, so their features can be cached."""
-    return {"image": not config.vision.trainable, "caption": not config.text.trainable}
+def _frozen(config: configs.TrainConfig) -> dict[str, bool]:
+    """Which towers' features can be cached: frozen ones, and for images only when training
+    does not augment them (augmented pixels go through the tower every time)."""
+    model = config.model
+    return {"image": not model.vision.trainable and not config.augment.images, "caption": not model.text.trainable}
 
 
-def _cached_image_inputs(cache: CachedFeatures):
-    """Parsed record -> its image's cached features, in place of the decoded pixels."""
-    return lambda features: {IMAGE_FEATURES: cache.lookup(features[IMAGE_ID])}
+def _cached_image_inputs(caches: dict[str, CachedFeatures]):
+    """Parsed record -> its image's cached features (a frozen tower's), or its decoded pixels
+    (`PIXELS`), in place of decoding the image; None when neither is cached."""
+    if "image" in caches:
+        return lambda features: {IMAGE_FEATURES: caches["image"].lookup(features[IMAGE_ID])}
+    if PIXELS in caches:
+        return lambda features: {IMAGE: caches[PIXELS].lookup(features[IMAGE_ID])}
+    return None
 
 
 def _with_tokens(text_preprocessor: Callable, caches: dict[str, CachedFeatures]):
@@ -166,16 +182,17 @@ def pipeline_arguments(
     """What a run passes `dualenc.data.pipeline.pair_batches` besides the data, split and holdout:
     `config`'s image and batch size, each of `epochs` shuffled by `epoch_seed`, P x K identity
     batches for losses that learn from identities (CMPM, CMPC, SDM), cached features in place of
-    a frozen tower's inputs, and the captions' tokens. ``bench/pipeline.py`` times the pipeline
-    with these arguments too."""
+    a frozen tower's inputs, the captions' tokens, and the run's augmentation of training
+    batches. ``bench/pipeline.py`` times the pipeline with these arguments too."""
     return {
         "image_size": config.model.vision.image_size,
         "batch_size": config.batch_size,
         "training": training,
         "epoch_seeds": [epoch_seed(config.seed, epoch) for epoch in epochs],
         "instances_per_identity": INSTANCES_PER_IDENTITY if losses.needs_labels(config.model.loss) else None,
-        "image_inputs": _cached_image_inputs(caches["image"]) if "image" in caches else None,
+        "image_inputs": _cached_image_inputs(caches),
         "batch_inputs": _with_tokens(text_preprocessor, caches),
+        "augment": config.augment,
     }
 
 
@@ -208,14 +225,20 @@ def compiled_encoders(model: DualEncoder) -> tuple[Callable, Callable]:
 
 
 class RetrievalValidation(keras.callbacks.Callback):
-    """Adds validation R@1/5/10 and mAP in both directions to each epoch's logs (``val_t2i_r1`` …).
+    """The epoch's whole validation, from one pass over the validation pairs: R@1/5/10 and mAP in
+    both directions (``val_t2i_r1`` …), and the loss and in-batch R@1 of each batch of
+    `batch_size` pairs in packing order (``val_loss``, ``val_r1_t2i``, ``val_r1_i2t``: what a
+    Keras validation pass over `batches` reports), all added to the epoch's logs.
 
+    One pass instead of Keras' own plus this one: embedding the split is the costly part, and the
+    batch losses follow from the same embeddings (each image is embedded once, at its first pair).
     Listed first among the callbacks, so the CSV log, checkpoints and curves see the values.
     """
 
-    def __init__(self, batches: tf.data.Dataset, caches: dict[str, CachedFeatures]):
+    def __init__(self, batches: tf.data.Dataset, caches: dict[str, CachedFeatures], batch_size: int):
         super().__init__()
         self.batches = batches
+        self.batch_size = batch_size
         self.image_key = IMAGE_FEATURES if "image" in caches else IMAGE
         self.caption_key = CAPTION_FEATURES if "caption" in caches else TOKENS
 
@@ -233,6 +256,20 @@ class RetrievalValidation(keras.callbacks.Callback):
         )
         if logs is not None:
             logs.update({f"val_{name}": value for name, value in retrieval_metrics(embeddings).items()})
+            logs.update(self._batch_scores(embeddings))
+
+    def _batch_scores(self, embeddings: SplitEmbeddings) -> dict[str, float]:
+        rows = {image_id: row for row, image_id in enumerate(embeddings.image_ids)}
+        pair_images = embeddings.image_embeddings[[rows[image_id] for image_id in embeddings.caption_image_ids]]
+        scores: dict[str, list[float]] = {"val_loss": [], "val_r1_t2i": [], "val_r1_i2t": []}
+        for start in range(0, len(pair_images), self.batch_size):
+            captions = tf.constant(embeddings.caption_embeddings[start:start + self.batch_size])
+            images = tf.constant(pair_images[start:start + self.batch_size])
+            labels = tf.constant(embeddings.caption_labels[start:start + self.batch_size], tf.int64)
+            scores["val_loss"].append(float(self.model.pair_loss(captions, images, labels)))
+            scores["val_r1_t2i"].append(float(in_batch_recall_at_1(captions, images, labels, labels)))
+            scores["val_r1_i2t"].append(float(in_batch_recall_at_1(images, captions, labels, labels)))
+        return {name: float(np.mean(values)) for name, values in scores.items()}
 
 
 def keras_verbosity(verbose: int, stream: TextIO) -> int:
@@ -314,15 +351,26 @@ def precision_policy(mixed_precision: bool) -> Iterator[None]:
 
 
 def build_model(config: configs.TrainConfig, placement: Placement | None = None) -> DualEncoder:
-    """The compiled dual encoder for `config` (placement, mixed precision, AdamW), built under
+    """The compiled dual encoder for `config` (placement, mixed precision, `PartwiseAdamW`), built under
     `precision_policy` so the caller's global policy is left as it was."""
     placement = placement if placement is not None else make_placement(config.placement)
     with precision_policy(config.mixed_precision), placement.scope():
         model = build_dual_encoder(config.model, placement)
         model.compile(
-            optimizer=keras.optimizers.AdamW(learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+            optimizer=PartwiseAdamW(
+                config.learning_rate,
+                config.weight_decay,
+                # All of each tower's weights, so a tower unfrozen later still counts as one.
+                tower_variables=[*model.vision_tower.weights, *model.text_tower.weights],
+                head_lr_multiplier=config.head_lr_multiplier,
+            )
         )
     return model
+
+
+def run_optimizer(model: keras.Model) -> PartwiseAdamW:
+    """The model's `PartwiseAdamW`, inside the loss-scale wrapper mixed precision adds."""
+    return getattr(model.optimizer, "inner_optimizer", model.optimizer)
 
 
 def feature_caches(
@@ -346,7 +394,7 @@ def feature_caches(
         "caption": hashlib.sha256((tower_fingerprint(model.text_tower) + text_identity).encode()).hexdigest(),
     }
     caches = {}
-    for kind, frozen in _frozen(config.model).items():
+    for kind, frozen in _frozen(config).items():
         if not frozen:
             continue
         parts = [
@@ -376,13 +424,14 @@ def train_epochs(
     resume: bool,
     verbose: int,
     placement: Placement | None = None,
-    shard: Callable[[tf.data.Dataset, str], tf.data.Dataset] | None = None,
+    shard: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None,
 ) -> SelectionState:
     """Fit the epochs the run still lacks (from the newest backup when `resume`); the run's final state.
 
     A backup whose state has stopped, or has every epoch, trains nothing: an export killed
-    after the last epoch is redone without retraining. Under "multi-worker" `shard` gives each
-    split's inputs their sharding ("train" or "validation"), and `placement`'s callbacks run first.
+    after the last epoch is redone without retraining. Under "multi-worker" `shard` gives the
+    training inputs their sharding, and `placement`'s callbacks run first; each worker validates
+    on the whole validation split (`RetrievalValidation`).
     """
     # In the strategy's scope: restoring builds the optimizer, whose variables a strategy must create.
     with placement.scope() if placement is not None else contextlib.nullcontext():
@@ -395,20 +444,30 @@ def train_epochs(
     selection = ModelSelection(schedule, state, backup_dir=paths.backup, checkpoints=paths.best_weights.parent,
                                log_csv=paths.log_csv)
     train_batches = train(epochs)
-    shard = shard or (lambda dataset, role: dataset)
+    # One pass over the stream is the rest of the run, each epoch in its own seeded order.
+    steps_per_epoch = int(train_batches.cardinality()) // len(epochs)
+    # Set before `fit` traces the step: the schedule is fixed for the whole run.
+    run_optimizer(model).step_schedule = StepSchedule.for_run(config, steps_per_epoch)
+    shard = shard or (lambda dataset: dataset)
     keras_verbose = keras_verbosity(verbose, sys.stdout)
     model.fit(
-        shard(model_inputs(train_batches), "train"),
-        validation_data=shard(model_inputs(validation.batches), "validation"),
+        shard(model_inputs(train_batches)),
         initial_epoch=epochs.start,
         epochs=config.epochs,
-        # One pass over the stream is the rest of the run, each epoch in its own seeded order.
-        steps_per_epoch=int(train_batches.cardinality()) // len(epochs),
+        steps_per_epoch=steps_per_epoch,
         shuffle=False,
         callbacks=[*worker_callbacks(placement), *_callbacks(paths, config, validation, selection, keras_verbose)],
         verbose=keras_verbose,
     )
     return selection.state
+
+
+def selection_schedule(config: configs.TrainConfig) -> Schedule:
+    """How `config`'s run selects and stops: following ``config.monitor``, with the plateau
+    cuts of the learning rate under the "constant" schedule only (a cosine already decays it)."""
+    if config.schedule == "cosine":
+        return Schedule.following(config.monitor, lr_factor=1.0)
+    return Schedule.following(config.monitor)
 
 
 def score_run(run_dir: Path, data_dir: Path, split: str) -> dict:
@@ -437,7 +496,7 @@ def run_training(
     The data is checked and the model built before the run directory gets its config, so a
     bad dataset or an unreachable TF Hub handle leaves no run behind; `on_start` is called
     then, just before training (train.py points runs/latest at the run there). `schedule`
-    defaults to `Schedule.following(config.monitor)`. The encoders are exported from the best
+    defaults to `selection_schedule(config)`. The encoders are exported from the best
     epoch of the whole run; the backup is kept until ``metrics.json`` marks the run finished.
     """
     data_dir = Path(config.data)
@@ -476,21 +535,26 @@ def run_training(
         # Zero-shot: the towers are exported and scored as they start (a pretrained preset).
         state = best_weights = None
     else:
+        splits = sorted({TRAIN_SPLIT, validation_split})
         caches = (
-            feature_caches(model, config, text_preprocessor, data_dir, sorted({TRAIN_SPLIT, validation_split}),
-                           worker_cache_dir(cache_root(cache_dir), cluster))
+            feature_caches(model, config, text_preprocessor, data_dir, splits, worker_cache_dir(cache_root(cache_dir), cluster))
             if use_feature_cache
             else {}
         )
+        if "image" not in caches:
+            pixels = decoded_pixels(data_dir, splits, config.model.vision.image_size)
+            if pixels is not None:
+                caches[PIXELS] = CachedFeatures(*pixels)
         validation = RetrievalValidation(
-            pair_batches(data_dir, validation_split, config, text_preprocessor, caches, training=False, holdout=holdout), caches
+            pair_batches(data_dir, validation_split, config, text_preprocessor, caches, training=False, holdout=holdout),
+            caches, config.batch_size,
         )
         state = train_epochs(
             model, config, paths,
             lambda epochs: pair_batches(data_dir, TRAIN_SPLIT, config, text_preprocessor, caches, training=True, epochs=epochs,
                                         holdout=holdout),
-            validation, schedule or Schedule.following(config.monitor), resume=resume, verbose=verbose,
-            placement=placement, shard=input_sharding(cluster, manifest, data_dir, (TRAIN_SPLIT, validation_split)),
+            validation, schedule or selection_schedule(config), resume=resume, verbose=verbose,
+            placement=placement, shard=input_sharding(cluster, manifest, data_dir, TRAIN_SPLIT),
         )
         if state.best_epoch is None:
             raise DualEncError(f"no epoch gave a usable {config.monitor} (NaN); lower --learning-rate and start a new run")

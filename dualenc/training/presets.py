@@ -14,11 +14,15 @@
   fine-tuned on 384x128 crops, BiLSTM text tower, CMPM + CMPC.
 - ``cuhk-pedes-clip``: IRRA's set-up (Jiang & Ye, CVPR 2023): CLIP ViT-B/16 image and text
   towers fine-tuned with CLIP's own 512-wide projection, SDM at IRRA's fixed temperature 0.02
-  plus identity classification (CMPC's, standing in for IRRA's ID loss), Adam-style 1e-5 with
-  weight decay 4e-5, batch 64, 60 epochs. Unlike IRRA: the preset's 224x224 input (IRRA
-  interpolates position embeddings for 384x128), one learning rate, no MLM branch.
+  plus identity classification (CMPC's, standing in for IRRA's ID loss), AdamW 1e-5 with
+  weight decay 4e-5, batch 64, 60 epochs, and IRRA's recipe: the new parts (here the temperature
+  and ID classifier) at 5x the towers' rate, 5 epochs of linear warm-up from a tenth of the rate
+  then a cosine, and flips, 10-pixel pad-and-crop and random erasing of training images. Unlike
+  IRRA: the preset's 224x224 input (IRRA interpolates position embeddings for 384x128), no MLM
+  branch, erasing boxes of at most a fifth of the image (IRRA: 0.4).
 - ``coco-clip``: CLIP ViT-B/16 fine-tuned with the CLIP loss and its learned temperature
-  (from 0.01, CLIP's logit scale 100), learning rate 1e-5, weight decay 0.1, batch 128.
+  (from 0.01, CLIP's logit scale 100), learning rate 1e-5, weight decay 0.1, batch 128, and
+  open_clip's schedule: linear warm-up from 0 (here over the first epoch), then a cosine to 0.
 
 The CLIP presets name the keras-hub handle ``clip_vit_base_patch16``; offline, pass the
 downloaded preset directory with ``--vision-preset DIR --text-preset DIR``.
@@ -26,7 +30,7 @@ downloaded preset directory with ``--vision-preset DIR --text-preset DIR``.
 
 from __future__ import annotations
 
-from dualenc.core.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
+from dualenc.core.config import AugmentConfig, ModelConfig, TextConfig, TrainConfig, VisionConfig
 from dualenc.core.errors import DualEncError
 
 CLIP_B16 = "clip_vit_base_patch16"
@@ -98,6 +102,12 @@ PRESETS = {
         learning_rate=1e-5,
         weight_decay=4e-5,
         monitor="val_t2i_r1",
+        schedule="cosine",
+        warmup_epochs=5,
+        warmup_from=0.1,
+        head_lr_multiplier=5.0,
+        # IRRA's 10-pixel pad-and-crop (of 224 here), flip, and random erasing at half the images.
+        augment=AugmentConfig(flip=True, translate=0.045, erase=0.5),
     ),
     "coco-clip": TrainConfig(
         model=ModelConfig(
@@ -114,6 +124,9 @@ PRESETS = {
         learning_rate=1e-5,
         weight_decay=0.1,
         monitor="val_t2i_r1",
+        schedule="cosine",
+        warmup_epochs=1,
+        warmup_from=0.0,
     ),
 }
 

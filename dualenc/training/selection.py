@@ -5,7 +5,8 @@ point and resumed makes the decisions the uninterrupted run made:
 
 - `Schedule`: what is followed (``TrainConfig.monitor``) and how — cut the learning rate by
   `lr_factor` after `lr_patience` epochs without improvement, stop after `stop_patience`
-  (seed 003's ReduceLROnPlateau(0.2, 3) and EarlyStopping(5), as Keras defines them).
+  (seed 003's ReduceLROnPlateau(0.2, 3) and EarlyStopping(5), as Keras defines them). The
+  cut sets the base rate; the per-step schedule (`dualenc.training.optimizer`) scales it.
 - `SelectionState`: the run so far — every epoch's logs and learning rate, the best epoch and
   value, the two patience counters, whether the run stopped. `advance` is a pure function of
   the state and one epoch's value.
@@ -36,12 +37,15 @@ import numpy as np
 
 from dualenc.core.files import atomic_directory, atomic_file, move_into_place
 from dualenc.core import jsonfiles
+from dualenc.training.optimizer import PartwiseAdamW
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "training.weights.h5"
 # Keras names each `keras.random.SeedGenerator` state variable so; dropout draws its masks from them.
 SEED_STATE_NAME = "seed_generator_state"
 STATE_VERSION = 1
+# The log's name for the towers' learning rate at an epoch's last step (`PartwiseAdamW`).
+SCHEDULED_RATE = "scheduled_learning_rate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +217,10 @@ class ModelSelection(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = {key: float(value) for key, value in (logs or {}).items()}
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        if isinstance(optimizer, PartwiseAdamW):
+            # Where the per-step schedule has taken the towers' rate by the epoch's end.
+            logs[SCHEDULED_RATE] = optimizer.scheduled_learning_rate()
         self.state, improved = advance(self.state, logs, self.schedule, halted=self.model.stop_training)
         if improved:
             save_weights_atomic(self.model, self.best_weights)
