@@ -11,6 +11,14 @@
 - ``encoder``: a small vision encoder (frozen MobileNetV2, random weights, + Dense(256)), saved
   both as a Keras model (how seed 003 saves its encoders) and exported with
   `dualenc.export.encoders.export_vision_encoder` (bytes in, unit embeddings out).
+- ``tflite``: that encoder's ``vision_encoder.tflite`` beside its SavedModel, converted as
+  `dualenc.export.encoders.export_encoders` converts a trained run's (``--engine tflite``).
+- ``demo_run``: a run of the default demo preset (small CNN + WordPiece BiLSTM) trained for one
+  epoch on the packed demo by ``train.py``'s `main`, as the search service serves it.
+
+``measure(ALL, {kind: params, …})`` builds several in one process, in the order given: one
+TensorFlow start-up instead of one per input (about 4 s of CPU each on 2 cores). None of this is
+timed; the measured variants still run each in its own process (`bench.common.run_isolated`).
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ COARSE_GRID = (8, 6)
 GRAIN = 6.0
 SEED_KERAS_MODEL = "seed_vision_encoder.keras"
 PROJECTION_DIM = 256
+PACKED = "packed"  # the packed copy of a source, under its root
+ALL = "all"  # the `measure` kind that builds several inputs in one process
+# What the search service serves: one epoch of the demo preset; speed does not depend on how well it learnt.
+DEMO_RUN_FLAGS = ["--epochs", "1", "--batch-size", "16", "--quiet"]
 
 
 def coco_like_image(rng: np.random.Generator) -> bytes:
@@ -85,7 +97,7 @@ def _make_demo(params: dict) -> dict:
 
     raw = make_demo(Path(params["root"]) / "raw", identities=params["identities"])
     annotations, images = raw / REID_RAW_NAME, raw / IMAGES_DIR
-    packed = Path(params["root"]) / "packed"
+    packed = Path(params["root"]) / PACKED
     manifest = pack_with_tools("cuhk-pedes", annotations, images, packed, workers=1)
     pairs = sum(split.pairs for split in manifest.splits.values())
     import tensorflow as tf  # already loaded by the packer; its version describes the machine
@@ -98,7 +110,7 @@ def _make_demo(params: dict) -> dict:
 def _make_coco(params: dict) -> dict:
     root = Path(params["root"])
     made = make_coco_like(root / "raw", params["images"], params["captions_per_image"])
-    packed = root / "packed"
+    packed = root / PACKED
     pack_with_tools("folder", Path(made["annotations"]), Path(made["images"]), packed, workers=1)
     return {**made, "packed": str(packed)}
 
@@ -136,9 +148,31 @@ def _make_encoder(params: dict) -> dict:
     return {"run_dir": str(run_dir), "keras_model": str(run_dir / SEED_KERAS_MODEL)}
 
 
-MAKERS = {"demo": _make_demo, "coco": _make_coco, "bert": _make_bert, "encoder": _make_encoder}
+def _make_tflite(params: dict) -> dict:
+    from dualenc.export.encoders import VISION_ENCODER_DIR, VISION_TFLITE, export_vision_tflite
+
+    run_dir = Path(params["run_dir"])
+    export_vision_tflite(run_dir / VISION_ENCODER_DIR, run_dir / VISION_TFLITE)
+    return {"tflite_mb": (run_dir / VISION_TFLITE).stat().st_size / 2**20}
+
+
+def _make_demo_run(params: dict) -> dict:
+    import train  # the worker runs from REPO_ROOT
+
+    run_dir = Path(params["out"])
+    code = train.main(["--data", params["data_dir"], *DEMO_RUN_FLAGS, "--out", str(run_dir)])
+    if code != 0:
+        raise RuntimeError(f"train.py exited {code} training the service's run into {run_dir}")
+    return {"run_dir": str(run_dir)}
+
+
+MAKERS = {"demo": _make_demo, "coco": _make_coco, "bert": _make_bert, "encoder": _make_encoder,
+          "tflite": _make_tflite, "demo_run": _make_demo_run}
 
 
 def measure(kind: str, params: dict) -> dict:
-    """Build input `kind` (one of `MAKERS`) as `params` say; returns where it is."""
+    """Build input `kind` (one of `MAKERS`) as `params` say; returns where it is. With kind `ALL`,
+    `params` maps kinds to their params: each is built in turn and the results come back by kind."""
+    if kind == ALL:
+        return {name: MAKERS[name](name_params) for name, name_params in params.items()}
     return MAKERS[kind](params)

@@ -17,8 +17,9 @@ atomically.
 ``tflite``: the same with ``engine="tflite"`` (`dualenc.export.engines`: the run's
 ``vision_encoder.tflite`` with XNNPACK on every core, images decoded by the SavedModel's decoder),
 what ``--engine auto`` picks on a machine without a GPU. It also reports the least cosine between
-its rows and the SavedModel's embeddings of `COSINE_SAMPLE` of the images (not timed).
-``convert`` (not timed) writes that file beside the SavedModel, as `export_encoders` does.
+its rows and the SavedModel's embeddings of `COSINE_SAMPLE` of the images (not timed). That file
+is converted with the encoder, among the shared inputs (`bench.datasets`), as `export_encoders`
+converts a trained run's.
 """
 
 from __future__ import annotations
@@ -41,12 +42,6 @@ def measure(variant: str, params: dict) -> dict:
     images_dir = Path(params["images"])
     paths = sorted(str(path) for path in images_dir.glob("*.jpg"))
     tf.constant(0)
-    if variant == "convert":
-        from dualenc.export.encoders import VISION_ENCODER_DIR, VISION_TFLITE, export_vision_tflite
-
-        run_dir = Path(params["run_dir"])
-        export_vision_tflite(run_dir / VISION_ENCODER_DIR, run_dir / VISION_TFLITE)
-        return {"tflite_mb": (run_dir / VISION_TFLITE).stat().st_size / 2**20}
     if variant == "seed":
         import keras
 

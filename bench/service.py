@@ -1,8 +1,9 @@
 """The search service on loopback: queries per second and latency at 1, 8 and 32 concurrent clients.
 
 A demo-like model (the default demo preset: small CNN + WordPiece BiLSTM, trained for one epoch
-on the benchmark's demo data; speed does not depend on how well it learnt) is served over the
-demo's train split by ``search.py --serve --port 0`` in its own process. Each client is a thread
+on the benchmark's demo data by ``train.py``, among the shared inputs of `bench.datasets`; speed
+does not depend on how well it learnt) is served over the demo's train split by
+``search.py --serve --port 0`` in its own process. Each client is a thread
 with one keep-alive `http.client` connection sending ``GET /api/search?q=…&k=9`` for demo-like
 captions, one after the other; every request's latency is recorded, and the throughput is the
 requests completed over the wall time of the whole level. Only ``ours``: the seed has no service.
@@ -47,12 +48,6 @@ GARMENTS = ("coat", "jacket", "shirt", "sweater", "pants", "shorts", "skirt")
 def demo_queries() -> list[str]:
     """Distinct demo-like captions, so no two consecutive requests are the same text."""
     return [f"a person in a {colour} {garment}" for colour in COLOURS for garment in GARMENTS]
-
-
-def _train(data_dir: str, out: Path) -> None:
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "--data", data_dir, "--epochs", "1", "--batch-size", "16",
-               "--quiet", "--out", str(out)]
-    subprocess.run(command, check=True, capture_output=True, env=child_environment(), cwd=out.parent)
 
 
 def _start_server(run_dir: Path, data_dir: str, log_path: Path) -> tuple[subprocess.Popen, tuple[str, int]]:
@@ -173,13 +168,11 @@ def _peak_mb(pid: int) -> float:
 
 
 def measure(variant: str, params: dict) -> dict:
-    """Train, serve, load the server at each concurrency in `params["clients"]`."""
+    """Serve the run in `params["run_dir"]`, load the server at each concurrency in `params["clients"]`."""
     if variant != "ours":
         raise ValueError(f"the service benchmark has only the 'ours' variant, not {variant!r}")
     scratch = Path(tempfile.mkdtemp(prefix="service-", dir=params["scratch"]))
-    run_dir = scratch / "run"
-    _train(params["data_dir"], run_dir)
-    server, address = _start_server(run_dir, params["data_dir"], scratch / "server.log")
+    server, address = _start_server(Path(params["run_dir"]), params["data_dir"], scratch / "server.log")
     try:
         _client(address, demo_queries()[:WARMUP_QUERIES], [], [])
         levels = [load_level(address, clients, params["queries_per_client"]) for clients in params["clients"]]
