@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         scores = report["attributes"]
         print(f"attribute queries: precision@{scores['k']} {scores['precision']:.2f} (chance {scores['chance']:.2f}; "
               f"{scores['queries']} queries, {scores['images']} images of unseen people)")
-        print(f"identity ceiling: no model exceeds t2i R@1 {report['t2i_r1_ceiling']:.1f} on these captions "
-              "(each names only some attributes, and several people fit it)")
+        print(f"identity ceiling: a model that reads every named attribute perfectly expects t2i R@1 "
+              f"{report['t2i_r1_ceiling']:.1f} on these captions (each names only some attributes, and several people fit it)")
     return 0
 
 

@@ -296,3 +296,24 @@ def test_a_config_refuses_token_dropout_without_token_ids():
     with pytest.raises(DualEncError, match="--token-dropout") as raised:
         TrainConfig(model=model, augment=AugmentConfig(token_dropout=0.2))
     assert "\n" not in str(raised.value) and "bert" in str(raised.value)
+
+
+def test_a_run_leaves_flips_off_when_its_training_captions_name_a_side(tmp_path, capsys):
+    from dualenc.training.loop import training_augment
+    from tests.support.images import write_image
+    from tfrecords_tools.writer import ImageEntry, pack
+
+    def packed(name: str, caption: str):
+        image = tmp_path / f"{name}.png"
+        write_image(image, "png", seed=0)
+        pack({"train": [ImageEntry("a.png", str(image), ((caption, 0), ("a man in a coat", 0)))]}, tmp_path / name,
+             {"format": "test"}, workers=1)
+        return tmp_path / name
+
+    config = TrainConfig(augment=AugmentConfig(flip=True, translate=0.1))
+    sided = packed("sided", "a woman with a bag on her left shoulder")
+    assert training_augment(config, sided, verbose=1) == AugmentConfig(flip=False, translate=0.1)
+    assert "name left or right" in capsys.readouterr().out
+    plain = packed("plain", "a woman with a bag")
+    assert training_augment(config, plain, verbose=1) == config.augment
+    assert capsys.readouterr().out == ""

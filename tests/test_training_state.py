@@ -125,7 +125,8 @@ def test_a_run_interrupted_after_its_best_epoch_and_during_export_resumes_to_the
 
     # Dropout and every augmentation on, and a warm-up: a resumed run must draw the masks and
     # augmentations the uninterrupted one drew, and take the rates it took at each step.
-    config = _tiny_config(demo_data, dropout=0.2, epochs=RESUME_EPOCHS, seed=3, monitor="val_loss", warmup_epochs=1.5,
+    config = _tiny_config(demo_data, dropout=0.2, epochs=RESUME_EPOCHS, seed=3, monitor="val_loss", schedule="constant",
+                          warmup_epochs=1.5,
                           augment=AugmentConfig(flip=True, translate=0.1, erase=0.5, token_dropout=0.1))
     schedule = Schedule.following(config.monitor, **SHORT_SCHEDULE)
     report, model, config = _train(config, tmp_path / "whole", schedule=schedule)

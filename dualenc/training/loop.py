@@ -113,16 +113,25 @@ def choose_holdout(data_dir: Path, manifest: Manifest, seed: int) -> Holdout:
 
 def resolve_config(config: configs.TrainConfig, manifest: Manifest, paths: RunPaths) -> configs.TrainConfig:
     """Fill what depends on the data and the run directory: CMPC's class count, the vocabulary
-    path, where validation pairs come from; and flips off when the training captions name a side
-    ("a bag on her left shoulder"), which a mirrored picture would contradict."""
+    path, where validation pairs come from."""
     model = config.model
-    if config.augment.flip and sides_named(split_captions(config.data, TRAIN_SPLIT).captions):
-        config = dataclasses.replace(config, augment=dataclasses.replace(config.augment, flip=False))
     if losses.needs_class_weights(model.loss):
         model = dataclasses.replace(model, num_classes=manifest.split(TRAIN_SPLIT, config.data).ids)
     if model.text.tower == "bilstm" and model.text.vocabulary is None:
         model = dataclasses.replace(model, text=dataclasses.replace(model.text, vocabulary=str(paths.vocabulary)))
     return dataclasses.replace(config, model=model, validation=validation_source(manifest, Path(config.data)))
+
+
+def training_augment(config: configs.TrainConfig, data_dir: Path, verbose: int) -> configs.AugmentConfig:
+    """The augmentation training applies: ``config.augment``, with flips off (and a line saying
+    so) when the training captions name a side ("a bag on her left shoulder"), which a mirrored
+    picture would contradict. Reads the captions with TensorFlow, so it runs once the run's
+    strategy exists (a multi-worker strategy must configure TensorFlow's runtime first)."""
+    if not config.augment.flip or not sides_named(split_captions(data_dir, TRAIN_SPLIT).captions):
+        return config.augment
+    if verbose:
+        print(f"the training captions in {data_dir} name left or right: training images are not flipped", flush=True)
+    return dataclasses.replace(config.augment, flip=False)
 
 
 def check_data(config: configs.TrainConfig, data_dir: Path) -> Manifest:
@@ -549,10 +558,11 @@ def run_training(
             pair_batches(data_dir, validation_split, config, text_preprocessor, caches, training=False, holdout=holdout),
             caches, config.batch_size,
         )
+        augmented = dataclasses.replace(config, augment=training_augment(config, data_dir, verbose))
         state = train_epochs(
             model, config, paths,
-            lambda epochs: pair_batches(data_dir, TRAIN_SPLIT, config, text_preprocessor, caches, training=True, epochs=epochs,
-                                        holdout=holdout),
+            lambda epochs: pair_batches(data_dir, TRAIN_SPLIT, augmented, text_preprocessor, caches, training=True,
+                                        epochs=epochs, holdout=holdout),
             validation, schedule or selection_schedule(config), resume=resume, verbose=verbose,
             placement=placement, shard=input_sharding(cluster, manifest, data_dir, TRAIN_SPLIT),
         )

@@ -20,8 +20,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO_ROOT / "train.py"
 # Small enough for a 2-core CPU: batches of 8 from ~80 training pairs.
 TINY_FLAGS = ["--batch-size", "8", "--quiet"]
-# The vision tower frozen (its features cacheable), the BiLSTM text tower still trained.
-FROZEN_VISION = {"model": {"vision": {"trainable": False}}}
+# The vision tower frozen and its images not augmented (its features cacheable), the BiLSTM text
+# tower still trained.
+FROZEN_VISION = {"model": {"vision": {"trainable": False}}, "augment": {"flip": False, "translate": 0.0}}
 # Epochs of the shared frozen-vision demo run (`frozen_vision_run` in tests/conftest.py).
 FROZEN_VISION_EPOCHS = 2
 
