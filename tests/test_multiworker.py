@@ -297,7 +297,7 @@ def test_workers_started_with_different_configs_are_refused_by_the_chief(demo_da
     configs = launch.tf_configs(launch.free_ports(2))
     # The chief names the refused worker only when it gives up waiting for a valid one, so this
     # timeout is the test's length: long enough for two processes started together to check in.
-    env = _worker_env(tmp_path, DUALENC_WORKER_TIMEOUT_S="60")
+    env = _worker_env(tmp_path, DUALENC_WORKER_TIMEOUT_S="40")
     base = ["--data", str(demo_data), "--out", str(tmp_path / "run"), "--placement", "multi-worker", "--quiet"]
     chief = _start(train_command(*base, "--epochs", "2"), configs[0], env, tmp_path / "chief.log")
     other = _start(train_command(*base, "--epochs", "3"), configs[1], env, tmp_path / "other.log")
