@@ -119,11 +119,7 @@ def open_run(args: argparse.Namespace):
 
 def search(args: argparse.Namespace, retriever) -> list[dict]:
     """The top-k results as dicts: rank, score, image_id, path, caption, label."""
-    if args.image is None:
-        return retriever.search(args.query, args.k)
-    from dualenc.api import query_image_file
-
-    return retriever.search(query_image_file(args.image), args.k)
+    return retriever.search(args.query if args.image is None else args.image, args.k)
 
 
 def print_results(results: list[dict], query_text: str) -> None:

@@ -181,11 +181,13 @@ class Retriever:
         """How searches are answered: "compressed", "exact", "hnsw" or "ivf"."""
         return self._index().search_kind(self.ann)
 
-    def search(self, query: str | bytes, k: int = DEFAULT_K) -> list[dict]:
-        """The top `k` gallery images for a text query (str) or a query image (file bytes)."""
+    def search(self, query: str | bytes | Path, k: int = DEFAULT_K) -> list[dict]:
+        """The top `k` gallery images for a text query (str), a query image (file bytes) or an
+        image file (a `Path`, read and canonicalised once, its refusals naming the file)."""
         if isinstance(query, str):
             return self.search_embedding(self.encode_text([check_query(query)])[0], k)
-        return self.search_embedding(self.vision_encoder([query_image(query)])[0], k)
+        image = query_image_file(query) if isinstance(query, Path) else query_image(query)
+        return self.search_embedding(self.vision_encoder([image])[0], k)
 
     def search_embedding(self, embedding: np.ndarray, k: int = DEFAULT_K) -> list[dict]:
         """The top `k` gallery images for one query embedding ``(D,)`` (fewer when fewer are found)."""

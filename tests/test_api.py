@@ -54,6 +54,8 @@ def test_readme_example_runs_and_answers_like_the_cli(colour_root, monkeypatch, 
     assert json.loads(capsys.readouterr().out) == top
     photos = names["photos"]
     assert photos.search((colour_root / "query.jpg").read_bytes(), k=1)[0]["image_id"] == "red.png"
+    # A file's path (what search.py --image passes) gives what its bytes give.
+    assert photos.search(colour_root / "query.jpg", k=3) == photos.search((colour_root / "query.jpg").read_bytes(), k=3)
     assert run.encode_text(["a red car", "two dogs"]).shape == (2, 3)
     embeddings = run.encode_images([(colour_root / "a.webp").read_bytes()])
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
@@ -82,6 +84,7 @@ def test_import_dualenc_does_not_load_tensorflow():
     (lambda run: run.search("red", k=0), "k must be a whole number of at least 1"),
     (lambda run: run.search("   "), "the query is empty"),
     (lambda run: run.search(b"\x89PNG\r\n\x1a\n broken"), "the query image: truncated or corrupt PNG"),
+    (lambda run: run.search(Path("no/such.png")), "query image no/such.png: file not found"),
     (lambda run: run.index(folder="photos", data="data"), "name one gallery"),
 ])
 def test_mistakes_are_one_line(colour_root, monkeypatch, call, words):
