@@ -152,7 +152,8 @@ def augment_batch(batch: dict, config: AugmentConfig, seed: tf.Tensor) -> dict:
     """`batch` with its images and caption token ids augmented as `config` says, every draw from
     `seed` (shape [2], int32 or int64): equal batches and seeds give equal output. Other keys,
     and images absent because cached features replace them, pass through untouched. Token ids
-    must be a (B, S) tensor when `config.token_dropout` > 0 (see `check_augment`)."""
+    must be a (B, S) tensor when `config.token_dropout` > 0 (`TrainConfig` refuses token dropout
+    for towers that take a dict of them)."""
     image_seed, token_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     batch = dict(batch)
     if config.images and IMAGE in batch:
