@@ -4,8 +4,9 @@ Five benchmarks (packing, input pipeline, frozen-backbone training, index build,
 latency) each run the reference approach (``ref``, a faithful re-implementation of the keras.io
 example's code) and ours on the same data in the same run, interleaved, every measurement in
 its own process (see `bench.common`). A sixth, the search service under concurrent clients,
-has no reference (the seed has no service): its rows leave ``ref`` and the ratio empty. The
-full run adds rows without a seed counterpart, ours against ours: a 10M-row compressed index,
+has no reference (the seed has no service): its rows leave ``ref`` and the ratio empty. So
+does a seventh, one epoch of ``train.py``'s demo recipe broken down into its parts
+(`bench.demo_epoch`). The full run adds rows without a seed counterpart, ours against ours: a 10M-row compressed index,
 Beam against the local packer and indexer (`bench.large_index`), and two training workers
 against one process (`bench.multiworker`). Prints a table of medians, ratios (> 1: ours is
 faster) and peak memory, and writes everything, with the machine's description, as JSON.
@@ -19,12 +20,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import common, datasets, large_index, multiworker
+from bench import common, datasets, demo_epoch, large_index, multiworker
 from dualenc.core.files import write_json_atomic
+from tfrecords_tools.demo import DEFAULT_IDENTITIES
 
 # A smoke run of every code path (the test suite runs it): the smallest demo (10 identities), two
 # training epochs (the later-epoch median needs one after the first) and MobileNetV2's
-# smallest input (32 x 32). Its numbers are not for comparison.
+# smallest input (32 x 32), and one demo-preset epoch on that demo (batch 16: it has about 70
+# training pairs). Its numbers are not for comparison.
 QUICK = {
     "repeats": 1, "demo_identities": 10, "coco_images": 12, "captions_per_image": 2, "pack_coco": False,
     "pipeline_batch": 16, "pipeline_image_size": (299, 299),
@@ -32,6 +35,7 @@ QUICK = {
     "index_batch": 16, "index_image_size": (32, 32), "index_repeats": 1,
     "query_sizes": (2_000,), "query_count": 10, "bandwidth_megabytes": 16, "query_batch": 64, "batch_count": 2,
     "service_clients": (1, 8, 32), "service_queries_per_client": 3,
+    "demo_epoch_identities": 10, "demo_epoch_epochs": 1, "demo_epoch_batch": 16, "demo_epoch_repeats": 3,
 }
 FULL = {
     "repeats": 3, "demo_identities": 150, "coco_images": 800, "captions_per_image": 2, "pack_coco": True,
@@ -41,6 +45,9 @@ FULL = {
     "query_sizes": (10_000, 100_000, 1_000_000), "query_count": 200, "bandwidth_megabytes": 1024,
     "query_batch": 64, "batch_count": 10,
     "service_clients": (1, 8, 32), "service_queries_per_client": 25,
+    # train.py's own demo (4,000 people) and batch (None: the preset's); the second epoch is the
+    # one reported, the first also traces.
+    "demo_epoch_identities": DEFAULT_IDENTITIES, "demo_epoch_epochs": 2, "demo_epoch_batch": None, "demo_epoch_repeats": 20,
 }
 
 
@@ -205,10 +212,19 @@ def bench_service(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[
     return result, rows
 
 
+def bench_demo_epoch(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[dict]]:
+    """One epoch of the demo preset through run_training: steps, validation, commit, decode, towers."""
+    params = {"data_dir": inputs["demo_epoch"]["packed"], "epochs": sizes["demo_epoch_epochs"],
+              "batch_size": sizes["demo_epoch_batch"], "repeats": sizes["demo_epoch_repeats"], "scratch": str(scratch)}
+    return demo_epoch.demo_epoch_rows(params, inputs["demo_epoch"]["train_pairs"])
+
+
 def prepare_inputs(sizes: dict, scratch: Path) -> dict:
     """Build the shared datasets, tiny BERT, exported encoder (+ TFLite) and the service's trained
-    demo run, all in one child process: one TensorFlow start-up for everything untimed."""
-    return common.run_isolated("datasets", datasets.ALL, {
+    demo run, all in one child process: one TensorFlow start-up for everything untimed. The demo
+    epoch trains on the shared demo when the sizes give it as many people, else on its own."""
+    own_demo = sizes["demo_epoch_identities"] != sizes["demo_identities"]
+    inputs = common.run_isolated("datasets", datasets.ALL, {
         "demo": {"root": str(scratch / "demo"), "identities": sizes["demo_identities"]},
         "coco": {"root": str(scratch / "coco"), "images": sizes["coco_images"],
                  "captions_per_image": sizes["captions_per_image"]},
@@ -216,7 +232,10 @@ def prepare_inputs(sizes: dict, scratch: Path) -> dict:
         "encoder": {"root": str(scratch / "run"), "image_size": list(sizes["index_image_size"])},
         "tflite": {"run_dir": str(scratch / "run")},
         "demo_run": {"data_dir": str(scratch / "demo" / datasets.PACKED), "out": str(scratch / "demo-run")},
+        **({"demo_epoch": {"root": str(scratch / "demo-epoch"), "identities": sizes["demo_epoch_identities"]}}
+           if own_demo else {}),
     })
+    return {"demo_epoch": inputs["demo"], **inputs}
 
 
 def run_all(quick: bool, scratch: Path) -> dict:
@@ -232,6 +251,7 @@ def run_all(quick: bool, scratch: Path) -> dict:
         ("index", lambda: bench_index(sizes, inputs)),
         ("query", lambda: bench_query(sizes)),
         ("service", lambda: bench_service(sizes, inputs, scratch)),
+        ("demo_epoch", lambda: bench_demo_epoch(sizes, inputs, scratch)),
         *large_index.full_run_steps(quick, scratch),  # 10M compressed index, Beam vs local (full run only)
         *([] if quick else [("multiworker", lambda: multiworker.multiworker_rows(scratch))]),
     ]

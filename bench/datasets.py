@@ -13,6 +13,8 @@
   `dualenc.export.encoders.export_vision_encoder` (bytes in, unit embeddings out).
 - ``tflite``: that encoder's ``vision_encoder.tflite`` beside its SavedModel, converted as
   `dualenc.export.encoders.export_encoders` converts a trained run's (``--engine tflite``).
+- ``demo_epoch``: a demo of its own (another number of people) for `bench.demo_epoch`, built
+  as ``demo`` is.
 - ``demo_run``: a run of the default demo preset (small CNN + WordPiece BiLSTM) trained for one
   epoch on the packed demo by ``train.py``'s `main`, as the search service serves it.
 
@@ -166,8 +168,8 @@ def _make_demo_run(params: dict) -> dict:
     return {"run_dir": str(run_dir)}
 
 
-MAKERS = {"demo": _make_demo, "coco": _make_coco, "bert": _make_bert, "encoder": _make_encoder,
-          "tflite": _make_tflite, "demo_run": _make_demo_run}
+MAKERS = {"demo": _make_demo, "demo_epoch": _make_demo, "coco": _make_coco, "bert": _make_bert,
+          "encoder": _make_encoder, "tflite": _make_tflite, "demo_run": _make_demo_run}
 
 
 def measure(kind: str, params: dict) -> dict:

@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import common, packing, query
+from bench import common, demo_epoch, packing, query
 from dualenc.retrieval import knn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("packing", "pipeline", "training", "index", "query", "service")
+BENCHMARKS = ("packing", "pipeline", "training", "index", "query", "service", "demo_epoch")
+# Rows with no seed counterpart: `ref`, the ratio and the ref peak are empty.
+WITHOUT_REFERENCE = ("service", "demo epoch")
+EPOCH_PARTS = ("steps_seconds", "validation_seconds", "commit_seconds")
 
 
 def test_percentile_matches_numpy_linear_interpolation():
@@ -45,6 +48,25 @@ def test_format_table_aligns_columns_and_marks_missing_values():
     assert lines[3].split() == ["longer", "-"]
     offset = lines[0].index("Value")
     assert lines[2][offset:] == "1.23e+03" and lines[3][offset:] == "-"
+
+
+def test_demo_epoch_timeline_splits_an_epoch_between_its_callbacks():
+    ticks = iter([10.0, 12.0, 13.5, 13.75, 14.0])
+    timeline = demo_epoch.Timeline(clock=lambda: next(ticks))
+
+    class Selection:
+        params = {"steps": 4}
+
+        def on_epoch_begin(self, epoch, logs=None):
+            pass
+
+    timeline.epoch_begin(Selection.on_epoch_begin)(Selection(), 0)
+    with pytest.raises(ValueError):  # a failing call is timed too
+        timeline.timed(demo_epoch.VALIDATION, lambda: int("x"))()
+    timeline.timed(demo_epoch.COMMIT, lambda: None)()
+    assert timeline.epoch(0) == {"epoch_seconds": 4.0, "steps_seconds": 2.0, "validation_seconds": 1.5,
+                                 "commit_seconds": 0.25, "other_seconds": 0.25, "steps": 4, "step_ms": 500.0}
+    assert timeline.seconds(demo_epoch.VALIDATION) == 1.5 and timeline.seconds(demo_epoch.DECODE) == 0
 
 
 def test_synthetic_gallery_rows_are_unit_and_clustered():
@@ -99,13 +121,14 @@ def test_quick_run_reports_positive_numbers_for_every_benchmark(tmp_path):
     assert report["quick"] is True
     assert set(report["benchmarks"]) == set(BENCHMARKS)
     covered = {row["benchmark"].split(" (")[0].split(" N=")[0] for row in report["table"]}
-    assert covered == {"packing", "input pipeline", "training", "index build", "query", "service"}
+    assert covered == {"packing", "input pipeline", "training", "index build", "query", "service", "demo epoch"}
     for row in report["table"]:
-        # The service has no reference: the seed has no server.
-        keys = ("ours", "ours_peak_mb") if row["benchmark"].startswith("service") else (
-            "ref", "ours", "ratio", "ref_peak_mb", "ours_peak_mb")
+        reference = not row["benchmark"].startswith(WITHOUT_REFERENCE)
+        keys = ("ref", "ours", "ratio", "ref_peak_mb", "ours_peak_mb") if reference else ("ours", "ours_peak_mb")
         for key in keys:
             assert row[key] > 0, (row["benchmark"], key, row[key])
+        if not reference:
+            assert row["ref"] is None and row["ratio"] is None, row
     levels = report["benchmarks"]["service"]["levels"]
     assert [level["clients"] for level in levels] == [1, 8, 32]
     for level in levels:
@@ -116,3 +139,21 @@ def test_quick_run_reports_positive_numbers_for_every_benchmark(tmp_path):
         assert size["bound_ms"] > 0 and 0 <= size["faiss"]["recall_at_10"] <= 1
         assert size["batch"]["bound_ms"] >= size["bound_ms"] and size["float16"]["bound_ms"] == size["bound_ms"] / 2
     assert "ours vs ref" in completed.stdout
+    assert "demo epoch" in completed.stdout
+    _check_demo_epoch(report["benchmarks"]["demo_epoch"])
+
+
+def _check_demo_epoch(epoch: dict) -> None:
+    """One epoch whose parts are positive and add up to no more than it, within a whole run."""
+    assert len(epoch["epochs"]) == 1 and epoch["steps"] > 0
+    assert epoch["step_ms"] == pytest.approx(1000 * epoch["steps_seconds"] / epoch["steps"])
+    parts = [epoch[key] for key in EPOCH_PARTS]
+    assert min(parts) > 0 and epoch["other_seconds"] >= 0
+    assert sum(parts) + epoch["other_seconds"] == pytest.approx(epoch["epoch_seconds"])
+    assert sum(parts) <= epoch["epoch_seconds"] + 1e-6
+    assert epoch["first_epoch_seconds"] == epoch["epoch_seconds"]
+    # The run holds the decode, the epoch and more (vocabulary, model, export, scoring).
+    assert 0 < epoch["decode_seconds"] and epoch["decode_seconds"] + epoch["epoch_seconds"] < epoch["run_seconds"]
+    assert set(epoch["tower_step_ms"]) == {"vision", "text", "both"}
+    assert min(epoch["tower_step_ms"].values()) > 0
+    assert epoch["batch_size"] == 16 and epoch["image_size"] == [64, 32] and epoch["cpu_model"]
