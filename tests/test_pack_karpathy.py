@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.support.images import random_pixels, write_image
 from tests.support.packed import read_records
-from tfrecords_tools import writer
+from tests.support.interrupt import Interrupted, interrupt_after_shards
 from tfrecords_tools.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,10 +37,6 @@ def sentences(image: int, count: int) -> list[dict]:
     """Karpathy's sentence objects: raw text (case and punctuation kept), tokens, ids."""
     return [{"tokens": ["a", "dog", str(image), str(number)], "raw": f"A  dog, image {image} sentence {number}.",
              "imgid": image, "sentid": 5 * image + number} for number in range(count)]
-
-
-class Interrupted(Exception):
-    """Stands in for a crash or Ctrl-C in the middle of packing."""
 
 
 def make_flickr(root: Path, images: list[tuple[str, str, int]] = FLICKR, tiny: bool = False) -> Path:
@@ -206,16 +202,8 @@ def test_one_unreadable_image_is_skipped_and_listed_and_a_crash_resumes_to_the_c
     assert [(Path(skip["path"]).name, skip["pairs"]) for skip in manifest["skipped"]] == [("1000523639.jpg", 5)]
     assert counts(tmp_path / "clean")["test"] == (2, 10)
 
-    original, closed = writer._SplitWriter.close_shard, []
-
-    def close_then_crash(self, next_image):
-        original(self, next_image)
-        closed.append(next_image)
-        if len(closed) == 2:
-            raise Interrupted
-
     with monkeypatch.context() as patch:
-        patch.setattr(writer._SplitWriter, "close_shard", close_then_crash)
+        interrupt_after_shards(patch, 2)
         with pytest.raises(Interrupted):
             pack(annotations, tmp_path / "flickr30k-images", tmp_path / "resumed", "--shard-size", "5")
     assert not (tmp_path / "resumed" / "manifest.json").exists()

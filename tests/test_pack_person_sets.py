@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.images import write_image
 from tests.support.packed import read_records
-from tfrecords_tools import writer
+from tests.support.interrupt import Interrupted, interrupt_after_shards
 from tfrecords_tools.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,10 +36,6 @@ SETS = {
     "rstpreid": ("data_captions.json", "img_path", RSTPREID,
                  {"train": (4, 8, 3), "val": (1, 2, 1), "test": (3, 6, 2)}),
 }
-
-
-class Interrupted(Exception):
-    """Stands in for a crash or Ctrl-C in the middle of packing."""
 
 
 def entry(command: str, path: str, identity: int, split: str, captions: int) -> dict:
@@ -125,16 +121,8 @@ def test_one_unreadable_image_is_skipped_and_a_crash_resumes_to_the_clean_result
     assert (manifest["splits"][bad_split]["images"], manifest["splits"][bad_split]["pairs"]) == (
         images - 1, pairs - bad_captions)
 
-    original, closed = writer._SplitWriter.close_shard, []
-
-    def close_then_crash(self, next_image):
-        original(self, next_image)
-        closed.append(next_image)
-        if len(closed) == 3:
-            raise Interrupted
-
     with monkeypatch.context() as patch:
-        patch.setattr(writer._SplitWriter, "close_shard", close_then_crash)
+        interrupt_after_shards(patch, 3)
         with pytest.raises(Interrupted):
             pack(command, annotations, tmp_path / "imgs", tmp_path / "resumed", "--shard-size", "2")
     assert not (tmp_path / "resumed" / "manifest.json").exists()

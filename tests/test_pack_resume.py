@@ -8,11 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.cuhk_pedes import make_cuhk_pedes, pack
+from tests.support.interrupt import Interrupted, interrupt_after_shards
 from tfrecords_tools import writer
-
-
-class Interrupted(Exception):
-    """Stands in for a crash or Ctrl-C in the middle of packing."""
 
 
 def _contents(out_dir: Path) -> dict[str, object]:
@@ -36,25 +33,12 @@ def clean(tmp_path_factory):
     return root, _contents(root / "clean")
 
 
-def _interrupt_after_shards(monkeypatch, closed_before_crash: int) -> None:
-    original = writer._SplitWriter.close_shard
-    calls = []
-
-    def close_then_crash(self, next_image):
-        original(self, next_image)
-        calls.append(next_image)
-        if len(calls) == closed_before_crash:
-            raise Interrupted
-
-    monkeypatch.setattr(writer._SplitWriter, "close_shard", close_then_crash)
-
-
 @pytest.mark.parametrize("closed_before_crash", [1, 4])
 def test_resume_after_a_crash_equals_a_clean_run(clean, monkeypatch, closed_before_crash):
     root, expected = clean
     out = root / f"crash{closed_before_crash}"
     with monkeypatch.context() as patch:
-        _interrupt_after_shards(patch, closed_before_crash)
+        interrupt_after_shards(patch, closed_before_crash)
         with pytest.raises(Interrupted):
             pack(root, out, "--shard-size", "2", "--workers", "1")
     assert not (out / "manifest.json").exists()
@@ -67,7 +51,7 @@ def test_stale_partial_files_and_corrupt_shards_are_redone(clean, monkeypatch):
     root, expected = clean
     out = root / "stale"
     with monkeypatch.context() as patch:
-        _interrupt_after_shards(patch, 2)
+        interrupt_after_shards(patch, 2)
         with pytest.raises(Interrupted):
             pack(root, out, "--shard-size", "2", "--workers", "1")
     done = sorted(out.glob(".*.done"))
@@ -83,7 +67,7 @@ def test_unfinished_run_over_other_input_is_refused(clean, monkeypatch, capsys):
     root, _ = clean
     out = root / "other"
     with monkeypatch.context() as patch:
-        _interrupt_after_shards(patch, 1)
+        interrupt_after_shards(patch, 1)
         with pytest.raises(Interrupted):
             pack(root, out, "--shard-size", "2", "--workers", "1")
     assert pack(root, out, "--shard-size", "3", "--workers", "1") == 2
