@@ -36,6 +36,7 @@ from dualenc.data.images import (
 from dualenc.data.records import serialize_example
 from tests.support.images import write_image
 from tests.support.packed import read_records
+from tests.support.packer_process import pack_in_fresh_process
 from tfrecords_tools import writer
 from tfrecords_tools.__main__ import main
 
@@ -488,10 +489,6 @@ def test_a_second_packer_is_told_the_holder_and_kill_9_leaves_no_process(tmp_pat
 def test_mistakes_are_reported_before_tensorflow_is_imported(tmp_path, arguments, expected):
     (tmp_path / "captions.csv").write_text('image,caption\na.png,"open\n')
     (tmp_path / "good.csv").write_text("image,caption\na.png,fine\n")
-    program = ("import sys\nfrom tfrecords_tools.__main__ import main\n"
-               f"code = main({[argument.format(root=tmp_path) for argument in arguments]!r})\n"
-               "print(code, 'tensorflow' in sys.modules)\n")
-    completed = subprocess.run([sys.executable, "-c", program], cwd=REPO, env=CHILD_ENV,
-                               capture_output=True, text=True, timeout=PROCESS_WAIT_S)
+    completed = pack_in_fresh_process([argument.format(root=tmp_path) for argument in arguments], PROCESS_WAIT_S)
     assert completed.stdout == "2 False\n", completed.stderr
     assert completed.stderr.startswith("error: ") and expected in completed.stderr

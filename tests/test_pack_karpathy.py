@@ -4,9 +4,6 @@ one label per image, skips, resume, and one-line errors for malformed files."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +11,10 @@ from PIL import Image
 
 from tests.support.images import random_pixels, write_image
 from tests.support.packed import read_records
+from tests.support.packer_process import pack_in_fresh_process
 from tests.support.interrupt import Interrupted, interrupt_after_shards
 from tfrecords_tools.__main__ import main
 
-REPO = Path(__file__).resolve().parents[1]
-CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 # Flickr30k-style images: (filename, split, sentences); a test image has exactly five.
 FLICKR = [
     ("1000092795.jpg", "train", 5), ("10002456.jpg", "train", 5), ("1000268201.jpg", "val", 5),
@@ -268,9 +264,6 @@ def test_a_malformed_file_is_reported_before_tensorflow_is_imported(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "test"}]}))
     arguments = ["karpathy", "--annotations", str(tmp_path / "dataset.json"), "--images", str(tmp_path / "images"),
                  "--out", str(tmp_path / "out")]
-    program = ("import sys\nfrom tfrecords_tools.__main__ import main\n"
-               f"code = main({arguments!r})\nprint(code, 'tensorflow' in sys.modules)\n")
-    completed = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True,
-                               timeout=60, env=CHILD_ENV)
+    completed = pack_in_fresh_process(arguments)
     assert completed.stdout == "2 False\n", completed.stderr
     assert "'sentences'" in completed.stderr

@@ -4,20 +4,16 @@ trained on), skips, resume, and one-line errors for malformed annotation lists."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.images import write_image
 from tests.support.packed import read_records
+from tests.support.packer_process import pack_in_fresh_process
 from tests.support.interrupt import Interrupted, interrupt_after_shards
 from tfrecords_tools.__main__ import main
 
-REPO = Path(__file__).resolve().parents[1]
-CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 # (image path, identity, split, captions), in the released layouts, identities out of order.
 ICFG = [
     ("test/0004/0004_c3_0012.jpg", 4, "test", 1), ("train/0001/0001_c1_0003.jpg", 1, "train", 1),
@@ -184,9 +180,6 @@ def test_a_malformed_list_is_reported_before_tensorflow_is_imported(tmp_path):
     (tmp_path / "data_captions.json").write_text(json.dumps([{"id": 1, "img_path": "a.jpg", "captions": ["x"]}]))
     arguments = ["rstpreid", "--annotations", str(tmp_path / "data_captions.json"), "--images", str(tmp_path / "imgs"),
                  "--out", str(tmp_path / "out")]
-    program = ("import sys\nfrom tfrecords_tools.__main__ import main\n"
-               f"code = main({arguments!r})\nprint(code, 'tensorflow' in sys.modules)\n")
-    completed = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True,
-                               timeout=60, env=CHILD_ENV)
+    completed = pack_in_fresh_process(arguments)
     assert completed.stdout == "2 False\n", completed.stderr
     assert "field 'split'" in completed.stderr
