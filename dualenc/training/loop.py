@@ -39,7 +39,7 @@ from dualenc.retrieval.evaluation import SplitEmbeddings, embed_split, evaluate_
 from dualenc.retrieval.gallery import PackedGallery
 from dualenc.retrieval.index import open_index
 from dualenc.export.encoders import TEXT_ENCODER_DIR, export_encoders, load_encoder
-from dualenc.training.optimizer import PartwiseAdamW, StepSchedule
+from dualenc.training.optimizer import PartwiseAdamW, StepSchedule, unwrapped_optimizer
 from dualenc.training.feature_cache import CachedFeatures, cached_features, tower_fingerprint
 from dualenc.core.files import atomic_file, write_json_atomic
 from dualenc.data.manifest import TEST_SPLITS, Manifest, default_split, load_manifest
@@ -377,10 +377,6 @@ def build_model(config: configs.TrainConfig, placement: Placement | None = None)
     return model
 
 
-def run_optimizer(model: keras.Model) -> PartwiseAdamW:
-    """The model's `PartwiseAdamW`, inside the loss-scale wrapper mixed precision adds."""
-    return getattr(model.optimizer, "inner_optimizer", model.optimizer)
-
 
 def feature_caches(
     model: DualEncoder,
@@ -456,7 +452,7 @@ def train_epochs(
     # One pass over the stream is the rest of the run, each epoch in its own seeded order.
     steps_per_epoch = int(train_batches.cardinality()) // len(epochs)
     # Set before `fit` traces the step: the schedule is fixed for the whole run.
-    run_optimizer(model).step_schedule = StepSchedule.for_run(config, steps_per_epoch)
+    unwrapped_optimizer(model).step_schedule = StepSchedule.for_run(config, steps_per_epoch)
     shard = shard or (lambda dataset: dataset)
     keras_verbose = keras_verbosity(verbose, sys.stdout)
     model.fit(

@@ -113,3 +113,8 @@ class PartwiseAdamW(keras.optimizers.Adam):
     def get_config(self) -> dict:
         return {**super().get_config(), "weight_decay": self.decoupled_weight_decay,
                 "head_lr_multiplier": self.head_lr_multiplier}
+
+
+def unwrapped_optimizer(model: keras.Model) -> keras.optimizers.Optimizer:
+    """The model's optimiser (a run's `PartwiseAdamW`), inside the loss-scale wrapper mixed precision adds."""
+    return getattr(model.optimizer, "inner_optimizer", model.optimizer)

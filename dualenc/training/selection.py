@@ -37,7 +37,7 @@ import numpy as np
 
 from dualenc.core.files import atomic_directory, atomic_file, move_into_place
 from dualenc.core import jsonfiles
-from dualenc.training.optimizer import PartwiseAdamW
+from dualenc.training.optimizer import PartwiseAdamW, unwrapped_optimizer
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "training.weights.h5"
@@ -217,7 +217,7 @@ class ModelSelection(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = {key: float(value) for key, value in (logs or {}).items()}
-        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        optimizer = unwrapped_optimizer(self.model)
         if isinstance(optimizer, PartwiseAdamW):
             # Where the per-step schedule has taken the towers' rate by the epoch's end.
             logs[SCHEDULED_RATE] = optimizer.scheduled_learning_rate()
