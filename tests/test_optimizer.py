@@ -127,6 +127,7 @@ def test_recipe_flags_override_the_preset_and_bad_values_get_one_line():
     demo = train.build_config(train.parse_args(["--flip", "--translate", "0.1", "--token-dropout", "0.2"]))
     assert (demo.augment.flip, demo.augment.translate, demo.augment.token_dropout) == (True, 0.1, 0.2)
     for flags, field in ((["--erase", "1.5"], "erase"), (["--warmup-epochs", "-1"], "warmup_epochs"),
+                         (["--warmup-epochs", "inf"], "warmup_epochs"),
                          (["--head-lr-multiplier", "0"], "head_lr_multiplier"), (["--warmup-from", "2"], "warmup_from"),
                          (["--text", "bert", "--token-dropout", "0.1"], "--token-dropout")):
         with pytest.raises(DualEncError, match=field) as raised:

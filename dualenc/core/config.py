@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -261,8 +262,8 @@ class TrainConfig:
         if self.epochs < 0:
             raise DualEncError(f"epochs must be >= 0, got {self.epochs!r}")
         # A warm-up longer than a short run (a smoke run of a preset) covers the whole run.
-        if not self.warmup_epochs >= 0:
-            raise DualEncError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        if not 0 <= self.warmup_epochs < math.inf:
+            raise DualEncError(f"warmup_epochs must be a finite number >= 0, got {self.warmup_epochs!r}")
         if not 0 <= self.warmup_from <= 1:
             raise DualEncError(f"warmup_from must be in [0, 1], got {self.warmup_from!r}")
         if not 0 <= self.seed <= MAX_SEED:
