@@ -28,6 +28,7 @@ from PIL import Image
 from dualenc.data.images import (
     SUPPORTED_SUFFIXES,
     ImageProblem,
+    StoreSize,
     canonical_image_bytes,
     decode_image,
     decode_rgb,
@@ -282,7 +283,7 @@ def test_sixteen_bit_grey_is_scaled_by_257_and_colour_keeps_its_high_byte():
 def test_resizing_keeps_sixteen_bit_grey_grey_and_rotations_upright(twins):
     for name in ("grey16.png", "exif6.jpg"):
         twin = twins[name]
-        resized = decode_rgb(canonical_image_bytes(twin.data, max_side=24))
+        resized = decode_rgb(canonical_image_bytes(twin.data, StoreSize(max_side=24)))
         expected = np.asarray(Image.fromarray(twin.pixels).resize((20, 24), Image.Resampling.LANCZOS))
         assert resized.shape == expected.shape
         assert np.abs(resized.astype(int) - expected).mean() < RESIZED_MEAN_ERROR, name

@@ -67,6 +67,10 @@ def test_created_manifest_is_stamped_and_valid(tmp_path):
     manifest = Manifest.create({"format": "test"}, {"train": summary}, [], image_size=64)
     assert manifest.created is not None and manifest.created.endswith("+00:00")
     assert Manifest.from_json(json.loads(json.dumps(manifest.to_json())), tmp_path / "m.json") == manifest
+    assert "cover_size" not in manifest.to_json()  # written only by a packer given --preset
+    covered = Manifest.create({"format": "test"}, {"train": summary}, [], image_size=None, cover_size=(64, 32))
+    assert covered.to_json()["cover_size"] == [64, 32]
+    assert Manifest.from_json(json.loads(json.dumps(covered.to_json())), tmp_path / "m.json") == covered
 
 
 def _damage(content: dict, case: str) -> dict:
@@ -90,6 +94,10 @@ def _damage(content: dict, case: str) -> dict:
         content["skipped"] = {"path": "x"}
     elif case == "image_size_text":
         content["image_size"] = "64"
+    elif case == "cover_size_one_side":
+        content["cover_size"] = [64]
+    elif case == "cover_size_zero":
+        content["cover_size"] = [64, 0]
     elif case == "not_an_object":
         content = [content]
     return content
@@ -106,6 +114,8 @@ def _damage(content: dict, case: str) -> dict:
     ("source_not_object", ["source", "'coco'"]),
     ("skipped_not_list", ["skipped"]),
     ("image_size_text", ["image_size", "'64'"]),
+    ("cover_size_one_side", ["cover_size", "[64]"]),
+    ("cover_size_zero", ["cover_size", "[64, 0]"]),
     ("not_an_object", ["format_version"]),
 ])
 def test_bad_fields_are_one_line_naming_file_and_field(tmp_path, case, fragments):

@@ -49,18 +49,28 @@ def _writing(flag: str, path: Path) -> Iterator[None]:
                            f"choose a writable {flag} with free space") from None
 
 
+def _store_size(args: argparse.Namespace):
+    """What `--max-side` and `--preset` allow an image to be stored at (a `StoreSize`), checked
+    before the annotations are read."""
+    from dualenc.data.images import StoreSize
+    from dualenc.training.presets import stored_image_cover
+
+    return StoreSize(args.max_side, None if args.preset is None else stored_image_cover(args.preset))
+
+
 def _pack(splits_and_skipped: tuple, args: argparse.Namespace, source: dict) -> int:
     from tfrecords_tools.writer import pack
 
     splits, skipped = splits_and_skipped
+    size = args.store_size
     if args.runner is not None:
         from tfrecords_tools.beam_pack import pack_with_beam
 
         pack_with_beam(splits, _absolute(args.out), source, args.beam_options, skipped=skipped,
-                       resize=args.resize, max_image_bytes=args.max_image_bytes, shard_size=args.shard_size,
+                       size=size, max_image_bytes=args.max_image_bytes, shard_size=args.shard_size,
                        overwrite=args.overwrite)
         return 0
-    pack(splits, _absolute(args.out), source, skipped=skipped, resize=args.resize,
+    pack(splits, _absolute(args.out), source, skipped=skipped, size=size,
          max_image_bytes=args.max_image_bytes, shard_size=args.shard_size, workers=args.workers,
          overwrite=args.overwrite, verbose=args.verbose)
     return 0
@@ -166,8 +176,12 @@ def _run_make_demo(args: argparse.Namespace) -> int:
 
 def _packer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for shards and manifest.json")
-    parser.add_argument("--resize", type=int, metavar="S",
-                        help="re-encode images whose longer side exceeds S pixels as JPEG (quality 95)")
+    parser.add_argument("--max-side", "--resize", dest="max_side", type=int, metavar="S",
+                        help="store images whose longer side exceeds S pixels scaled down to S, as JPEG "
+                             "(quality 95); --resize is its older name")
+    parser.add_argument("--preset", metavar="NAME",
+                        help="the train.py preset the pack is for: images larger than it takes to cover its "
+                             "input (demo: 64x32) are stored scaled down, so training decodes small JPEGs")
     parser.add_argument("--shard-size", type=int, metavar="N",
                         help="records per shard, whole images only (default: 2000, seed 003's shards)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
@@ -272,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
             check_runner_flags(getattr(args, "runner", None), beam_args)
             args.beam_options = pipeline_options(args.runner, beam_args)
+        if hasattr(args, "max_side"):  # a packer
+            args.store_size = _store_size(args)
         return args.run(args)
     except DualEncError as error:
         print(f"error: {error}", file=sys.stderr)

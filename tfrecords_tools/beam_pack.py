@@ -44,7 +44,7 @@ from dualenc.core.files import move_into_place, probe_writable, write_json_atomi
 from dualenc.core.locking import directory_lock  # noqa: E402
 from dualenc.data.manifest import Manifest  # noqa: E402
 from dualenc.data.records import MANIFEST_NAME, shard_name  # noqa: E402
-from dualenc.data.images import DEFAULT_MAX_IMAGE_BYTES, prepare_images  # noqa: E402
+from dualenc.data.images import DEFAULT_MAX_IMAGE_BYTES, StoreSize, prepare_images  # noqa: E402
 from tfrecords_tools.writer import (  # noqa: E402
     DEFAULT_SHARD_SIZE,
     JOURNAL_NAME,
@@ -75,10 +75,10 @@ def shard_starts(kept_pairs: Iterable[tuple[int, int]], shard_size: int) -> list
     return starts
 
 
-def _prepare(item: tuple[str, int, ImageEntry], resize: int | None,
+def _prepare(item: tuple[str, int, ImageEntry], size: StoreSize,
              max_image_bytes: int) -> tuple[str, int, ImageEntry, bytes | None, str | None]:
     split, position, entry = item
-    [(image, reason)] = prepare_images([entry.path], resize, max_image_bytes)
+    [(image, reason)] = prepare_images([entry.path], size, max_image_bytes)
     return split, position, entry, image, reason
 
 
@@ -134,7 +134,7 @@ def _write_result(shards: list[dict], out_dir: str, skips: list[dict]) -> None:
     write_json_atomic(Path(out_dir) / RESULT_NAME, {"shards": shards, "skipped": skips})
 
 
-def build_pipeline(pipeline, splits: dict[str, list[ImageEntry]], out_dir: Path, resize: int | None,
+def build_pipeline(pipeline, splits: dict[str, list[ImageEntry]], out_dir: Path, size: StoreSize,
                    max_image_bytes: int, shard_size: int, shard_writer: Callable = write_shard) -> None:
     """Add the packing transforms to `pipeline` (see the module docstring). `shard_writer`
     has `write_shard`'s signature; tests pass one that fails once."""
@@ -145,7 +145,7 @@ def build_pipeline(pipeline, splits: dict[str, list[ImageEntry]], out_dir: Path,
         pipeline
         | "entries" >> beam.Create(items)
         | "spread over workers" >> beam.Reshuffle()
-        | "validate and re-encode" >> beam.Map(_prepare, resize, max_image_bytes)
+        | "validate and re-encode" >> beam.Map(_prepare, size, max_image_bytes)
     )
     layouts = beam.pvalue.AsDict(
         prepared
@@ -193,7 +193,7 @@ def _split_states(splits: dict[str, list[ImageEntry]], result: dict) -> dict[str
 
 
 def pack_with_beam(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, options, *,
-                   skipped: Sequence[dict] = (), resize: int | None = None,
+                   skipped: Sequence[dict] = (), size: StoreSize = StoreSize(),
                    max_image_bytes: int | None = None, shard_size: int | None = None,
                    overwrite: bool = False, shard_writer: Callable = write_shard) -> Manifest:
     """`tfrecords_tools.writer.pack` run as a Beam pipeline with `options` (`PipelineOptions`,
@@ -207,12 +207,12 @@ def pack_with_beam(splits: dict[str, list[ImageEntry]], out_dir: Path, source: d
 
     shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
     max_image_bytes = DEFAULT_MAX_IMAGE_BYTES if max_image_bytes is None else max_image_bytes
-    check_options(splits, resize, max_image_bytes, shard_size, None)
+    check_options(splits, size, max_image_bytes, shard_size, None)
     out_dir = Path(out_dir)
     _check_writable(out_dir)
     make_out_dir(out_dir)
     prior_skipped = list(skipped)
-    run_fingerprint = fingerprint(splits, source, prior_skipped, resize, shard_size, max_image_bytes)
+    run_fingerprint = fingerprint(splits, source, prior_skipped, size, shard_size, max_image_bytes)
     with directory_lock(out_dir, "packer"):
         claim = claim_out_dir(out_dir, run_fingerprint, overwrite)
         if "manifest" in claim:
@@ -224,7 +224,7 @@ def pack_with_beam(splits: dict[str, list[ImageEntry]], out_dir: Path, source: d
         write_json_atomic(out_dir / JOURNAL_NAME, {"fingerprint": run_fingerprint, "splits": {}})
 
         with beam.Pipeline(options=options) as pipeline:
-            build_pipeline(pipeline, splits, out_dir, resize, max_image_bytes, shard_size, shard_writer)
+            build_pipeline(pipeline, splits, out_dir, size, max_image_bytes, shard_size, shard_writer)
 
         result = jsonfiles.load_file(out_dir / RESULT_NAME, "Beam packer result")
         summaries, image_skips = {}, []
@@ -232,7 +232,7 @@ def pack_with_beam(splits: dict[str, list[ImageEntry]], out_dir: Path, source: d
             summaries[split], split_skips = split_summary(splits[split], state)
             image_skips.extend(split_skips)
         manifest = Manifest.create({**source, "fingerprint": run_fingerprint}, summaries,
-                                   prior_skipped + image_skips, resize)
+                                   prior_skipped + image_skips, size.max_side, size.cover)
         manifest.write(out_dir)
         shards = {name for summary in summaries.values() for name in summary.shards}
         remove_packer_files(out_dir, keep=shards | {MANIFEST_NAME})

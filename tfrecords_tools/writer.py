@@ -53,7 +53,7 @@ from tqdm import tqdm
 from dualenc.core import jsonfiles
 from dualenc.core.errors import DualEncError
 from dualenc.core.files import move_into_place, sha256_of_file, temporary_sibling, write_json_atomic
-from dualenc.data.images import pillow_reason, tensorflow_problems
+from dualenc.data.images import StoreSize, pillow_reason, tensorflow_problems
 from dualenc.core.locking import directory_lock
 from dualenc.data.manifest import Manifest, SplitSummary, manifest_path, read_manifest_file
 from dualenc.data.records import FORMAT_VERSION, MANIFEST_NAME, serialize_example, shard_name
@@ -135,7 +135,7 @@ def empty_caption_skip(path: str, where: str) -> dict:
 
 
 def fingerprint(splits: dict[str, list[ImageEntry]], source: dict, skipped: list[dict],
-                resize: int | None, shard_size: int, max_image_bytes: int) -> str:
+                size: StoreSize, shard_size: int, max_image_bytes: int) -> str:
     """sha256 over what determines the output: pairs, labels, options, annotation-level skips
     and the `source` keys other than its paths (left out so a moved dataset still resumes).
     Image bytes are not hashed (too slow for COCO): replacing an image file in place needs
@@ -143,7 +143,7 @@ def fingerprint(splits: dict[str, list[ImageEntry]], source: dict, skipped: list
     content = {
         "format_version": FORMAT_VERSION,
         "max_image_bytes": max_image_bytes,
-        "resize": resize,
+        "resize": size.max_side,
         "shard_size": shard_size,
         "source": {key: value for key, value in source.items() if key not in PATH_KEYS},
         "skipped": skipped,
@@ -152,6 +152,8 @@ def fingerprint(splits: dict[str, list[ImageEntry]], source: dict, skipped: list
             for split, entries in sorted(splits.items())
         },
     }
+    if size.cover is not None:  # absent otherwise, so packs made before covers existed still resume
+        content["cover"] = list(size.cover)
     serialised = json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(serialised).hexdigest()
 
@@ -255,12 +257,12 @@ def make_out_dir(out_dir: Path) -> None:
                            "choose a writable directory") from None
 
 
-def _pillow_prepared(entries: list[ImageEntry], resize: int | None, max_image_bytes: int,
+def _pillow_prepared(entries: list[ImageEntry], size: StoreSize, max_image_bytes: int,
                      pool: concurrent.futures.Executor | None, workers: int) -> Iterator[tuple[bytes | None, str | None]]:
     """(bytes, None) or (None, reason) per entry after Pillow's checks (JPEGs kept as is: header
     only), in order; at most a few tasks per worker in flight so finished images never pile up
     in memory."""
-    tasks = [([entry.path for entry in entries[start:start + IMAGES_PER_TASK]], resize, max_image_bytes, False)
+    tasks = [([entry.path for entry in entries[start:start + IMAGES_PER_TASK]], size, max_image_bytes, False)
              for start in range(0, len(entries), IMAGES_PER_TASK)]
     if pool is None:
         for task in tasks:
@@ -290,13 +292,13 @@ def _tensorflow_checked(results: list[tuple[bytes | None, str | None]],
     return checked
 
 
-def _prepared(entries: list[ImageEntry], resize: int | None, max_image_bytes: int,
+def _prepared(entries: list[ImageEntry], size: StoreSize, max_image_bytes: int,
               pool: concurrent.futures.Executor | None, workers: int,
               verbose: bool) -> Iterator[tuple[bytes | None, str | None]]:
     """(bytes, None) or (None, reason) per entry, in order: Pillow's checks and re-encoding in
     the threads, then TensorFlow's decoder over each batch of what would be stored."""
     batch = []
-    for result in _pillow_prepared(entries, resize, max_image_bytes, pool, workers):
+    for result in _pillow_prepared(entries, size, max_image_bytes, pool, workers):
         batch.append(result)
         if len(batch) == TENSORFLOW_CHECK_IMAGES:
             yield from _tensorflow_checked(batch, verbose)
@@ -436,7 +438,7 @@ def split_summary(entries: list[ImageEntry], split_state: dict) -> tuple[SplitSu
 
 
 def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: dict,
-                 resize: int | None, max_image_bytes: int, shard_size: int,
+                 size: StoreSize, max_image_bytes: int, shard_size: int,
                  pool: concurrent.futures.Executor | None, workers: int,
                  verbose: bool) -> tuple[SplitSummary, list[dict]]:
     split_state = journal["splits"].setdefault(split, {"shards": [], "tail_skipped": [], "complete": False})
@@ -458,7 +460,7 @@ def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: 
         remaining = entries[start:]
         try:
             for position, entry, (image, reason) in zip(range(start, len(entries)), remaining,
-                                                         _prepared(remaining, resize, max_image_bytes, pool, workers, verbose)):
+                                                         _prepared(remaining, size, max_image_bytes, pool, workers, verbose)):
                 if image is None:
                     writer.skip(position, reason)
                 else:
@@ -475,9 +477,9 @@ def _write_split(out_dir: Path, split: str, entries: list[ImageEntry], journal: 
     return split_summary(entries, split_state)
 
 
-def check_options(splits: dict[str, list[ImageEntry]], resize: int | None, max_image_bytes: int,
+def check_options(splits: dict[str, list[ImageEntry]], size: StoreSize, max_image_bytes: int,
                   shard_size: int, workers: int | None) -> None:
-    for flag, value in (("--resize", resize), ("--max-image-bytes", max_image_bytes),
+    for flag, value in (("--max-side", size.max_side), ("--max-image-bytes", max_image_bytes),
                         ("--shard-size", shard_size), ("--workers", workers)):
         if value is not None and value < 1:
             raise DualEncError(f"{flag} must be at least 1, got {value}")
@@ -509,7 +511,7 @@ def _disk_full(error: BaseException, tf: Any) -> bool:
     return isinstance(error, tf.errors.ResourceExhaustedError)
 
 
-def _write_all(splits: dict[str, list[ImageEntry]], out_dir: Path, journal: dict, resize: int | None,
+def _write_all(splits: dict[str, list[ImageEntry]], out_dir: Path, journal: dict, size: StoreSize,
                max_image_bytes: int, shard_size: int, workers: int,
                verbose: bool) -> tuple[dict[str, SplitSummary], list[dict]]:
     """Write every split's shards; returns their summaries and the images skipped."""
@@ -519,7 +521,7 @@ def _write_all(splits: dict[str, list[ImageEntry]], out_dir: Path, journal: dict
     summaries, image_skips = {}, []
     try:
         for split in sorted(splits):
-            summaries[split], split_skips = _write_split(out_dir, split, splits[split], journal, resize,
+            summaries[split], split_skips = _write_split(out_dir, split, splits[split], journal, size,
                                                           max_image_bytes, shard_size, pool, workers, verbose)
             image_skips.extend(split_skips)
     finally:
@@ -529,14 +531,15 @@ def _write_all(splits: dict[str, list[ImageEntry]], out_dir: Path, journal: dict
 
 
 def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
-         skipped: Iterable[dict] = (), resize: int | None = None,
+         skipped: Iterable[dict] = (), size: StoreSize = StoreSize(),
          max_image_bytes: int | None = None, shard_size: int | None = None,
          workers: int | None = None, overwrite: bool = False, verbose: bool = False) -> Manifest:
     """Pack `splits` into shards and `manifest.json` in `out_dir`; returns the manifest.
 
     `source` describes the input (``format``, absolute ``annotations``/``images`` paths, and any
     content identifiers, which join the fingerprint); `skipped` lists entries the source module
-    already dropped. `shard_size` defaults to `DEFAULT_SHARD_SIZE`, `max_image_bytes` to
+    already dropped. Images larger than `size` allows are stored scaled down to it.
+    `shard_size` defaults to `DEFAULT_SHARD_SIZE`, `max_image_bytes` to
     `dualenc.data.images.DEFAULT_MAX_IMAGE_BYTES`. Images are read and validated in
     `workers` threads (default: one per core); one that is not a regular file or holds more than
     `max_image_bytes` is skipped (`tfrecords_tools.image_files`). A directory holding the same fingerprint is
@@ -545,9 +548,9 @@ def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
     """
     shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
     max_image_bytes = DEFAULT_MAX_IMAGE_BYTES if max_image_bytes is None else max_image_bytes
-    check_options(splits, resize, max_image_bytes, shard_size, workers)
+    check_options(splits, size, max_image_bytes, shard_size, workers)
     prior_skipped = list(skipped)
-    run_fingerprint = fingerprint(splits, source, prior_skipped, resize, shard_size, max_image_bytes)
+    run_fingerprint = fingerprint(splits, source, prior_skipped, size, shard_size, max_image_bytes)
     make_out_dir(out_dir)
     with directory_lock(out_dir, "packer"):
         claim = claim_out_dir(out_dir, run_fingerprint, overwrite)
@@ -557,10 +560,10 @@ def pack(splits: dict[str, list[ImageEntry]], out_dir: Path, source: dict, *,
         journal = claim["journal"]
         tf = import_tensorflow(verbose)
         try:
-            summaries, image_skips = _write_all(splits, out_dir, journal, resize, max_image_bytes, shard_size,
+            summaries, image_skips = _write_all(splits, out_dir, journal, size, max_image_bytes, shard_size,
                                                 workers or os.cpu_count() or 1, verbose)
             manifest = Manifest.create({**source, "fingerprint": run_fingerprint}, summaries,
-                                       prior_skipped + image_skips, resize)
+                                       prior_skipped + image_skips, size.max_side, size.cover)
             manifest.write(out_dir)
         except (OSError, tf.errors.ResourceExhaustedError) as error:
             if not _disk_full(error, tf):

@@ -21,8 +21,9 @@ The original bytes are kept whenever TensorFlow already decodes them to those pi
 greyscale or RGB without an EXIF rotation, PNG of 8 bits or fewer per sample (any colour type,
 whatever the file is called), uncompressed 24-bit BMP, and single-frame RGB WebP. Anything else is
 re-encoded: a JPEG source (CMYK, rotated) as an RGB or grey JPEG of quality 95 with full-resolution
-colour, any other source as a lossless PNG. With ``max_side`` set, an image whose longer side
-exceeds it is resized with a Lanczos filter and stored as a JPEG of quality 95.
+colour, any other source as a lossless PNG. An image larger than a packer's `StoreSize` (a
+longer side above ``--max-side``, or more than it takes to cover a preset's model input) is
+scaled down with a Lanczos filter and stored as a JPEG of quality 95.
 
 TensorFlow's JPEG decoder defaults to libjpeg's fast integer DCT, which is off by up to ~5 levels
 from Pillow's accurate one; `decode_image` asks for the accurate DCT, so both agree on JPEGs too.
@@ -30,7 +31,7 @@ from Pillow's accurate one; `decode_image` asks for the accurate DCT, so both ag
 Pillow and TensorFlow still differ on some damaged files (a JPEG whose entropy-coded data runs on
 past a destroyed end marker: Pillow pads it, TensorFlow refuses it), so whatever is stored for
 training is finally decoded by TensorFlow itself: `tensorflow_problems`. A packer (or a Beam
-pipeline) validates an image with ``canonical_image_bytes(data, max_side)``, then a batch of the
+pipeline) validates an image with ``canonical_image_bytes(data, size)``, then a batch of the
 results with ``tensorflow_problems(images)``; both are pure functions of the bytes. A packer that
 does run `tensorflow_problems` on everything it stores passes ``check_pixels=False``: a JPEG or
 PNG kept as is is then not decoded by Pillow too (a JPEG's header is read, for mode, size and EXIF
@@ -48,7 +49,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
+import math
 import io
 import os
 import re
@@ -100,6 +103,34 @@ JPEG_SCALES = (1, 2, 4, 8)  # the denominators of libjpeg's reduced DCT scales T
 # The target `tensorflow_problems` decodes to: any JPEG then decodes at 1/8 scale, which still
 # reads every entropy-coded block (truncation and corrupt data fail as at full size), ~40 % cheaper.
 CHECK_SIZE = (1, 1)
+# The EXIF orientations that turn the image a quarter (width and height swap when applied).
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSize:
+    """How large a packer stores an image: never enlarged, scaled down (aspect kept) only when
+    its longer side exceeds `max_side`, or when it is larger than it takes to cover `cover`.
+
+    `cover` is a model input ``(height, width)``: training resizes every image to it without
+    keeping the aspect, so an image scaled by ``max(height / h, width / w)`` still has at least as
+    many rows and columns as the input reads, while its decode costs only what training needs
+    (a 640x480 photo for a 224x224 input: 299x224, 4.6x fewer pixels). None: no such limit.
+    """
+
+    max_side: int | None = None
+    cover: tuple[int, int] | None = None
+
+    def longest_side(self, width: int, height: int) -> int:
+        """The longer side a `width` x `height` image is stored with (its own when it fits)."""
+        side = max(width, height)
+        if self.max_side is not None:
+            side = min(side, self.max_side)
+        if self.cover is not None:
+            scale = max(self.cover[0] / height, self.cover[1] / width)
+            # Rounded up, so the scaled image never falls a pixel short of the input.
+            side = min(side, math.ceil(max(width, height) * scale - 1e-9))
+        return side
 
 
 class ImageProblem(Exception):
@@ -228,11 +259,13 @@ def _encode(image: Image.Image, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def _resized(image: Image.Image, max_side: int) -> Image.Image:
-    """`image` with its longer side scaled down to `max_side`, aspect ratio kept."""
-    scale = max_side / max(image.size)
-    new_size = tuple(max(1, round(side * scale)) for side in image.size)
-    return image.resize(new_size, Image.Resampling.LANCZOS)
+def _stored_size(size: tuple[int, int], store: StoreSize) -> tuple[int, int]:
+    """The (width, height) an upright `size` image is stored at: scaled to the longer side
+    `store` allows, aspect kept. Rounding the shorter side keeps a cover: the longer side was
+    rounded up, so the exact shorter side is already at least the cover's."""
+    longest_side = store.longest_side(*size)
+    scale = longest_side / max(size)
+    return tuple(longest_side if side == max(size) else max(1, round(side * scale)) for side in size)
 
 
 def _open(data: bytes) -> Image.Image:
@@ -246,11 +279,11 @@ def _open(data: bytes) -> Image.Image:
         raise ImageProblem(f"truncated or corrupt {_signature_format(data) or 'image'} ({error})") from None
 
 
-def canonical_image_bytes(data: bytes, max_side: int | None = None, check_pixels: bool = True) -> bytes:
+def canonical_image_bytes(data: bytes, size: StoreSize = StoreSize(), check_pixels: bool = True) -> bytes:
     """Bytes that `decode_image` decodes to the correct RGB pixels of the image `data` holds.
 
     `data` itself when TensorFlow already decodes it right, else a re-encoding (see the module
-    docstring); with `max_side`, an image whose longer side exceeds it is scaled down to it.
+    docstring); an image larger than `size` allows is scaled down to it.
     Raises `ImageProblem` with a short reason when `data` is empty, truncated, corrupt, not an
     image, or a layout the decoder does not support. With `check_pixels` False, a JPEG kept as
     is is returned after reading its header only, a PNG kept as is (no chunk that may hold
@@ -260,11 +293,14 @@ def canonical_image_bytes(data: bytes, max_side: int | None = None, check_pixels
     image = _open(data)
     if max(image.size) > MAX_SIDE:
         raise ImageProblem(f"{image.width}x{image.height} pixels: sides longer than {MAX_SIDE:,} are not supported")
-    too_large = max_side is not None and max(image.size) > max_side
-    if (not check_pixels and not too_large and image.format == "PNG" and _tensorflow_decodes_as_is(image, data)
-            and not _check_png_chunks(data) & PNG_EXIF_CHUNKS):
+    if (not check_pixels and _stored_size(image.size, size) == image.size and image.format == "PNG"
+            and _tensorflow_decodes_as_is(image, data) and not _check_png_chunks(data) & PNG_EXIF_CHUNKS):
         return data  # intact chunks and no EXIF: Pillow would load the pixels only to look for one
     orientation = _orientation(image)
+    # The size limits apply to the image as training sees it: upright.
+    upright = image.size[::-1] if orientation in TRANSPOSING_ORIENTATIONS else image.size
+    stored_size = _stored_size(upright, size)
+    too_large = stored_size != upright
     as_is = not too_large and orientation == 1 and _tensorflow_decodes_as_is(image, data)
     name = image.format or "image"
     if as_is and not check_pixels and image.format in JPEG_FORMATS:
@@ -272,7 +308,7 @@ def canonical_image_bytes(data: bytes, max_side: int | None = None, check_pixels
     try:
         if too_large and image.format in JPEG_FORMATS:
             # Let libjpeg decode at a reduced scale (never below the target size): much faster.
-            image.draft(image.mode, (max_side, max_side))
+            image.draft(image.mode, stored_size if upright == image.size else stored_size[::-1])
         elif as_is and image.format in JPEG_FORMATS:
             # Kept as is, so decoding only checks the file: libjpeg's 1/8 scale still reads every
             # entropy-coded block (truncation is caught) at a fraction of the cost.
@@ -288,7 +324,7 @@ def canonical_image_bytes(data: bytes, max_side: int | None = None, check_pixels
         return data
     pixels = _eight_bit(ImageOps.exif_transpose(image) if orientation != 1 else image)
     if too_large:
-        return _encode(_resized(pixels, max_side), "JPEG")
+        return _encode(pixels.resize(stored_size, Image.Resampling.LANCZOS), "JPEG")
     return _encode(pixels, "JPEG" if image.format in JPEG_FORMATS else "PNG")
 
 
@@ -309,26 +345,26 @@ def read_image_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES)
         }[refused.kind]) from None
 
 
-def read_image_file(path: str | Path, max_side: int | None = None, check_pixels: bool = True,
+def read_image_file(path: str | Path, size: StoreSize = StoreSize(), check_pixels: bool = True,
                     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
     """`canonical_image_bytes` of the file at `path` (read by `read_image_bytes`: a regular file
     of bounded size, never a FIFO or device); `ImageProblem` also when it cannot be read."""
-    return canonical_image_bytes(read_image_bytes(path, max_bytes), max_side, check_pixels)
+    return canonical_image_bytes(read_image_bytes(path, max_bytes), size, check_pixels)
 
 
-def _bytes_or_reason(path: str | Path, max_side: int | None, check_pixels: bool = True,
+def _bytes_or_reason(path: str | Path, size: StoreSize, check_pixels: bool = True,
                      max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> tuple[bytes | None, str | None]:
     try:
-        return read_image_file(path, max_side, check_pixels, max_bytes), None
+        return read_image_file(path, size, check_pixels, max_bytes), None
     except ImageProblem as problem:
         return None, str(problem)
 
 
-def prepare_images(paths: list[str], max_side: int | None, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+def prepare_images(paths: list[str], size: StoreSize, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                    check_pixels: bool = True) -> list[tuple[bytes | None, str | None]]:
     """`read_image_file` over a chunk of paths, for a pool (the local and the Beam packer): per
     path (bytes, None) on success or (None, reason) when the image must be skipped."""
-    return [_bytes_or_reason(path, max_side, check_pixels, max_bytes) for path in paths]
+    return [_bytes_or_reason(path, size, check_pixels, max_bytes) for path in paths]
 
 
 def pillow_reason(data: bytes) -> str | None:
@@ -343,7 +379,7 @@ def pillow_reason(data: bytes) -> str | None:
     return None
 
 
-def read_image_files(paths: Sequence[str | Path], max_side: int | None = None, workers: int | None = None,
+def read_image_files(paths: Sequence[str | Path], size: StoreSize = StoreSize(), workers: int | None = None,
                      check_pixels: bool = True) -> Iterator[tuple[bytes | None, str | None]]:
     """`prepare_images` in a thread pool (Pillow decodes without holding the GIL), yielded in
     the order of `paths` with a few reads per thread in flight, so memory stays bounded."""
@@ -351,7 +387,7 @@ def read_image_files(paths: Sequence[str | Path], max_side: int | None = None, w
     pending: collections.deque = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for path in paths:
-            pending.append(pool.submit(_bytes_or_reason, path, max_side, check_pixels))
+            pending.append(pool.submit(_bytes_or_reason, path, size, check_pixels))
             if len(pending) >= workers * READS_IN_FLIGHT_PER_WORKER:
                 yield pending.popleft().result()
         while pending:

@@ -5,6 +5,7 @@
     {"created": "2025-01-01T00:00:00+00:00",
      "format_version": 1,
      "image_size": null,
+     "cover_size": [128, 64],
      "skipped": [{"pairs": 2, "path": "/abs/imgs/a.jpg", "reason": "file not found"}],
      "source": {"annotations": "/abs/reid_raw.json", "fingerprint": "<sha256>",
                 "format": "cuhk-pedes", "images": "/abs/imgs"},
@@ -14,8 +15,10 @@
 
 `Manifest.from_json` is the one validation: the packer (deciding whether to resume) and every
 reader see the same checks, and a bad field is reported in one line naming the file and the
-field (``splits.train.pairs``). ``source``, ``skipped``, ``image_size`` and ``created`` are
-descriptive and may be absent; the splits are what readers rely on. Written with sorted keys,
+field (``splits.train.pairs``). ``source``, ``skipped``, ``image_size`` (the packer's
+``--max-side``), ``cover_size`` (the model input ``[height, width]`` its ``--preset`` stores images
+just large enough to cover; absent when none) and ``created`` are descriptive and may be absent;
+the splits are what readers rely on. Written with sorted keys,
 so the same content always gives the same bytes.
 """
 
@@ -77,6 +80,16 @@ class _Fields:
         return value
 
 
+def _cover_size(fields: _Fields) -> tuple[int, int] | None:
+    """The optional ``cover_size``: two positive integers or absent/null."""
+    value = fields.optional("cover_size", list, None, "[height, width] or null")
+    if value is None:
+        return None
+    if len(value) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in value):
+        fields.fail("cover_size", f"must be [height, width], two positive integers, got {value!r}")
+    return (value[0], value[1])
+
+
 def _type_name(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(value), type(value).__name__)
 
@@ -125,14 +138,16 @@ class Manifest:
     skipped: tuple[Mapping[str, Any], ...] = ()
     image_size: int | None = None
     created: str | None = None
+    cover_size: tuple[int, int] | None = None
 
     @classmethod
     def create(cls, source: Mapping[str, Any], splits: Mapping[str, SplitSummary],
-               skipped: list[Mapping[str, Any]], image_size: int | None) -> Manifest:
+               skipped: list[Mapping[str, Any]], image_size: int | None,
+               cover_size: tuple[int, int] | None = None) -> Manifest:
         """A new manifest stamped with the current UTC time."""
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         return cls(splits=MappingProxyType(dict(splits)), source=MappingProxyType(dict(source)),
-                   skipped=tuple(skipped), image_size=image_size, created=created)
+                   skipped=tuple(skipped), image_size=image_size, created=created, cover_size=cover_size)
 
     @classmethod
     def from_json(cls, content: Any, path: Path) -> Manifest:
@@ -153,6 +168,7 @@ class Manifest:
             skipped=tuple(skipped),
             image_size=fields.optional("image_size", int, None, "an integer or null"),
             created=fields.optional("created", str, None, "a string"),
+            cover_size=_cover_size(fields),
         )
 
     def to_json(self) -> dict:
@@ -164,6 +180,7 @@ class Manifest:
             "skipped": [dict(entry) for entry in self.skipped],
             "image_size": self.image_size,
             "created": self.created,
+            **({"cover_size": list(self.cover_size)} if self.cover_size is not None else {}),
         }
 
     def write(self, data_dir: str | Path) -> Path:

@@ -145,3 +145,14 @@ def preset(name: str) -> TrainConfig:
         return PRESETS[name]
     except KeyError:
         raise DualEncError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def stored_image_cover(name: str) -> tuple[int, int]:
+    """The model input ``(height, width)`` of preset `name`, for a packer that stores images just
+    large enough to cover it (`dualenc.data.images.StoreSize`). A keras-hub tower reads its size
+    from its own preset, which a packer does not load: those presets are refused in one line."""
+    vision = preset(name).model.vision
+    if vision.image_size is None:
+        raise DualEncError(f"preset {name!r} takes its image size from the keras-hub preset {vision.preset!r}, "
+                           "which packing does not read; pack with --max-side S instead")
+    return vision.image_size
