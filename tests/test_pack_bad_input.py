@@ -296,6 +296,7 @@ def test_a_label_outside_int64_is_refused_before_any_image_is_read(tmp_path, cap
 # 7: records are byte-identical in every process.
 
 def _varint(value: int) -> bytes:
+    value %= 2**64  # a negative int64 is written as its 64-bit two's complement
     out = bytearray()
     while True:
         low, value = value & 0x7F, value >> 7
@@ -325,6 +326,21 @@ def test_an_example_is_serialised_with_its_features_in_key_order():
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[300])),
     }))
     assert tf.train.Example.FromString(serialized) == expected
+
+
+@pytest.mark.parametrize("image_length, label", [(0, 0), (127, -1), (128, 2**63 - 1), (16384, -2**63), (300_000, 12345)])
+def test_examples_of_every_varint_width_match_the_reference_and_protobuf(image_length, label):
+    """Lengths and labels whose varints take 1 to 10 bytes, so each nested length is right."""
+    rng = np.random.default_rng(image_length)
+    image = rng.integers(0, 256, image_length, dtype=np.uint8).tobytes()
+    caption, image_id = "word " * int(rng.integers(0, 60)), "dir/" * int(rng.integers(1, 50)) + "x.jpg"
+    values = {"caption": _field(1, _field(1, caption.strip().encode())), "image": _field(1, _field(1, image)),
+              "image_id": _field(1, _field(1, image_id.encode())), "label": _field(3, _field(1, _varint(label)))}
+    entries = b"".join(_field(1, _field(1, key.encode()) + _field(2, value)) for key, value in sorted(values.items()))
+    serialized = serialize_example(caption, image, image_id, label)
+    assert serialized == _field(1, entries)
+    parsed = tf.train.Example.FromString(serialized).features.feature
+    assert parsed["image"].bytes_list.value == [image] and parsed["label"].int64_list.value == [label]
 
 
 def test_two_clean_processes_pack_byte_identical_shards_without_tensorflow_chatter(tmp_path):

@@ -76,9 +76,9 @@ def _varint(value: int) -> bytes:
     return bytes(encoded)
 
 
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field (wire type 2): tag, length, payload."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+def _head(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited protobuf field (wire type 2) of `length` bytes."""
+    return _varint(number << 3 | 2) + _varint(length)
 
 
 def serialize_example(caption: str, image: bytes, image_id: str, label: int) -> bytes:
@@ -88,17 +88,28 @@ def serialize_example(caption: str, image: bytes, image_id: str, label: int) -> 
     writes a map in a per-process hash order (or, asked to be deterministic, in an order of its
     implementation's choosing), so equal input gave different bytes and shard checksums. Fields:
     Example.features (1) → Features.feature (1), a map entry of key (1) and Feature (2) →
-    Feature.bytes_list (1) or int64_list (3) → value (1; int64 packed).
+    Feature.bytes_list (1) or int64_list (3) → value (1; int64 packed). Each field's length is
+    computed before its contents are joined, so the image's bytes are copied once, not once per
+    level of nesting (packing copies every image once per caption).
     """
-    features = {
-        CAPTION: _field(BYTES_LIST, _field(1, normalise_caption(caption).encode("utf-8"))),
-        IMAGE: _field(BYTES_LIST, _field(1, image)),
-        IMAGE_ID: _field(BYTES_LIST, _field(1, image_id.encode("utf-8"))),
-        LABEL: _field(INT64_LIST, _field(1, _varint(int(label)))),
+    values = {
+        CAPTION: (BYTES_LIST, normalise_caption(caption).encode("utf-8")),
+        IMAGE: (BYTES_LIST, image),
+        IMAGE_ID: (BYTES_LIST, image_id.encode("utf-8")),
+        LABEL: (INT64_LIST, _varint(int(label))),
     }
-    entries = b"".join(_field(1, _field(1, key.encode("utf-8")) + _field(2, feature))
-                       for key, feature in sorted(features.items()))
-    return _field(1, entries)
+    pieces, features_length = [], 0
+    for key, (kind, payload) in sorted(values.items()):
+        key_bytes = key.encode("utf-8")
+        key_field = _head(1, len(key_bytes)) + key_bytes
+        value_head = _head(1, len(payload))
+        kind_head = _head(kind, len(value_head) + len(payload))
+        feature_length = len(kind_head) + len(value_head) + len(payload)
+        feature_head = _head(2, feature_length)
+        entry_head = _head(1, len(key_field) + len(feature_head) + feature_length)
+        pieces += [entry_head, key_field, feature_head, kind_head, value_head, payload]
+        features_length += len(entry_head) + len(key_field) + len(feature_head) + feature_length
+    return b"".join([_head(1, features_length), *pieces])
 
 
 def parse_example(serialized: tf.Tensor) -> dict:
