@@ -3,9 +3,9 @@
 Five benchmarks (packing, input pipeline, frozen-backbone training, index build, query
 latency) each run the reference approach (``ref``, a faithful re-implementation of the keras.io
 example's code) and ours on the same data in the same run, interleaved, every measurement in
-its own process (see `bench.common`). A sixth, the search service under concurrent clients,
-has no reference (the seed has no service): its rows leave ``ref`` and the ratio empty. So
-does a seventh, one epoch of ``train.py``'s demo recipe broken down into its parts
+its own process (see `bench.common`; ``--quick``, a smoke run, takes them all in one). A sixth,
+the search service under concurrent clients, has no reference (the seed has no service): its
+rows leave ``ref`` and the ratio empty. So does a seventh, one epoch of ``train.py``'s demo recipe broken down into its parts
 (`bench.demo_epoch`). The full run adds rows without a seed counterpart, ours against ours: a 10M-row compressed index,
 Beam against the local packer and indexer (`bench.large_index`), and two training workers
 against one process (`bench.multiworker`). Prints a table of medians, ratios (> 1: ours is
@@ -27,7 +27,8 @@ from tfrecords_tools.demo import DEFAULT_IDENTITIES
 # A smoke run of every code path (the test suite runs it): the smallest demo (10 identities), two
 # training epochs (the later-epoch median needs one after the first) and MobileNetV2's
 # smallest input (32 x 32), and one demo-preset epoch on that demo (batch 16: it has about 70
-# training pairs). Its numbers are not for comparison.
+# training pairs: the very run the service serves, so none is trained for the service alone). Its
+# numbers are not for comparison: every measurement runs in one shared process (`run_all`).
 QUICK = {
     "repeats": 1, "demo_identities": 10, "coco_images": 12, "captions_per_image": 2, "pack_coco": False,
     "pipeline_batch": 16, "pipeline_image_size": (299, 299),
@@ -66,7 +67,7 @@ def _row(name: str, summary: dict, note: str = "") -> dict:
                                                                  "ref_peak_mb", "ours_peak_mb")}, "note": note}
 
 
-def bench_packing(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[dict]]:
+def bench_packing(sizes: dict, inputs: dict, scratch: Path, run: common.Runner) -> tuple[dict, list[dict]]:
     """Packing pairs/s per source (the demo, and COCO-like photos in the full run)."""
     sources = {"demo": inputs["demo"]} | ({"coco-like": inputs["coco"]} if sizes["pack_coco"] else {})
     results, rows = {}, []
@@ -76,18 +77,18 @@ def bench_packing(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[
             return {"format": source["format"], "annotations": source["annotations"], "images": source["images"],
                     "out": str(out)}
 
-        runs = common.interleaved("packing", ["seed", "ours"], sizes["repeats"], params)
+        runs = common.interleaved("packing", ["seed", "ours"], sizes["repeats"], params, run)
         results[name] = pair_summary(runs, "pairs_per_s", higher_is_better=True)
         rows.append(_row(f"packing ({name}, {source['pairs']} pairs)", results[name],
                          "ours: 1 thread/core, validates every image"))
     return results, rows
 
 
-def bench_pipeline(sizes: dict, inputs: dict) -> tuple[dict, list[dict]]:
+def bench_pipeline(sizes: dict, inputs: dict, run: common.Runner) -> tuple[dict, list[dict]]:
     """TFRecords → batched decoded images, pairs/s."""
     params = {"data_dir": inputs["coco"]["packed"], "batch_size": sizes["pipeline_batch"],
               "image_size": list(sizes["pipeline_image_size"])}
-    runs = common.interleaved("pipeline", ["seed", "ours"], sizes["repeats"], params)
+    runs = common.interleaved("pipeline", ["seed", "ours"], sizes["repeats"], params, run)
     summary = pair_summary(runs, "pairs_per_s", higher_is_better=True)
     per_cpu = pair_summary(runs, "pairs_per_cpu_s", higher_is_better=True)
     height, width = sizes["pipeline_image_size"]
@@ -98,13 +99,13 @@ def bench_pipeline(sizes: dict, inputs: dict) -> tuple[dict, list[dict]]:
     return {**summary, "per_cpu": per_cpu}, rows
 
 
-def bench_training(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[dict]]:
+def bench_training(sizes: dict, inputs: dict, scratch: Path, run: common.Runner) -> tuple[dict, list[dict]]:
     """Frozen MobileNetV2 + frozen tiny BERT: first epoch, later epochs, 30-epoch extrapolation."""
     params = {"data_dir": inputs["demo"]["packed"], "batch_size": sizes["training_batch"],
               "image_size": list(sizes["training_image_size"]), "epochs": sizes["training_epochs"],
               "scratch": str(scratch), "preprocessor": inputs["bert"]["preprocessor"],
               "encoder": inputs["bert"]["encoder"]}
-    runs = common.interleaved("training", ["seed", "ours"], sizes["training_repeats"], params)
+    runs = common.interleaved("training", ["seed", "ours"], sizes["training_repeats"], params, run)
     summaries = {key: pair_summary(runs, key, higher_is_better=False)
                  for key in ("first_epoch_seconds", "later_epoch_seconds", "run_30_seconds")}
     height, width = sizes["training_image_size"]
@@ -115,13 +116,13 @@ def bench_training(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list
     return summaries, [_row(name, summary, notes[key]) for key, summary in summaries.items()]
 
 
-def bench_index(sizes: dict, inputs: dict) -> tuple[dict, list[dict]]:
+def bench_index(sizes: dict, inputs: dict, run: common.Runner) -> tuple[dict, list[dict]]:
     """Index build images/s from a saved encoder, with and without the encoder's loading time:
     ours on the SavedModel and on TFLite + XNNPACK (what ``--engine auto`` picks without a GPU)."""
     params = {"images": inputs["coco"]["images"], "batch_size": sizes["index_batch"],
               "image_size": list(sizes["index_image_size"]), "run_dir": inputs["encoder"]["run_dir"],
               "keras_model": inputs["encoder"]["keras_model"]}
-    runs = common.interleaved("index", ["seed", "ours", "tflite"], sizes["index_repeats"], params)
+    runs = common.interleaved("index", ["seed", "ours", "tflite"], sizes["index_repeats"], params, run)
     summaries = {key: pair_summary(runs, key, higher_is_better=True)
                  for key in ("images_per_s", "embed_images_per_s", "images_per_cpu_s")}
     tflite_runs = {"seed": runs["seed"], "ours": runs["tflite"]}
@@ -137,7 +138,7 @@ def bench_index(sizes: dict, inputs: dict) -> tuple[dict, list[dict]]:
     return {**summaries, "tflite": tflite, "tflite_min_cosine": cosine}, rows
 
 
-def bench_query(sizes: dict) -> tuple[dict, list[dict]]:
+def bench_query(sizes: dict, run: common.Runner) -> tuple[dict, list[dict]]:
     """Latency over N embeddings: one query (ref, exact, FAISS HNSW), a batch of queries, and a
     float16 gallery, each exact time against its bound. The seed keeps its float32 gallery, so
     the float16 row's ref is the seed's single-query run, not a second run of the same thing.
@@ -146,23 +147,24 @@ def bench_query(sizes: dict) -> tuple[dict, list[dict]]:
     that in float16); a batch of B queries also needs 2·N·256·B FLOPs, so its bound is the larger
     of the read time and that work at the measured matrix-product speed.
     """
-    machine = common.run_isolated("query", "bandwidth", {"megabytes": sizes["bandwidth_megabytes"]})
+    machine = run("query", "bandwidth", {"megabytes": sizes["bandwidth_megabytes"]})
     bandwidth, flops = machine["bytes_per_s"], machine["flops"]
     results: dict = {"read_bandwidth_gb_s": bandwidth / 1e9, "matmul_gflops": flops / 1e9, "sizes": {}}
     rows = []
     batch = sizes["query_batch"]
     for count in sizes["query_sizes"]:
         params = {"n": count, "dim": 256, "k": 10, "queries": sizes["query_count"]}
-        runs = common.interleaved("query", ["seed", "ours", "faiss"], 1, params)
+        runs = common.interleaved("query", ["seed", "ours", "faiss"], 1, params, run)
         bound_ms = 1000 * count * 256 * 4 / bandwidth
         exact = pair_summary(runs, "p50_ms", higher_is_better=False)
         exact_p95 = pair_summary(runs, "p95_ms", higher_is_better=False)
         faiss = runs["faiss"][0]
         batch_params = {**params, "queries": sizes["batch_count"], "batch": batch}
-        batched = pair_summary(common.interleaved("query", ["seed", "ours"], 1, batch_params), "p50_ms",
+        batched = pair_summary(common.interleaved("query", ["seed", "ours"], 1, batch_params, run), "p50_ms",
                                 higher_is_better=False)
         batch_bound_ms = max(bound_ms, 1000 * 2 * count * 256 * batch / flops)
-        half_runs = {"seed": runs["seed"], **common.interleaved("query", ["ours"], 1, {**params, "float16": True})}
+        half_runs = {"seed": runs["seed"], **common.interleaved("query", ["ours"], 1, {**params, "float16": True},
+                                                                run)}
         half = pair_summary(half_runs, "p50_ms", higher_is_better=False)
         results["sizes"][str(count)] = {
             "exact_p50": exact, "exact_p95": exact_p95, "bound_ms": bound_ms,
@@ -191,11 +193,13 @@ def bench_query(sizes: dict) -> tuple[dict, list[dict]]:
     return results, rows
 
 
-def bench_service(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[dict]]:
-    """The search service on loopback: queries/s and p50/p99 latency per number of concurrent clients."""
-    params = {"run_dir": inputs["demo_run"]["run_dir"], "data_dir": inputs["demo"]["packed"], "scratch": str(scratch),
+def bench_service(sizes: dict, inputs: dict, scratch: Path, run: common.Runner,
+                  run_dir: str) -> tuple[dict, list[dict]]:
+    """The search service on loopback, serving the run in `run_dir`: queries/s and p50/p99 latency
+    per number of concurrent clients."""
+    params = {"run_dir": run_dir, "data_dir": inputs["demo"]["packed"], "scratch": str(scratch),
               "clients": list(sizes["service_clients"]), "queries_per_client": sizes["service_queries_per_client"]}
-    result = common.run_isolated("service", "ours", params)
+    result = run("service", "ours", params)
     rows = [{"benchmark": f"service ({result['images']} images, loopback)", "metric": f"qps_{level['clients']}_clients",
              "ref": None, "ours": level["qps"], "ratio": None, "ref_peak_mb": None,
              "ours_peak_mb": result["server_peak_mb"],
@@ -212,26 +216,37 @@ def bench_service(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[
     return result, rows
 
 
-def bench_demo_epoch(sizes: dict, inputs: dict, scratch: Path) -> tuple[dict, list[dict]]:
+def bench_demo_epoch(sizes: dict, inputs: dict, scratch: Path, run: common.Runner) -> tuple[dict, list[dict]]:
     """One epoch of the demo preset through run_training: steps, validation, commit, decode, towers."""
     params = {"data_dir": inputs["demo_epoch"]["packed"], "epochs": sizes["demo_epoch_epochs"],
               "batch_size": sizes["demo_epoch_batch"], "repeats": sizes["demo_epoch_repeats"], "scratch": str(scratch)}
-    return demo_epoch.demo_epoch_rows(params, inputs["demo_epoch"]["train_pairs"])
+    return demo_epoch.demo_epoch_rows(params, inputs["demo_epoch"]["train_pairs"], run)
 
 
-def prepare_inputs(sizes: dict, scratch: Path) -> dict:
+def serves_demo_epoch_run(sizes: dict) -> bool:
+    """Whether the demo epoch trains the service's run: on the shared demo, for as many epochs and
+    with the batch that `datasets.DEMO_RUN_FLAGS` give ``train.py`` (the quick sizes). Then the
+    service serves that run and no other is trained for it."""
+    same_demo = sizes["demo_epoch_identities"] == sizes["demo_identities"]
+    recipe = (sizes["demo_epoch_epochs"], sizes["demo_epoch_batch"])
+    return same_demo and recipe == (datasets.DEMO_RUN_EPOCHS, datasets.DEMO_RUN_BATCH)
+
+
+def prepare_inputs(sizes: dict, scratch: Path, run: common.Runner) -> dict:
     """Build the shared datasets, tiny BERT, exported encoder (+ TFLite) and the service's trained
-    demo run, all in one child process: one TensorFlow start-up for everything untimed. The demo
-    epoch trains on the shared demo when the sizes give it as many people, else on its own."""
+    demo run (unless the demo epoch trains it), all in one child process: one TensorFlow start-up
+    for everything untimed. The demo epoch trains on the shared demo when the sizes give it as
+    many people, else on its own."""
     own_demo = sizes["demo_epoch_identities"] != sizes["demo_identities"]
-    inputs = common.run_isolated("datasets", datasets.ALL, {
+    inputs = run("datasets", datasets.ALL, {
         "demo": {"root": str(scratch / "demo"), "identities": sizes["demo_identities"]},
         "coco": {"root": str(scratch / "coco"), "images": sizes["coco_images"],
                  "captions_per_image": sizes["captions_per_image"]},
         "bert": {"root": str(scratch / "bert")},
         "encoder": {"root": str(scratch / "run"), "image_size": list(sizes["index_image_size"])},
         "tflite": {"run_dir": str(scratch / "run")},
-        "demo_run": {"data_dir": str(scratch / "demo" / datasets.PACKED), "out": str(scratch / "demo-run")},
+        **({} if serves_demo_epoch_run(sizes) else
+           {"demo_run": {"data_dir": str(scratch / "demo" / datasets.PACKED), "out": str(scratch / "demo-run")}}),
         **({"demo_epoch": {"root": str(scratch / "demo-epoch"), "identities": sizes["demo_epoch_identities"]}}
            if own_demo else {}),
     })
@@ -239,19 +254,34 @@ def prepare_inputs(sizes: dict, scratch: Path) -> dict:
 
 
 def run_all(quick: bool, scratch: Path) -> dict:
-    """Every benchmark; returns the report (machine, sizes, per-benchmark results, table rows)."""
-    sizes = QUICK if quick else FULL
-    inputs = prepare_inputs(sizes, scratch)
+    """Every benchmark; returns the report (machine, sizes, per-benchmark results, table rows).
+    The quick run, a smoke run, takes every measurement in one `common.SharedWorker`."""
+    if not quick:
+        return run_benchmarks(FULL, common.run_isolated, quick, scratch)
+    with common.SharedWorker() as worker:
+        return run_benchmarks(QUICK, worker.run, quick, scratch)
+
+
+def run_benchmarks(sizes: dict, run: common.Runner, quick: bool, scratch: Path) -> dict:
+    """`run_all` with its sizes and the `run` that takes each measurement."""
+    inputs = prepare_inputs(sizes, scratch, run)
     machine = common.machine_facts(inputs["demo"]["tensorflow"])
     report: dict = {"machine": machine, "quick": quick, "sizes": sizes, "benchmarks": {}, "table": []}
+    shared_run = serves_demo_epoch_run(sizes)
+
+    def service() -> tuple[dict, list[dict]]:
+        run_dir = report["benchmarks"]["demo_epoch"]["run_dir"] if shared_run else inputs["demo_run"]["run_dir"]
+        return bench_service(sizes, inputs, scratch, run, run_dir)
+
+    # The demo epoch first when its run is the one the service serves.
+    demo_steps = [("service", service), ("demo_epoch", lambda: bench_demo_epoch(sizes, inputs, scratch, run))]
     steps = [
-        ("packing", lambda: bench_packing(sizes, inputs, scratch)),
-        ("pipeline", lambda: bench_pipeline(sizes, inputs)),
-        ("training", lambda: bench_training(sizes, inputs, scratch)),
-        ("index", lambda: bench_index(sizes, inputs)),
-        ("query", lambda: bench_query(sizes)),
-        ("service", lambda: bench_service(sizes, inputs, scratch)),
-        ("demo_epoch", lambda: bench_demo_epoch(sizes, inputs, scratch)),
+        ("packing", lambda: bench_packing(sizes, inputs, scratch, run)),
+        ("pipeline", lambda: bench_pipeline(sizes, inputs, run)),
+        ("training", lambda: bench_training(sizes, inputs, scratch, run)),
+        ("index", lambda: bench_index(sizes, inputs, run)),
+        ("query", lambda: bench_query(sizes, run)),
+        *(demo_steps[::-1] if shared_run else demo_steps),
         *large_index.full_run_steps(quick, scratch),  # 10M compressed index, Beam vs local (full run only)
         *([] if quick else [("multiworker", lambda: multiworker.multiworker_rows(scratch))]),
     ]
@@ -266,7 +296,7 @@ def run_all(quick: bool, scratch: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks, print the table, write the JSON report."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, all in one process: a smoke run")
     parser.add_argument("--json", metavar="OUT", help="write the full report as JSON to OUT")
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="dualenc-bench-"))

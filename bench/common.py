@@ -2,7 +2,8 @@
 
 Every measured variant runs in its own Python process (`run_isolated`), so each reports its
 own peak resident memory (``ru_maxrss`` of the process, and separately of the worker processes
-it waited for) and no variant inherits another's warm caches, threads or allocations.
+it waited for) and no variant inherits another's warm caches, threads or allocations. A smoke
+run, whose numbers are not for comparison, may run them all in one `SharedWorker` instead.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import datetime
 import json
 import os
 import platform
+import queue
 import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +34,10 @@ TABLE_COLUMNS = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_MARKER = "BENCH-RESULT "
 CHILD_TIMEOUT_S = 1200
+
+# How a benchmark runs one measurement, ``(benchmark, variant, params) -> result``: `run_isolated`,
+# or a `SharedWorker`'s `run`.
+Runner = Callable[[str, str, dict], dict]
 
 
 class Stopwatch:
@@ -129,15 +136,67 @@ def run_isolated(benchmark: str, variant: str, params: dict) -> dict:
     )
 
 
+class SharedWorker:
+    """One ``python -m bench.worker --serve`` child that runs every measurement given to `run`,
+    one after another: the smoke run's stand-in for `run_isolated`, which pays TensorFlow's
+    start-up (about 4 s of CPU on 2 cores) once instead of once per measurement.
+
+    Its measurements are not isolated: each sees what the ones before it imported, traced and
+    allocated, and its ``rss_mb["self"]`` is the shared process's peak so far. The child's
+    stderr goes to a file, read back when a measurement fails; a reader thread hands result
+    lines over, so a stuck measurement times out as in `run_isolated`.
+    """
+
+    def __enter__(self) -> "SharedWorker":
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._process = subprocess.Popen([sys.executable, "-m", "bench.worker", "--serve"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+                                         env=child_environment(), cwd=REPO_ROOT)
+        self._results: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read_results, daemon=True).start()
+        return self
+
+    def _read_results(self) -> None:
+        for line in self._process.stdout:
+            if line.startswith(RESULT_MARKER):
+                self._results.put(json.loads(line[len(RESULT_MARKER):]))
+        self._results.put(None)  # the child exited
+
+    def run(self, benchmark: str, variant: str, params: dict) -> dict:
+        """``bench.<benchmark>.measure(variant, params)`` in the shared child; its result dict."""
+        self._process.stdin.write(json.dumps([benchmark, variant, params]) + "\n")
+        self._process.stdin.flush()
+        try:
+            result = self._results.get(timeout=CHILD_TIMEOUT_S)
+        except queue.Empty:
+            result = None
+        if result is None:
+            self._process.kill()
+            self._stderr.seek(0)
+            raise RuntimeError(f"bench {benchmark}/{variant} failed in the shared worker "
+                               f"(exit {self._process.wait()}):\n{self._stderr.read()[-4000:]}")
+        return result
+
+    def __exit__(self, *exc_info) -> None:
+        self._process.stdin.close()  # the child's loop ends
+        try:
+            self._process.wait(60)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._stderr.close()
+
+
 def interleaved(benchmark: str, variants: Sequence[str], repeats: int,
-                params: dict | Callable[[str], dict]) -> dict[str, list[dict]]:
-    """`repeats` rounds of every variant in turn (ref, ours, ref, ours …), each isolated, so slow
-    drift in machine load hits all variants alike. `params` may depend on the variant."""
+                params: dict | Callable[[str], dict], run: Runner) -> dict[str, list[dict]]:
+    """`repeats` rounds of every variant in turn (ref, ours, ref, ours …), each run by `run`
+    (isolated, unless a smoke run shares one process), so slow drift in machine load hits all
+    variants alike. `params` may depend on the variant."""
     results: dict[str, list[dict]] = {variant: [] for variant in variants}
     for _ in range(repeats):
         for variant in variants:
             variant_params = params(variant) if callable(params) else params
-            results[variant].append(run_isolated(benchmark, variant, variant_params))
+            results[variant].append(run(benchmark, variant, variant_params))
     return results
 
 

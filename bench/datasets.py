@@ -16,11 +16,13 @@
 - ``demo_epoch``: a demo of its own (another number of people) for `bench.demo_epoch`, built
   as ``demo`` is.
 - ``demo_run``: a run of the default demo preset (small CNN + WordPiece BiLSTM) trained for one
-  epoch on the packed demo by ``train.py``'s `main`, as the search service serves it.
+  epoch on the packed demo by ``train.py``'s `main`, as the search service serves it (not built
+  when `bench.demo_epoch` trains that very run, as in the quick run).
 
 ``measure(ALL, {kind: params, …})`` builds several in one process, in the order given: one
 TensorFlow start-up instead of one per input (about 4 s of CPU each on 2 cores). None of this is
-timed; the measured variants still run each in its own process (`bench.common.run_isolated`).
+timed; the measured variants still run each in its own process (`bench.common.run_isolated`),
+except in the quick run (`bench.common.SharedWorker`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ PROJECTION_DIM = 256
 PACKED = "packed"  # the packed copy of a source, under its root
 ALL = "all"  # the `measure` kind that builds several inputs in one process
 # What the search service serves: one epoch of the demo preset; speed does not depend on how well it learnt.
-DEMO_RUN_FLAGS = ["--epochs", "1", "--batch-size", "16", "--quiet"]
+DEMO_RUN_EPOCHS, DEMO_RUN_BATCH = 1, 16
+DEMO_RUN_FLAGS = ["--epochs", str(DEMO_RUN_EPOCHS), "--batch-size", str(DEMO_RUN_BATCH), "--quiet"]
 
 
 def coco_like_image(rng: np.random.Generator) -> bytes:

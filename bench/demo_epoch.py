@@ -172,7 +172,8 @@ def forward_backward(loss_of: Callable, variables: list) -> Callable:
 
 def measure(variant: str, params: dict) -> dict:
     """Train the demo preset `params["epochs"]` epochs through `run_training`; the last epoch's
-    parts, the first epoch's and the whole call's seconds, the decode, and the towers' step times."""
+    parts, the first epoch's and the whole call's seconds, the decode, the towers' step times, and
+    the trained run's directory (which the quick run's search service serves)."""
     from dualenc.core.runs import RunPaths
     from dualenc.training.loop import run_training
 
@@ -193,6 +194,7 @@ def measure(variant: str, params: dict) -> dict:
         "image_size": list(config.model.vision.image_size),
         "tower_step_ms": tower_steps_ms(config, params["repeats"]),
         "cpu_model": common.cpu_model(),
+        "run_dir": str(paths.root),
     }
 
 
@@ -201,10 +203,11 @@ def _row(name: str, metric: str, value: float, peak_mb: float, note: str) -> dic
             "ours_peak_mb": peak_mb, "note": note}
 
 
-def demo_epoch_rows(params: dict, train_pairs: int) -> tuple[dict, list[dict]]:
-    """`measure` in its own process on the packed demo of `train_pairs` training pairs; the result
-    and the table's rows: the last epoch and its parts, the decode, and the towers' step times."""
-    result = common.run_isolated("demo_epoch", "ours", params)
+def demo_epoch_rows(params: dict, train_pairs: int, run: common.Runner) -> tuple[dict, list[dict]]:
+    """`measure` on the packed demo of `train_pairs` training pairs, taken by `run` (in its own
+    process, but in the quick run); the result and the table's rows: the last epoch and its parts,
+    the decode, and the towers' step times."""
+    result = run("demo_epoch", "ours", params)
     height, width = result["image_size"]
     name = f"demo epoch ({train_pairs} pairs, {height}x{width}, batch {result['batch_size']})"
     peak_mb = common.peak_of([result])

@@ -69,6 +69,14 @@ def test_demo_epoch_timeline_splits_an_epoch_between_its_callbacks():
     assert timeline.seconds(demo_epoch.VALIDATION) == 1.5 and timeline.seconds(demo_epoch.DECODE) == 0
 
 
+def test_shared_worker_runs_measurements_in_turn_and_names_the_one_that_fails():
+    with common.SharedWorker() as worker:
+        machine = worker.run("query", "bandwidth", {"megabytes": 4})
+        assert machine["bytes_per_s"] > 0 and machine["flops"] > 0 and machine["rss_mb"]["self"] > 0
+        with pytest.raises(RuntimeError, match=r"bench service/seed failed in the shared worker(.|\n)*only the 'ours'"):
+            worker.run("service", "seed", {})
+
+
 def test_synthetic_gallery_rows_are_unit_and_clustered():
     gallery = query.synthetic_gallery(2000, 32)
     assert gallery.dtype == np.float32
