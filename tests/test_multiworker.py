@@ -7,6 +7,7 @@ come up or disagree on the config; a demo run killed mid-epoch and resumed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +229,74 @@ def test_sharding_by_file_needs_a_file_per_worker():
 # --- two workers on 127.0.0.1 ---------------------------------------------------------------------
 
 
+def _worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    # A private temporary directory shows whether the non-chief worker removed its scratch files.
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return subprocess_env(tmp_path / "cache", TMPDIR=str(tmp_path / "tmp"), **extra)
+
+
+def _start(command: list[str], tf_config: str, env: dict[str, str], log: Path, errors: Path | None = None) -> subprocess.Popen:
+    """`command` as one worker, its output in `log` (stderr in `errors` when given), in `log`'s folder."""
+    with open(log, "w") as stream, open(errors or os.devnull, "w") as error_stream:
+        return subprocess.Popen(command, env={**env, "TF_CONFIG": tf_config}, stdout=stream,
+                                stderr=error_stream if errors else subprocess.STDOUT, cwd=log.parent)
+
+
+@dataclasses.dataclass
+class Refusals:
+    """`train.py` runs refused before training, started together: a chief whose worker 1 never comes
+    (`lonely`), and a chief (`chief`) with a worker 1 given other flags (`other`)."""
+
+    lonely: subprocess.Popen
+    lonely_ports: list[int]
+    lonely_dir: Path
+    chief: subprocess.Popen
+    other: subprocess.Popen
+    configs: list[str]
+    pair_dir: Path
+
+
+LONELY_TIMEOUT_S = 2
+# The refused pair's chief names worker 1 only when it gives up waiting for a valid one, so this
+# timeout is the pair's length: long enough for two processes started together to check in.
+PAIR_TIMEOUT_S = 40
+
+
+@pytest.fixture(scope="module")
+def refusals(demo_data, tmp_path_factory) -> Iterator[Refusals]:
+    """`Refusals`, started in the background at the first test that asks: the runs mostly wait
+    out their timeouts, and the other slow tests of this module run meanwhile (the refused
+    pair's test comes last)."""
+    lonely_dir, pair_dir = tmp_path_factory.mktemp("lonely"), tmp_path_factory.mktemp("pair")
+
+    def flags(out: Path) -> list[str]:
+        return ["--data", str(demo_data), "--out", str(out / "run"), "--placement", "multi-worker", "--quiet"]
+
+    lonely_ports = launch.free_ports(2)
+    lonely = _start(train_command(*flags(lonely_dir)), launch.tf_configs(lonely_ports)[0],
+                    _worker_env(lonely_dir, DUALENC_WORKER_TIMEOUT_S=str(LONELY_TIMEOUT_S)), lonely_dir / "chief.log",
+                    errors=lonely_dir / "chief.err")
+    configs = launch.tf_configs(launch.free_ports(2))
+    env = _worker_env(pair_dir, DUALENC_WORKER_TIMEOUT_S=str(PAIR_TIMEOUT_S))
+    chief = _start(train_command(*flags(pair_dir), "--epochs", "2"), configs[0], env, pair_dir / "chief.log")
+    other = _start(train_command(*flags(pair_dir), "--epochs", "3"), configs[1], env, pair_dir / "other.log")
+    try:
+        yield Refusals(lonely, lonely_ports, lonely_dir, chief, other, configs, pair_dir)
+    finally:
+        launch.stop([lonely, chief, other])
+
+
+@pytest.mark.slow
+def test_a_worker_that_never_comes_up_is_named_after_the_timeout(refusals):
+    assert refusals.lonely.wait(timeout=WORKER_TIMEOUT_S) == 2, (refusals.lonely_dir / "chief.err").read_text()[-3000:]
+    stderr = (refusals.lonely_dir / "chief.err").read_text()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    port = refusals.lonely_ports[1]
+    assert len(errors) == 1 and errors[0].startswith(f"error: worker 1 (127.0.0.1:{port}) never came up within {LONELY_TIMEOUT_S} s")
+    assert "Traceback" not in stderr
+    assert not (refusals.lonely_dir / "run").exists()
+
+
 def _clip_loss_float64(captions: np.ndarray, images: np.ndarray, temperature: float) -> float:
     """Symmetric InfoNCE of the global batch in float64, written independently of dualenc.losses."""
     logits = captions @ images.T / temperature
@@ -265,47 +335,6 @@ def test_first_step_on_two_workers_equals_one_process_on_the_global_batch(tmp_pa
     assert max(change / scale for change, scale in zip(changes, scales)) < 1e-4
     # Sharded by file, each worker reads a file of its own.
     assert [json.loads((tmp_path / f"two.json.files-seen-by-{rank}").read_text()) for rank in (0, 1)] == [[0], [1]]
-
-
-def _worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    # A private temporary directory shows whether the non-chief worker removed its scratch files.
-    (tmp_path / "tmp").mkdir(exist_ok=True)
-    return subprocess_env(tmp_path / "cache", TMPDIR=str(tmp_path / "tmp"), **extra)
-
-
-def _start(command: list[str], tf_config: str, env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as stream:
-        return subprocess.Popen(command, env={**env, "TF_CONFIG": tf_config}, stdout=stream, stderr=subprocess.STDOUT, cwd=log.parent)
-
-
-@pytest.mark.slow
-def test_a_worker_that_never_comes_up_is_named_after_the_timeout(demo_data, tmp_path):
-    ports = launch.free_ports(2)
-    env = _worker_env(tmp_path, DUALENC_WORKER_TIMEOUT_S="5")
-    command = train_command("--data", str(demo_data), "--out", str(tmp_path / "run"), "--placement", "multi-worker", "--quiet")
-    done = subprocess.run(command, env={**env, "TF_CONFIG": launch.tf_configs(ports)[0]}, capture_output=True,
-                          text=True, timeout=WORKER_TIMEOUT_S, cwd=tmp_path)
-    assert done.returncode == 2, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: worker 1 (127.0.0.1:{ports[1]}) never came up within 5 s")
-    assert "Traceback" not in done.stderr
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.slow
-def test_workers_started_with_different_configs_are_refused_by_the_chief(demo_data, tmp_path):
-    configs = launch.tf_configs(launch.free_ports(2))
-    # The chief names the refused worker only when it gives up waiting for a valid one, so this
-    # timeout is the test's length: long enough for two processes started together to check in.
-    env = _worker_env(tmp_path, DUALENC_WORKER_TIMEOUT_S="40")
-    base = ["--data", str(demo_data), "--out", str(tmp_path / "run"), "--placement", "multi-worker", "--quiet"]
-    chief = _start(train_command(*base, "--epochs", "2"), configs[0], env, tmp_path / "chief.log")
-    other = _start(train_command(*base, "--epochs", "3"), configs[1], env, tmp_path / "other.log")
-    assert chief.wait(timeout=WORKER_TIMEOUT_S) == 2 and other.wait(timeout=WORKER_TIMEOUT_S) == 2
-    errors = [line for line in (tmp_path / "chief.log").read_text().splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and f"worker 1 ({json.loads(configs[1])['cluster']['worker'][1]})" in errors[0]
-    assert "different command or config" in errors[0]
-    assert not (tmp_path / "run").exists() or list((tmp_path / "run").iterdir()) == []
 
 
 FRESH_EXPORT_SCRIPT = """
@@ -373,3 +402,12 @@ def test_killed_worker_resumes_on_restart_and_the_chief_writes_a_complete_run(de
     assert f"norms {[1.0] * len(images)} [1.0, 1.0]" in fresh.stdout
     assert float(fresh.stdout.split("spread ")[1]) > 1e-3
 
+
+
+@pytest.mark.slow
+def test_workers_started_with_different_configs_are_refused_by_the_chief(refusals):
+    assert refusals.chief.wait(timeout=WORKER_TIMEOUT_S) == 2 and refusals.other.wait(timeout=WORKER_TIMEOUT_S) == 2
+    errors = [line for line in (refusals.pair_dir / "chief.log").read_text().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"worker 1 ({json.loads(refusals.configs[1])['cluster']['worker'][1]})" in errors[0]
+    assert "different command or config" in errors[0]
+    assert not (refusals.pair_dir / "run").exists() or list((refusals.pair_dir / "run").iterdir()) == []

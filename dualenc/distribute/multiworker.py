@@ -34,7 +34,9 @@ import atexit
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -87,7 +89,23 @@ def create_strategy(cluster: Cluster, config_fingerprint: str) -> MultiWorkerStr
     """
     check_in(cluster, config_fingerprint, join_timeout_s())
     with native_stderr_dropped():  # TensorFlow's device start-up chatter, as import_tensorflow drops it
-        return MultiWorkerStrategy()
+        strategy = MultiWorkerStrategy()
+    _stop_on_sigterm()
+    return strategy
+
+
+def _stop_on_sigterm() -> None:
+    """Let SIGTERM end this worker again, as it ends any Python program.
+
+    Starting the strategy installs TensorFlow's preemption notifier as the SIGTERM handler: it
+    only records the signal for `tf.distribute.experimental.PreemptionCheckpointHandler`, which
+    dualenc does not use, so the worker would go on training (or wait on a dead peer) and
+    `kill`, a cluster manager's stop, or `dualenc.launch` stopping the others after a failure
+    would each wait for SIGKILL. A stopped worker resumes from the last backup when restarted.
+    Signal handlers can be set from the main thread only; elsewhere TensorFlow's stays.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def fingerprint(config_json: str) -> str:
