@@ -2,11 +2,13 @@
 uncached features, exported encoders in a fresh process, and one-line errors for bad input.
 
 Training is the expensive part, so two in-process runs (frozen vision tower, with and without
-the feature cache) are shared by most tests; only the kill/resume test trains in subprocesses.
+the feature cache) are shared by most tests, and one killed and resumed pair of train.py
+subprocesses serves both the resume test and the check of progress output sent to a file or pipe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,7 +25,6 @@ from PIL import Image
 import train
 from tests.support.training import (
     FROZEN_VISION_EPOCHS,
-    TINY_FLAGS,
     TrainedRun,
     copy_dataset,
     csv_rows,
@@ -49,9 +50,16 @@ def cached_run(frozen_vision_run) -> TrainedRun:
 
 @pytest.fixture(scope="module")
 def uncached_run(tmp_path_factory, demo_data) -> TrainedRun:
-    """The same configuration as `cached_run`, running the frozen tower on every batch."""
+    """The same configuration as `cached_run`, running the frozen tower on every batch, on a copy
+    of the demo scored on its training shards: the demo's test split holds one person, where any
+    model scores 100 %, while ten people let a wrong metrics.json show. Training reads only the
+    train and val splits, so the curves are still `cached_run`'s."""
     base = tmp_path_factory.mktemp("uncached")
-    flags = frozen_vision_flags(base, demo_data) + ["--no-feature-cache"]
+    data = copy_dataset(demo_data, base / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["test"] = manifest["splits"]["train"]
+    write_json(data / "manifest.json", manifest)
+    flags = frozen_vision_flags(base, data) + ["--no-feature-cache"]
     return train_in_process(base / "work", base / "cache", flags)
 
 
@@ -188,33 +196,101 @@ def test_exported_encoders_match_the_trained_towers_in_a_fresh_process(cached_ru
 
 
 @pytest.mark.slow
-def test_metrics_json_holds_what_search_evaluate_computes(demo_data, tmp_path):
+def test_metrics_json_holds_what_search_evaluate_computes(uncached_run):
     from dualenc.data.manifest import default_split, load_manifest
     from dualenc.export.encoders import TEXT_ENCODER_DIR, load_encoder
     from dualenc.retrieval.evaluation import evaluate_split
     from dualenc.retrieval.gallery import PackedGallery
     from dualenc.retrieval.index import open_index
 
-    # The demo's test split holds one person, where any model scores 100 %: score the run on
-    # the training shards instead (ten people), so a different answer would show.
-    data = copy_dataset(demo_data, tmp_path / "data")
-    manifest = json.loads((data / "manifest.json").read_text())
-    manifest["splits"]["test"] = manifest["splits"]["train"]
-    write_json(data / "manifest.json", manifest)
-    run = train_in_process(tmp_path / "work", tmp_path / "cache", ["--data", str(data), "--epochs", "1", *TINY_FLAGS])
-    assert run.exit_code == 0
-    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    assert uncached_run.exit_code == 0
+    run_dir = uncached_run.run_dir
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    data = Path(json.loads((run_dir / "config.json").read_text())["data"])
 
     split = default_split(load_manifest(data), data)
     # search.py --evaluate's question: the split's images embedded anew by the exported vision
     # encoder (not the index training kept), the captions by the exported text encoder.
-    index = open_index(run.run_dir, PackedGallery(data, split), rebuild=True)
-    text_encoder = load_encoder(run.run_dir / TEXT_ENCODER_DIR)
+    index = open_index(run_dir, PackedGallery(data, split), rebuild=True)
+    text_encoder = load_encoder(run_dir / TEXT_ENCODER_DIR)
     report = evaluate_split(text_encoder, data, split, index.embeddings, index.labels, index.image_ids)
     assert report["split"] == metrics["split"] == "test"
     assert {key: metrics[key] for key in report} == report
     assert report["captions"] > report["images"] > 10
     assert report["text_to_image"]["mAP"] < 100.0 and report["image_to_text"]["mAP"] < 100.0
+
+
+# --- kill and resume --------------------------------------------------------------------------
+
+RESUME_EPOCHS = 4
+EPOCH_LINE = re.compile(rf"epoch (\d+)/{RESUME_EPOCHS} \|")
+
+
+@dataclasses.dataclass
+class KilledAndResumed:
+    """The demo trained by train.py in a subprocess, killed after its second epoch, then the same
+    command again: what was on disk between the two, and what each printed."""
+
+    workdir: Path
+    run_dir: Path
+    logged_before: int
+    backed_up: int
+    finished_before: bool
+    config_stamp: int
+    first_output: bytes
+    resumed: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, demo_data) -> KilledAndResumed:
+    workdir = tmp_path_factory.mktemp("killed")
+    env = subprocess_env(workdir / "cache")
+    command = train_command("--data", str(demo_data), "--epochs", str(RESUME_EPOCHS), "--batch-size", "8")
+    log_csv = workdir / "runs" / "latest" / "training_log.csv"
+    with open(workdir / "first.log", "w") as first_log:
+        first = subprocess.Popen(command, cwd=workdir, env=env, stdout=first_log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + KILL_WAIT_SECONDS
+        try:
+            while not (log_csv.is_file() and len(csv_rows(log_csv)) >= 2):
+                assert first.poll() is None, "the first run ended before it could be killed"
+                assert time.monotonic() < deadline, "the first run logged no second epoch in time"
+                time.sleep(0.05)
+            first.send_signal(signal.SIGKILL)
+        finally:
+            first.kill()
+            first.wait()
+    run_dir = (workdir / "runs" / "latest").resolve()
+    logged_before = len(csv_rows(log_csv))
+    backed_up = max(int(backup.name.removeprefix("epoch-")) for backup in (run_dir / "backup").glob("epoch-*"))
+    finished_before = (run_dir / "metrics.json").exists()
+    config_stamp = (run_dir / "config.json").stat().st_mtime_ns
+    resumed = subprocess.run(command, cwd=workdir, env=env, capture_output=True, timeout=300)
+    return KilledAndResumed(workdir, run_dir, logged_before, backed_up, finished_before, config_stamp,
+                            (workdir / "first.log").read_bytes(), resumed)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_redoing_finished_epochs(killed_and_resumed):
+    run_dir = killed_and_resumed.run_dir
+    backed_up = killed_and_resumed.backed_up
+    # The log is rewritten just after each backup is committed.
+    assert 2 <= killed_and_resumed.logged_before < RESUME_EPOCHS
+    assert backed_up in (killed_and_resumed.logged_before, killed_and_resumed.logged_before + 1)
+    assert not killed_and_resumed.finished_before
+
+    resumed = killed_and_resumed.resumed
+    stdout = resumed.stdout.decode()
+    assert resumed.returncode == 0, stdout[-2000:] + resumed.stderr.decode()[-3000:]
+    assert f"resuming into {run_dir}" in stdout
+    # The resumed process trained only the epochs its backup lacked.
+    trained = [int(epoch) for epoch in EPOCH_LINE.findall(stdout)]
+    assert trained == list(range(backed_up + 1, RESUME_EPOCHS + 1))
+    log_csv = run_dir / "training_log.csv"
+    assert [row["epoch"] for row in csv_rows(log_csv)] == [str(epoch) for epoch in range(RESUME_EPOCHS)]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs_trained"] == RESUME_EPOCHS
+    assert (run_dir / "config.json").stat().st_mtime_ns == killed_and_resumed.config_stamp
+    runs = killed_and_resumed.workdir / "runs"
+    assert sorted(os.listdir(runs)) == sorted(["latest", run_dir.name])
 
 
 # --- progress output --------------------------------------------------------------------------
@@ -236,18 +312,19 @@ def test_keras_progress_bar_only_on_a_terminal():
 
 
 @pytest.mark.slow
-def test_progress_piped_to_a_file_is_plain_lines(demo_data, tmp_path):
-    completed = subprocess.run(
-        train_command("--data", str(demo_data), "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path / "run")),
-        cwd=tmp_path, env=subprocess_env(tmp_path / "cache"), capture_output=True, timeout=300,
-    )
-    # Bytes decoded by hand: text=True would turn every "\r" into "\n" before the check.
-    stdout, stderr = completed.stdout.decode(), completed.stderr.decode()
-    assert completed.returncode == 0, stdout[-2000:] + stderr[-3000:]
-    # Progress is still reported: Keras' epoch lines and our summaries.
-    assert "Epoch 2/2" in stdout and len(re.findall(r"^\d+/\d+ - .* - loss: ", stdout, re.MULTILINE)) == 2
-    assert re.search(r"^epoch 2/2 \| loss ", stdout, re.MULTILINE)
-    for name, output in (("stdout", stdout), ("stderr", stderr)):
+def test_progress_piped_to_a_file_is_plain_lines(killed_and_resumed):
+    # Both runs of the demo report progress away from a terminal: the killed one into a file,
+    # the resumed one into pipes, read as bytes (text=True would turn "\r" into "\n").
+    first_output = killed_and_resumed.first_output.decode()
+    stdout, stderr = killed_and_resumed.resumed.stdout.decode(), killed_and_resumed.resumed.stderr.decode()
+    assert killed_and_resumed.resumed.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    # Progress is still reported: Keras' epoch lines and our summaries, one per epoch trained.
+    assert re.search(rf"^epoch 2/{RESUME_EPOCHS} \| loss ", first_output, re.MULTILINE)
+    resumed_epochs = RESUME_EPOCHS - killed_and_resumed.backed_up
+    assert f"Epoch {RESUME_EPOCHS}/{RESUME_EPOCHS}" in stdout
+    assert len(re.findall(r"^\d+/\d+ - .* - loss: ", stdout, re.MULTILINE)) == resumed_epochs
+    assert re.search(rf"^epoch {RESUME_EPOCHS}/{RESUME_EPOCHS} \| loss ", stdout, re.MULTILINE)
+    for name, output in (("the killed run's file", first_output), ("stdout", stdout), ("stderr", stderr)):
         assert "\x1b[" not in output, f"ANSI escape codes in {name}"
         assert "\r" not in output, f"carriage returns in {name}"
 
@@ -381,49 +458,6 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, cached_run, de
     # The finished run, runs/latest and the runs folder are exactly as before.
     assert file_stamps(runs) == before
     assert sorted(os.listdir(runs)) == entries
-
-
-# --- kill and resume --------------------------------------------------------------------------
-
-RESUME_EPOCHS = 4
-EPOCH_LINE = re.compile(rf"epoch (\d+)/{RESUME_EPOCHS} \|")
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_without_redoing_finished_epochs(demo_data, tmp_path):
-    env = subprocess_env(tmp_path / "cache")
-    command = train_command("--data", str(demo_data), "--epochs", str(RESUME_EPOCHS), "--batch-size", "8")
-    log_csv = tmp_path / "runs" / "latest" / "training_log.csv"
-    with open(tmp_path / "first.log", "w") as first_output:
-        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=first_output, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + KILL_WAIT_SECONDS
-        try:
-            while not (log_csv.is_file() and len(csv_rows(log_csv)) >= 2):
-                assert first.poll() is None, "the first run ended before it could be killed"
-                assert time.monotonic() < deadline, "the first run logged no second epoch in time"
-                time.sleep(0.05)
-            first.send_signal(signal.SIGKILL)
-        finally:
-            first.kill()
-            first.wait()
-    run_dir = (tmp_path / "runs" / "latest").resolve()
-    logged_before = len(csv_rows(log_csv))
-    backed_up = max(int(backup.name.removeprefix("epoch-")) for backup in (run_dir / "backup").glob("epoch-*"))
-    # The log is rewritten just after each backup is committed.
-    assert 2 <= logged_before < RESUME_EPOCHS and backed_up in (logged_before, logged_before + 1)
-    assert not (run_dir / "metrics.json").exists()
-    config_stamp = (run_dir / "config.json").stat().st_mtime_ns
-
-    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    assert f"resuming into {run_dir}" in resumed.stdout
-    # The resumed process trained only the epochs its backup lacked.
-    trained = [int(epoch) for epoch in EPOCH_LINE.findall(resumed.stdout)]
-    assert trained == list(range(backed_up + 1, RESUME_EPOCHS + 1))
-    assert [row["epoch"] for row in csv_rows(log_csv)] == [str(epoch) for epoch in range(RESUME_EPOCHS)]
-    assert json.loads((run_dir / "metrics.json").read_text())["epochs_trained"] == RESUME_EPOCHS
-    assert (run_dir / "config.json").stat().st_mtime_ns == config_stamp
-    assert sorted(os.listdir(tmp_path / "runs")) == sorted(["latest", run_dir.name])
 
 
 def test_a_search_on_the_trained_model_writes_nothing_to_stderr(cached_run, demo_data):

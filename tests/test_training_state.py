@@ -3,7 +3,9 @@ the exported weights are the selected ones, the temperature is bounded, the prec
 is restored, and a dataset without a validation split validates on held-out training pairs.
 
 Runs call `run_training` in-process on the tiny packed demo with a frozen small CNN; the model
-that is exported is captured for comparison with independent references.
+that is exported is captured for comparison with independent references. Training is the
+costly part: three tests inspect one short run (`held_out_run`), and runs whose export no
+test reads skip it.
 """
 
 from __future__ import annotations
@@ -31,8 +33,12 @@ def _tiny_config(data_dir: Path, dropout: float = 0.0, **changes):
     return dataclasses.replace(config, model=model, data=str(data_dir), batch_size=8, **changes)
 
 
-def _train(config, run_dir: Path, **kwargs):
-    """`run_training` into `run_dir`; returns (report, the DualEncoder it exported)."""
+def _train(config, run_dir: Path, *, export: bool = True, **kwargs):
+    """`run_training` into `run_dir`; returns (report, the DualEncoder it exported, the resolved config).
+
+    `export=False` for a run whose encoders no test loads: the model is kept, but not exported
+    (seconds of SavedModels and TFLite), and the report lacks the scores read from the export.
+    """
     import dualenc.training.loop
     from dualenc.core.runs import RunPaths
 
@@ -43,10 +49,13 @@ def _train(config, run_dir: Path, **kwargs):
 
     def export_and_keep(root, **arguments):
         exported["model"] = arguments["encode_images"].__self__
-        export_encoders(root, **arguments)
+        if export:
+            export_encoders(root, **arguments)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dualenc.training.loop, "export_encoders", export_and_keep)
+        if not export:
+            patch.setattr(dualenc.training.loop, "score_run", lambda *arguments: {})
         report = dualenc.training.loop.run_training(config, paths, **{"verbose": 0, **kwargs})
     return report, exported["model"], config
 
@@ -65,24 +74,110 @@ def _mean_loss(model, config, batches) -> float:
     return float(np.mean(np.asarray(values, np.float64)))
 
 
-@pytest.mark.slow
-def test_logged_epoch_means_equal_a_separate_evaluation(demo_data, tmp_path):
-    from dualenc.models.preprocessing import build_text_preprocessor
-    from dualenc.training.loop import model_inputs, pair_batches
+# --- one short run, three questions ------------------------------------------------------------
 
-    # A rate so small the weights stay put: the epoch's train mean is then the mean loss of
-    # the epoch's batches under the final weights (no dropout; the frozen CNN is in inference mode).
-    config = _tiny_config(demo_data, epochs=1, learning_rate=1e-9)
-    report, model, config = _train(config, tmp_path / "run", use_feature_cache=False)
-    row = csv_rows(tmp_path / "run" / "training_log.csv")[0]
+# Every augmentation, and strongly: the exported encoders must carry none of it.
+HEAVY_AUGMENT = {"flip": True, "translate": 0.2, "erase": 0.9, "token_dropout": 0.5}
+
+
+@dataclasses.dataclass
+class HeldOutRun:
+    """`held_out_run`: its data and run directory, the pair batches it asked for (split,
+    training, holdout), what it printed, its report, the model it exported and its resolved config."""
+
+    data: Path
+    run_dir: Path
+    requested: list[tuple]
+    out: str
+    report: dict
+    model: object
+    config: object
+
+    @property
+    def holdout(self):
+        """The training identities held out for validation (the first batches asked for are those)."""
+        return self.requested[0][2]
+
+
+@pytest.fixture(scope="module")
+def held_out_run(demo_data, tmp_path_factory) -> HeldOutRun:
+    """One epoch on the demo without its validation split, shared by three tests that each need
+    a finished run: whether logged means are true means, where a run without a validation split
+    validates, and whether augmentation stays out of the export. The run is trained with
+    `HEAVY_AUGMENT` at a rate so small the weights stay put, so the epoch's train mean is the
+    mean loss of its batches under the final weights (no dropout; the frozen CNN is in
+    inference mode), and without the feature cache, so training embeds as evaluation does."""
+    import contextlib
+    import io
+    import json
+
+    import dualenc.training.loop
+    from dualenc.core.config import AugmentConfig
+    from tests.support.training import copy_dataset, write_json
+
+    root = tmp_path_factory.mktemp("held_out")
+    data = copy_dataset(demo_data, root / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    del manifest["splits"]["val"]
+    write_json(data / "manifest.json", manifest)
+
+    requested = []
+    pair_batches = dualenc.training.loop.pair_batches
+
+    def recording(data_dir, split, config, *args, **kwargs):
+        requested.append((split, kwargs["training"], kwargs.get("holdout")))
+        return pair_batches(data_dir, split, config, *args, **kwargs)
+
+    config = _tiny_config(data, epochs=1, learning_rate=1e-9, augment=AugmentConfig(**HEAVY_AUGMENT))
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+        patch.setattr(dualenc.training.loop, "pair_batches", recording)
+        report, model, config = _train(config, root / "run", verbose=1, use_feature_cache=False)
+    return HeldOutRun(data, root / "run", requested, out.getvalue(), report, model, config)
+
+
+@pytest.mark.slow
+def test_logged_epoch_means_equal_a_separate_evaluation(held_out_run):
+    from dualenc.models.preprocessing import build_text_preprocessor
+    from dualenc.training.loop import model_inputs, pair_batches, training_augment
+
+    model, config, holdout = held_out_run.model, held_out_run.config, held_out_run.holdout
+    data = Path(config.data)
+    # Several validation batches, the last one short: the logged value is a mean of batch losses.
+    assert holdout.pairs > config.batch_size and holdout.pairs % config.batch_size
+    row = csv_rows(held_out_run.run_dir / "training_log.csv")[0]
     text_preprocessor = build_text_preprocessor(config.model.text)
-    train = pair_batches(Path(config.data), "train", config, text_preprocessor, {}, training=True, epochs=range(1))
-    validation = pair_batches(Path(config.data), "val", config, text_preprocessor, {}, training=False)
+    # The epoch's batches drawn again: their augmentation is a function of the epoch's seed.
+    augmented = dataclasses.replace(config, augment=training_augment(config, data, verbose=0))
+    train = pair_batches(data, "train", augmented, text_preprocessor, {}, training=True, epochs=range(1),
+                         holdout=holdout)
+    validation = pair_batches(data, "train", config, text_preprocessor, {}, training=False, holdout=holdout)
     assert float(row["loss"]) == pytest.approx(_mean_loss(model, config, train), rel=1e-4)
     assert float(row["val_loss"]) == pytest.approx(_mean_loss(model, config, validation), rel=1e-4)
     evaluated = model.evaluate(model_inputs(validation), return_dict=True, verbose=0)
     assert float(row["val_loss"]) == pytest.approx(evaluated["loss"], rel=1e-5)
     assert float(row["val_r1_t2i"]) == pytest.approx(evaluated["r1_t2i"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_augmented_training_leaves_the_exported_encoders_deterministic_and_unaugmented(held_out_run):
+    from dualenc.data.images import decode_image
+    from dualenc.data.packed import read_batches
+    from dualenc.export.encoders import TEXT_ENCODER_DIR, VISION_ENCODER_DIR, load_encoder
+    from dualenc.models.preprocessing import build_text_preprocessor
+
+    model, config = held_out_run.model, held_out_run.config
+    batch = next(read_batches(Path(config.data), "test", ("image", "caption"), batch_size=16))
+    images = [bytes(image) for image in batch["image"]]
+    captions = [caption.decode("utf-8") for caption in batch["caption"]]
+    vision = load_encoder(held_out_run.run_dir / VISION_ENCODER_DIR)
+    text = load_encoder(held_out_run.run_dir / TEXT_ENCODER_DIR)
+    pixels = np.stack([decode_image(image, config.model.vision.image_size).numpy() for image in images])
+    tokens = build_text_preprocessor(config.model.text)(np.array(captions))
+    # The same answer every time, and the model's answer on the images and captions as they are.
+    for _ in range(2):
+        np.testing.assert_allclose(vision(images), np.asarray(model.encode_images(pixels)), atol=1e-5)
+        np.testing.assert_allclose(text(captions), np.asarray(model.encode_texts(tokens)), atol=1e-5)
 
 
 # --- resume: the same run as without the interruption ------------------------------------------
@@ -129,7 +224,8 @@ def test_a_run_interrupted_after_its_best_epoch_and_during_export_resumes_to_the
                           warmup_epochs=1.5,
                           augment=AugmentConfig(flip=True, translate=0.1, erase=0.5, token_dropout=0.1))
     schedule = Schedule.following(config.monitor, **SHORT_SCHEDULE)
-    report, model, config = _train(config, tmp_path / "whole", schedule=schedule)
+    # The reference run: only its log and model are compared, so it need not export.
+    report, model, config = _train(config, tmp_path / "whole", export=False, schedule=schedule)
     whole = _log_columns(tmp_path / "whole")
     # The uninterrupted run exercises what resume must replay: a cut in the rate and an early stop.
     assert report["epochs_trained"] < RESUME_EPOCHS
@@ -186,29 +282,6 @@ def test_a_run_interrupted_after_its_best_epoch_and_during_export_resumes_to_the
     assert [path.name for path in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["best.weights.h5"]
 
 
-@pytest.mark.slow
-def test_augmented_training_leaves_the_exported_encoders_deterministic_and_unaugmented(demo_data, tmp_path):
-    from dualenc.core.config import AugmentConfig
-    from dualenc.data.images import decode_image
-    from dualenc.data.packed import read_batches
-    from dualenc.export.encoders import TEXT_ENCODER_DIR, VISION_ENCODER_DIR, load_encoder
-    from dualenc.models.preprocessing import build_text_preprocessor
-
-    augment = AugmentConfig(flip=True, translate=0.2, erase=0.9, token_dropout=0.5)
-    _, model, config = _train(_tiny_config(demo_data, epochs=1, augment=augment), tmp_path / "run")
-    batch = next(read_batches(Path(config.data), "test", ("image", "caption"), batch_size=16))
-    images = [bytes(image) for image in batch["image"]]
-    captions = [caption.decode("utf-8") for caption in batch["caption"]]
-    vision = load_encoder(tmp_path / "run" / VISION_ENCODER_DIR)
-    text = load_encoder(tmp_path / "run" / TEXT_ENCODER_DIR)
-    pixels = np.stack([decode_image(image, config.model.vision.image_size).numpy() for image in images])
-    tokens = build_text_preprocessor(config.model.text)(np.array(captions))
-    # The same answer every time, and the model's answer on the images and captions as they are.
-    for _ in range(2):
-        np.testing.assert_allclose(vision(images), np.asarray(model.encode_images(pixels)), atol=1e-5)
-        np.testing.assert_allclose(text(captions), np.asarray(model.encode_texts(tokens)), atol=1e-5)
-
-
 def test_building_a_mixed_precision_model_leaves_the_global_policy_as_it_was(tmp_path):
     import keras
 
@@ -231,40 +304,20 @@ def test_building_a_mixed_precision_model_leaves_the_global_policy_as_it_was(tmp
 
 
 @pytest.mark.slow
-def test_without_a_validation_split_training_identities_are_held_out_and_test_scores_only_at_the_end(
-    demo_data, tmp_path, capsys
-):
+def test_without_a_validation_split_training_identities_are_held_out_and_test_scores_only_at_the_end(held_out_run):
     import json
 
-    import dualenc.training.loop
     from dualenc.models.preprocessing import build_text_preprocessor
+    from dualenc.training.loop import pair_batches
     from tests.support.packed import read_records
-    from tests.support.training import copy_dataset, write_json
 
-    data = copy_dataset(demo_data, tmp_path / "data")
-    manifest = json.loads((data / "manifest.json").read_text())
-    del manifest["splits"]["val"]
-    write_json(data / "manifest.json", manifest)
+    data, requested, report, config = held_out_run.data, held_out_run.requested, held_out_run.report, held_out_run.config
     train_labels = np.array([record["label"] for record in read_records(data, "train")])
-
-    requested = []
-    pair_batches = dualenc.training.loop.pair_batches
-
-    def recording(data_dir, split, config, *args, **kwargs):
-        requested.append((split, kwargs["training"], kwargs.get("holdout")))
-        return pair_batches(data_dir, split, config, *args, **kwargs)
-
-    config = _tiny_config(data, epochs=1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dualenc.training.loop, "pair_batches", recording)
-        capsys.readouterr()
-        report, model, config = _train(config, tmp_path / "run", verbose=1)
-    out = capsys.readouterr().out
-    holdout = requested[0][2]
+    holdout = held_out_run.holdout
     assert holdout is not None and len(holdout.labels) == 1  # a tenth of 10 identities
-    assert f"validating on 1 training identities ({holdout.pairs} of {len(train_labels)} pairs) held out" in out
+    assert f"validating on 1 training identities ({holdout.pairs} of {len(train_labels)} pairs) held out" in held_out_run.out
     assert holdout.pairs == np.isin(train_labels, holdout.labels).sum() > 0
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["validation"] == "train-holdout"
+    assert json.loads((held_out_run.run_dir / "config.json").read_text())["validation"] == "train-holdout"
     assert report["split"] == "test" and "held out" in report["validation"]
     # Validation and training came from train; the test split is scored at the end through the
     # exported encoders (`score_run`), never through the training pipeline.
