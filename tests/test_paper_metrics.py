@@ -199,8 +199,12 @@ def test_zero_shot_paper_table_of_a_keras_hub_preset_in_one_line(keras_hub_prese
     import json
 
     import search
+    from dualenc.retrieval import attributes
 
     monkeypatch.chdir(tmp_path)
+    # No attribute report, which a demo pack adds (test_keras_hub checks a preset's): it is no
+    # paper table, and drawing its 500 people and loading both encoders again cost most of this test.
+    monkeypatch.setattr(attributes, "run_attribute_report", lambda run_dir, data_dir: None)
     preset = str(keras_hub_presets["clip"])
     command = ["--evaluate", "--model", preset, "--data", str(demo_data), "--split", "test"]
     assert search.main(command) == 0

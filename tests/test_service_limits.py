@@ -3,8 +3,8 @@ holds and answers one line with a 4xx (or a 503 when the server is at a limit), 
 page cannot use the service, and no response names a server path.
 
 Runs on the tiny colour run (tests/support/colour_run.py), in-process through Starlette's test
-client, and through a real uvicorn server on 127.0.0.1 for what only a socket shows (slow and
-silent clients, the Host guard of any loopback address)."""
+client, and through one real ``search.py --serve`` on 127.0.0.2 for what only a socket shows (slow
+and silent clients, stalled uploads, the Host guard of any loopback address)."""
 
 from __future__ import annotations
 
@@ -190,6 +190,14 @@ def real_server(world: dict, host: str = "127.0.0.1", *flags: str):
         process.wait(30)
 
 
+@pytest.fixture(scope="module")
+def loopback_server(world: dict):
+    """(host, port) of one real server, shared by the socket tests (starting one costs seconds):
+    on 127.0.0.2, not 127.0.0.1, and with 1 s header and request timeouts."""
+    with real_server(world, "127.0.0.2", "--header-timeout", "1", "--request-timeout", "1") as address:
+        yield address
+
+
 def http_get(host: str, port: int, path: str, host_header: str) -> tuple[int, dict]:
     with socket.create_connection((host, port), timeout=30) as connection:
         connection.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n".encode())
@@ -200,42 +208,41 @@ def http_get(host: str, port: int, path: str, host_header: str) -> tuple[int, di
     return int(head.split()[1]), json.loads(body or b"{}")
 
 
-def test_slow_and_silent_clients_are_disconnected(world):
-    with real_server(world, "127.0.0.1", "--header-timeout", "1") as (host, port):
-        silent = socket.create_connection((host, port), timeout=10)
-        trickle = socket.create_connection((host, port), timeout=10)
-        started = time.monotonic()
-        trickle.sendall(b"GET /api/health HTTP/1.1\r\n")
-        for _ in range(8):  # a header byte every 0.25 s: never a whole head
-            try:
-                trickle.sendall(b"X")
-            except OSError:
-                break
-            time.sleep(0.25)
-        assert silent.recv(1) == b""  # closed by the server, not by our timeout
-        assert trickle.recv(1) == b""
-        assert time.monotonic() - started < 8
-        assert http_get(host, port, "/api/health", f"{host}:{port}")[0] == 200  # still serving
-        silent.close()
-        trickle.close()
+def test_slow_and_silent_clients_are_disconnected(loopback_server):
+    host, port = loopback_server
+    silent = socket.create_connection((host, port), timeout=10)
+    trickle = socket.create_connection((host, port), timeout=10)
+    started = time.monotonic()
+    trickle.sendall(b"GET /api/health HTTP/1.1\r\n")
+    for _ in range(8):  # a header byte every 0.25 s: never a whole head
+        try:
+            trickle.sendall(b"X")
+        except OSError:
+            break
+        time.sleep(0.25)
+    assert silent.recv(1) == b""  # closed by the server, not by our timeout
+    assert trickle.recv(1) == b""
+    assert time.monotonic() - started < 8
+    assert http_get(host, port, "/api/health", f"{host}:{port}")[0] == 200  # still serving
+    silent.close()
+    trickle.close()
 
 
-def test_a_stalled_upload_gets_408_within_the_request_timeout(world):
-    with real_server(world, "127.0.0.1", "--request-timeout", "1") as (host, port):
-        with socket.create_connection((host, port), timeout=10) as connection:
-            connection.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
-                               b"boundary=x\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n--x\r\n")
-            raw = b""
-            while chunk := connection.recv(65536):
-                raw += chunk
-        assert raw.split()[1] == b"408" and b"did not arrive within 1 s" in raw
+def test_a_stalled_upload_gets_408_within_the_request_timeout(loopback_server):
+    with socket.create_connection(loopback_server, timeout=10) as connection:
+        connection.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                           b"boundary=x\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n--x\r\n")
+        raw = b""
+        while chunk := connection.recv(65536):
+            raw += chunk
+    assert raw.split()[1] == b"408" and b"did not arrive within 1 s" in raw
 
 
-def test_every_loopback_address_gets_the_host_guard(world):
-    with real_server(world, "127.0.0.2") as (host, port):
-        assert http_get(host, port, "/api/health", f"127.0.0.2:{port}")[0] == 200
-        status, body = http_get(host, port, "/api/health", "rebound.attacker.example")
-        assert status == 400 and "answers only to" in body["error"]
+def test_every_loopback_address_gets_the_host_guard(loopback_server):
+    host, port = loopback_server
+    assert http_get(host, port, "/api/health", f"127.0.0.2:{port}")[0] == 200
+    status, body = http_get(host, port, "/api/health", "rebound.attacker.example")
+    assert status == 400 and "answers only to" in body["error"]
 
 
 def test_serve_flags_reach_the_limits_and_bad_ones_are_one_line(world, monkeypatch, capsys):
