@@ -41,6 +41,7 @@ GRAIN = 6.0
 SEED_KERAS_MODEL = "seed_vision_encoder.keras"
 PROJECTION_DIM = 256
 PACKED = "packed"  # the packed copy of a source, under its root
+STORED_AT_SIZE = "packed-at-size"  # the coco-like source packed for the input pipeline's size (--preset)
 ALL = "all"  # the `measure` kind that builds several inputs in one process
 # What the search service serves: one epoch of the demo preset; speed does not depend on how well it learnt.
 DEMO_RUN_EPOCHS, DEMO_RUN_BATCH = 1, 16
@@ -88,13 +89,17 @@ def load_entries(source_format: str, annotations: Path, images: Path):
     return folder.load(annotations, images)
 
 
-def pack_with_tools(source_format: str, annotations: Path, images: Path, out: Path, workers: int) -> dict:
-    """Pack a source with `tfrecords_tools.writer.pack`; returns the manifest."""
+def pack_with_tools(source_format: str, annotations: Path, images: Path, out: Path, workers: int,
+                    cover: tuple[int, int] | None = None) -> dict:
+    """Pack a source with `tfrecords_tools.writer.pack` (images stored just large enough to cover
+    `cover`, as ``--preset`` does, when given); returns the manifest."""
+    from dualenc.data.images import StoreSize
     from tfrecords_tools.writer import pack
 
     splits, skipped = load_entries(source_format, annotations, images)
     source = {"format": source_format, "annotations": str(annotations), "images": str(images)}
-    return pack(splits, out, source, skipped=skipped, workers=workers, overwrite=True)
+    return pack(splits, out, source, skipped=skipped, workers=workers, overwrite=True,
+                size=StoreSize(cover=None if cover is None else tuple(cover)))
 
 
 def _make_demo(params: dict) -> dict:
@@ -115,9 +120,11 @@ def _make_demo(params: dict) -> dict:
 def _make_coco(params: dict) -> dict:
     root = Path(params["root"])
     made = make_coco_like(root / "raw", params["images"], params["captions_per_image"])
-    packed = root / PACKED
+    packed, stored = root / PACKED, root / STORED_AT_SIZE
     pack_with_tools("folder", Path(made["annotations"]), Path(made["images"]), packed, workers=1)
-    return {**made, "packed": str(packed)}
+    pack_with_tools("folder", Path(made["annotations"]), Path(made["images"]), stored, workers=1,
+                    cover=params["cover"])
+    return {**made, "packed": str(packed), "stored": str(stored), "cover": params["cover"]}
 
 
 def _make_bert(params: dict) -> dict:

@@ -62,14 +62,37 @@ def seed_pack(pairs: list[tuple[str, str]], out_dir: Path) -> int:
     return written
 
 
+def decode_floor(source_format: str, annotations: Path, images: Path) -> dict:
+    """The packing floor: pairs/s when every core does nothing but decode each image once with
+    TensorFlow (`tf.io.decode_image`, full size), from the CPU seconds of decoding them one
+    after another (files read before the clock starts)."""
+    import tensorflow as tf
+
+    splits, _ = load_entries(source_format, annotations, images)
+    entries = [entry for split_entries in splits.values() for entry in split_entries]
+    blobs = [Path(entry.path).read_bytes() for entry in entries]
+    pairs = sum(len(entry.pairs) for entry in entries)
+    tf.io.decode_image(blobs[0], channels=3, expand_animations=False)  # the op's first run
+    with Stopwatch() as clock:
+        for blob in blobs:
+            tf.io.decode_image(blob, channels=3, expand_animations=False)
+    cores = os.cpu_count() or 1
+    seconds_per_image = clock.cpu_seconds / len(blobs)
+    return {"decode_ms": 1000 * seconds_per_image, "cores": cores, "pairs": pairs,
+            "pairs_per_s": cores / seconds_per_image * pairs / len(blobs), "workers_mb": 0.0}
+
+
 def measure(variant: str, params: dict) -> dict:
-    """Pack the source in `params` (format, annotations, images, out) with `variant`; pairs/s."""
+    """Pack the source in `params` (format, annotations, images, out) with `variant`, pairs/s;
+    or (``floor``) the pairs/s of decoding every image once on every core."""
     annotations, images, out = Path(params["annotations"]), Path(params["images"]), Path(params["out"])
     # TensorFlow is imported before timing by both: the seed's notebook has it loaded, and the
     # import (~2-3 s) is the same fixed cost for any script that packs with it.
     import tensorflow as tf
 
     tf.constant(0)
+    if variant == "floor":
+        return decode_floor(params["format"], annotations, images)
     if variant == "seed":
         with Stopwatch() as clock:
             pairs = seed_pack(seed_pairs(params["format"], annotations, images), out)

@@ -72,11 +72,33 @@ def training_dataset(data_dir: Path, batch_size: int, image_size: tuple[int, int
     return pair_batches(data_dir, "train", **pipeline_arguments(config, text_preprocessor, {}, training=True))
 
 
-def measure(variant: str, params: dict) -> dict:
-    """One pass over the packed split in `params["data_dir"]`; pairs/s."""
+def stored_pixel_error(full_dir: Path, stored_dir: Path, image_size: tuple[int, int]) -> float:
+    """Mean absolute difference, in levels of 255, between the training decode (`decode_image`
+    at `image_size`) of each train image stored at size and of its full-size original."""
+    import numpy as np
     import tensorflow as tf
 
-    data_dir, batch_size = Path(params["data_dir"]), params["batch_size"]
+    from dualenc.data.images import decode_image
+    from dualenc.data.manifest import load_manifest
+    from dualenc.data.records import IMAGE, IMAGE_ID, parse_example
+
+    def images(data_dir: Path) -> dict[bytes, tf.Tensor]:
+        shards = [str(data_dir / name) for name in load_manifest(data_dir).splits["train"].shards]
+        return {record[IMAGE_ID].numpy(): record[IMAGE] for record in tf.data.TFRecordDataset(shards).map(parse_example)}
+
+    full, stored = images(full_dir), images(stored_dir)
+    errors = [np.abs(decode_image(full[key], image_size).numpy().astype(int)
+                     - decode_image(stored[key], image_size).numpy().astype(int)).mean() for key in full]
+    return float(np.mean(errors))
+
+
+def measure(variant: str, params: dict) -> dict:
+    """One pass over the packed split in `params["data_dir"]` (``stored``: training's pipeline
+    over `params["stored_dir"]`, the same source stored at the image size); pairs/s."""
+    import tensorflow as tf
+
+    data_dir = Path(params["stored_dir" if variant == "stored" else "data_dir"])
+    batch_size = params["batch_size"]
     image_size = tuple(params["image_size"])
     with tempfile.TemporaryDirectory() as scratch:
         if variant == "seed":
@@ -88,6 +110,9 @@ def measure(variant: str, params: dict) -> dict:
         with Stopwatch() as clock:
             for batch in batches:
                 pairs += int(batch["image"].shape[0])
-    return {"seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds, "pairs": pairs,
-            "pairs_per_s": pairs / clock.seconds, "pairs_per_cpu_s": pairs / clock.cpu_seconds,
-            "dtype": batch["image"].dtype.name}
+    result = {"seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds, "pairs": pairs,
+              "pairs_per_s": pairs / clock.seconds, "pairs_per_cpu_s": pairs / clock.cpu_seconds,
+              "dtype": batch["image"].dtype.name}
+    if variant == "stored":
+        result["pixel_error"] = stored_pixel_error(Path(params["data_dir"]), data_dir, image_size)
+    return result
