@@ -102,7 +102,8 @@ def bench_pipeline(sizes: dict, inputs: dict, run: common.Runner) -> tuple[dict,
     pixel_error = common.median_of(runs["stored"], "pixel_error")
     height, width = sizes["pipeline_image_size"]
     note = (f"640x480 JPEG -> {height}x{width}, batch {sizes['pipeline_batch']}; ref float32, ours uint8: training's "
-            "own pair_batches (1/2-scale DCT, no antialias under 2x, deterministic order, captions tokenised)")
+            "own pair_batches (1/2-scale DCT, no antialias under 2x, deterministic order, captions tokenised, "
+            "not augmented)")
     name = f"input pipeline ({inputs['coco']['pairs']} pairs)"
     stored_name = f"input pipeline ({inputs['coco']['pairs']} pairs, stored at size)"
     stored_note = (f"ours over the same photos stored to cover {height}x{width} (ref: full size); training's pixels "
