@@ -18,8 +18,12 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dualenc.core.errors import DualEncError
+
+if TYPE_CHECKING:
+    from dualenc.data.images import StoreSize
 
 DEFAULT_COCO_DOWNLOAD = Path("data") / "coco"
 # What writing into a read-only, forbidden or full place raises: the user's to fix, not a bug.
@@ -49,9 +53,9 @@ def _writing(flag: str, path: Path) -> Iterator[None]:
                            f"choose a writable {flag} with free space") from None
 
 
-def _store_size(args: argparse.Namespace):
-    """What `--max-side` and `--preset` allow an image to be stored at (a `StoreSize`), checked
-    before the annotations are read."""
+def _store_size(args: argparse.Namespace) -> StoreSize:
+    """What `--max-side` and `--preset` allow an image to be stored at, checked before the
+    annotations are read."""
     from dualenc.data.images import StoreSize
     from dualenc.training.presets import stored_image_cover
 

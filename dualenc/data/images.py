@@ -51,8 +51,8 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import math
 import io
+import math
 import os
 import re
 import struct
