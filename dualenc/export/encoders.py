@@ -92,24 +92,22 @@ def export_vision_encoder(
     height, width = (int(side) for side in image_size)
     archive = _archive(track if track is not None else [_owner(encode_pixels)])
 
+    # The model is traced once, here; the bytes endpoint calls this function rather than the
+    # model, so exporting does not trace the tower again for it (nor twice for its cond).
+    @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name=PIXELS_INPUT)])
     def embed_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         return {OUTPUT: _unit_embeddings(encode_pixels(pixels))}
 
     def embed_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        def encode_batch() -> tf.Tensor:
-            return encode_pixels(decode_images(images, (height, width)))
-
-        def encode_nothing() -> tf.Tensor:
-            # Some CPU kernels (oneDNN convolutions) mis-shape an empty batch; encoding one black
-            # image and keeping none of it gives the right [0, D] instead.
-            return encode_pixels(tf.zeros([1, height, width, 3], tf.uint8))[:0]
-
-        return {OUTPUT: _unit_embeddings(tf.cond(tf.size(images) > 0, encode_batch, encode_nothing))}
+        count = tf.size(images)
+        # Some CPU kernels (oneDNN convolutions) mis-shape an empty batch; encoding one black
+        # image and keeping none of it gives the right [0, D] instead.
+        pixels = tf.cond(count > 0, lambda: decode_images(images, (height, width)),
+                         lambda: tf.zeros([1, height, width, 3], tf.uint8))
+        return {OUTPUT: embed_pixels(pixels)[OUTPUT][:count]}
 
     archive.add_endpoint(SIGNATURE, embed_images, input_signature=[tf.TensorSpec([None], tf.string, name=VISION_INPUT)])
-    archive.add_endpoint(
-        PIXELS_SIGNATURE, embed_pixels, input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name=PIXELS_INPUT)]
-    )
+    archive.add_endpoint(PIXELS_SIGNATURE, embed_pixels)
     _write(archive, path)
 
 
