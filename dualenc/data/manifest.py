@@ -2,10 +2,10 @@
 
 ``manifest.json`` (format version 1) lies beside the shards and looks like::
 
-    {"created": "2025-01-01T00:00:00+00:00",
+    {"cover_size": [64, 32],
+     "created": "2025-01-01T00:00:00+00:00",
      "format_version": 1,
      "image_size": null,
-     "cover_size": [128, 64],
      "skipped": [{"pairs": 2, "path": "/abs/imgs/a.jpg", "reason": "file not found"}],
      "source": {"annotations": "/abs/reid_raw.json", "fingerprint": "<sha256>",
                 "format": "cuhk-pedes", "images": "/abs/imgs"},
